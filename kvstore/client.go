@@ -10,6 +10,7 @@ import (
 	"os"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"golang.org/x/time/rate"
@@ -170,7 +171,10 @@ func (c *Client) Health(ctx context.Context) error {
 	ctx, cancel := c.requestContext(ctx)
 	defer cancel()
 	// Any key works: a linearizable Get goes through raft's read index.
-	if _, err := c.etcd.Get(ctx, "trellis/health", clientv3.WithCountOnly()); err != nil {
+	// etcd checks the quorum before it checks permission, so a read-only
+	// remote user's "permission denied" still proves the cluster healthy.
+	_, err := c.etcd.Get(ctx, "trellis/health", clientv3.WithCountOnly())
+	if err != nil && !errors.Is(err, rpctypes.ErrPermissionDenied) {
 		return fmt.Errorf("kvstore: etcd %v not healthy: %w", c.cfg.Endpoints, err)
 	}
 	return nil

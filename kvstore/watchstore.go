@@ -57,12 +57,12 @@ type WatchStoreConfig[T any] struct {
 
 // WatchStore mirrors one prefix into a typed cache.
 //
-// Design notes. The cache holds, per key, the decoded value, the etcd
-// ModRevision and a hash of the raw bytes; it never holds the raw bytes
-// (the heap a reader keeps per entry is what matters at 100k entries). The
-// revision lets a relist skip entries that did not change; the hash lets a
-// rewrite of an identical value (a restarted writer re-putting its keys on
-// a new lease) pass without an event.
+// Design notes. The cache holds, per key, the decoded value and a hash of
+// the raw bytes; it never holds the raw bytes (the heap a reader keeps per
+// entry is what matters at 100k entries). The hash lets a relist skip
+// decoding entries that did not change, and lets a rewrite of an identical
+// value (a restarted writer re-putting its keys on a new lease, a watch
+// resumed over events already seen) pass without an event.
 //
 // A value that fails Decode is counted, logged once, and never applied: if
 // the key held a valid value before, that value stays in the cache as the
@@ -89,9 +89,8 @@ type WatchStore[T any] struct {
 }
 
 type entry[T any] struct {
-	value  T
-	modRev int64
-	hash   uint64
+	value T
+	hash  uint64
 }
 
 // maxLoggedBadKeys bounds the set that keeps rejected keys logged once, so
@@ -321,27 +320,22 @@ type event[T any] struct {
 // it causes, if any.
 func (s *WatchStore[T]) applyPutLocked(key string, kv *mvccpb.KeyValue, events []event[T]) []event[T] {
 	old, had := s.cache[key]
-	if had && old.modRev == kv.ModRevision {
-		return events
-	}
 	h := maphash.Bytes(s.seed, kv.Value)
 	if had && old.hash == h {
-		old.modRev = kv.ModRevision
-		s.cache[key] = old
 		return events
 	}
 	value, err := s.cfg.Decode(key, kv.Value)
 	if err != nil {
 		s.rejectLocked(key, err)
 		if had {
-			// Keep the last good value, but remember this revision so a
-			// relist does not count the same bad value again.
-			old.modRev, old.hash = kv.ModRevision, h
+			// Keep the last good value, but remember the bad value's hash
+			// so a relist does not count it again.
+			old.hash = h
 			s.cache[key] = old
 		}
 		return events
 	}
-	s.cache[key] = entry[T]{value: value, modRev: kv.ModRevision, hash: h}
+	s.cache[key] = entry[T]{value: value, hash: h}
 	return append(events, event[T]{key: key, value: value})
 }
 

@@ -1,0 +1,257 @@
+package apiserver
+
+// etcd users and roles.
+//
+// Design notes. etcd started with --client-cert-auth takes the user of a
+// request from the common name of the client certificate's verified leaf
+// (auth.AuthInfoFromTLS), but only once auth is enabled; before that every
+// certificate the CA signed may do anything. So the order is: users and
+// roles first, AuthEnable last. A failure half way leaves auth disabled
+// and the next start completes the job.
+//
+// After the first start, only the root user may change users and roles, so
+// the API server connects with a client certificate whose CN is RootUser.
+// Every user here has no password (etcd's NoPassword option): a password
+// would be a second credential to leak, and a no-password user cannot log
+// in with one at all.
+//
+// Roles converge: Ensure* grants what is missing and revokes what is not
+// wanted, so a permission an operator added by hand to the remote reader
+// role does not survive the next start.
+//
+// Users:
+//
+//	root                 role root (built in): everything, including auth.
+//	trellis-writer       role trellis-writer: readwrite on trellis/.
+//	remote-<cluster>     role trellis-remote-reader: read on trellis/v1/.
+//
+// The writer's prefix is trellis/ rather than trellis/v1/ so that it can
+// also use keys beside the versioned tree (a future trellis/v2/, the
+// kvstore health probe trellis/health).
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+
+	apiv1 "github.com/trellis-mesh/trellis/api/v1"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// etcd users and roles the API server manages.
+const (
+	// RootUser is etcd's superuser; the API server's admin client
+	// certificate carries it as CN.
+	RootUser = "root"
+	// rootRole is etcd's built-in all-powerful role.
+	rootRole = "root"
+
+	// LocalWriterUser is the user the local API server writes as.
+	LocalWriterUser = "trellis-writer"
+	// LocalWriterRole may read and write everything under WriterPrefix.
+	LocalWriterRole = "trellis-writer"
+	// WriterPrefix is the key prefix LocalWriterRole owns.
+	WriterPrefix = "trellis/"
+
+	// RemoteReaderRole may read apiv1.Prefix and nothing else; every remote
+	// cluster's user has it.
+	RemoteReaderRole = "trellis-remote-reader"
+	// RemoteUserPrefix prefixes a remote cluster's name to form its user.
+	RemoteUserPrefix = "remote-"
+)
+
+// RemoteUser is the etcd user (and client certificate CN) of a remote
+// cluster: "remote-<cluster>".
+func RemoteUser(remoteCluster string) string { return RemoteUserPrefix + remoteCluster }
+
+// rolePermission is the one permission a managed role holds.
+type rolePermission struct {
+	prefix string
+	perm   clientv3.PermissionType
+}
+
+func (p rolePermission) String() string {
+	return fmt.Sprintf("%s on prefix %q", permName(p.perm), p.prefix)
+}
+
+func permName(p clientv3.PermissionType) string {
+	switch p {
+	case clientv3.PermissionType(clientv3.PermRead):
+		return "read"
+	case clientv3.PermissionType(clientv3.PermWrite):
+		return "write"
+	case clientv3.PermissionType(clientv3.PermReadWrite):
+		return "readwrite"
+	}
+	return fmt.Sprintf("permission(%d)", p)
+}
+
+// EnsureEtcdAuth creates the root user, the local writer user and role,
+// and the remote reader role, then enables auth. It is idempotent and
+// converges the roles' permissions. On first start cli may be any client
+// (auth is off); once auth is on, cli must authenticate as RootUser,
+// i.e. use a client certificate with CN "root".
+func EnsureEtcdAuth(ctx context.Context, cli *clientv3.Client) error {
+	st, err := cli.AuthStatus(ctx)
+	if err != nil {
+		return fmt.Errorf("apiserver: etcd auth status: %w", err)
+	}
+	users, err := listUsers(ctx, cli, st.Enabled)
+	if err != nil {
+		return err
+	}
+	if err := ensureUser(ctx, cli, users, RootUser, rootRole); err != nil {
+		return err
+	}
+	if err := ensureRole(ctx, cli, LocalWriterRole, rolePermission{WriterPrefix, clientv3.PermissionType(clientv3.PermReadWrite)}); err != nil {
+		return err
+	}
+	if err := ensureUser(ctx, cli, users, LocalWriterUser, LocalWriterRole); err != nil {
+		return err
+	}
+	if err := ensureRole(ctx, cli, RemoteReaderRole, rolePermission{apiv1.Prefix, clientv3.PermissionType(clientv3.PermRead)}); err != nil {
+		return err
+	}
+	if st.Enabled {
+		return nil
+	}
+	if _, err := cli.AuthEnable(ctx); err != nil {
+		return fmt.Errorf("apiserver: enable etcd auth: %w", err)
+	}
+	slog.InfoContext(ctx, "enabled etcd auth; from now on connect as root with the root client certificate",
+		"rootUser", RootUser, "writerUser", LocalWriterUser, "remoteReaderRole", RemoteReaderRole)
+	return nil
+}
+
+// EnsureRemoteUser creates the etcd user of remoteCluster (no password;
+// it authenticates with a client certificate whose CN is the returned
+// name) and makes RemoteReaderRole its only role. cli must be root once
+// auth is enabled. Run EnsureEtcdAuth first: the role must exist.
+func EnsureRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster string) (user string, err error) {
+	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
+		return "", fmt.Errorf("apiserver: etcd user for remote cluster: %w", err)
+	}
+	user = RemoteUser(remoteCluster)
+	users, err := listUsers(ctx, cli, true)
+	if err != nil {
+		return "", err
+	}
+	if err := ensureUser(ctx, cli, users, user, RemoteReaderRole); err != nil {
+		return "", err
+	}
+	return user, nil
+}
+
+// RemoveRemoteUser deletes the etcd user of remoteCluster; a missing user
+// is fine. New requests with that cluster's certificate fail from then on,
+// but etcd checks a watch's permission only when it is created: watches
+// already open keep delivering events until the remote reconnects. Revoke
+// the certificate's trust (a new CA) or restart etcd to cut them.
+func RemoveRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster string) error {
+	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
+		return fmt.Errorf("apiserver: remove etcd user for remote cluster: %w", err)
+	}
+	user := RemoteUser(remoteCluster)
+	if _, err := cli.UserDelete(ctx, user); err != nil && !errors.Is(err, rpctypes.ErrUserNotFound) {
+		return fmt.Errorf("apiserver: delete etcd user %s: %w", user, adminHint(err))
+	}
+	return nil
+}
+
+// listUsers returns the existing users. Listing needs admin rights once
+// auth is on, so it doubles as the check that cli is root, giving a clear
+// error instead of a confusing one from a later step.
+func listUsers(ctx context.Context, cli *clientv3.Client, authEnabled bool) ([]string, error) {
+	resp, err := cli.UserList(ctx)
+	if err != nil {
+		if authEnabled {
+			err = adminHint(err)
+		}
+		return nil, fmt.Errorf("apiserver: list etcd users: %w", err)
+	}
+	return resp.Users, nil
+}
+
+// adminHint explains the errors etcd gives a client that is not root.
+func adminHint(err error) error {
+	switch {
+	case errors.Is(err, rpctypes.ErrPermissionDenied),
+		errors.Is(err, rpctypes.ErrUserEmpty),
+		errors.Is(err, rpctypes.ErrUserNotFound):
+		return fmt.Errorf("%w (etcd auth is enabled: connect with the client certificate whose CN is %q)", err, RootUser)
+	}
+	return err
+}
+
+// ensureUser creates user (no password) when it is not in users and makes
+// role its only role.
+func ensureUser(ctx context.Context, cli *clientv3.Client, users []string, user, role string) error {
+	if !slices.Contains(users, user) {
+		_, err := cli.UserAddWithOptions(ctx, user, "", &clientv3.UserAddOptions{NoPassword: true})
+		if err != nil && !errors.Is(err, rpctypes.ErrUserAlreadyExist) {
+			return fmt.Errorf("apiserver: add etcd user %s: %w", user, adminHint(err))
+		}
+	}
+	resp, err := cli.UserGet(ctx, user)
+	if err != nil {
+		return fmt.Errorf("apiserver: get etcd user %s: %w", user, adminHint(err))
+	}
+	if !slices.Contains(resp.Roles, role) {
+		if _, err := cli.UserGrantRole(ctx, user, role); err != nil {
+			return fmt.Errorf("apiserver: grant etcd role %s to user %s: %w", role, user, adminHint(err))
+		}
+	}
+	for _, r := range resp.Roles {
+		if r == role {
+			continue
+		}
+		if _, err := cli.UserRevokeRole(ctx, user, r); err != nil && !errors.Is(err, rpctypes.ErrRoleNotGranted) {
+			return fmt.Errorf("apiserver: revoke unexpected etcd role %s from user %s: %w", r, user, adminHint(err))
+		}
+		slog.WarnContext(ctx, "revoked an unexpected etcd role", "user", user, "role", r)
+	}
+	return nil
+}
+
+// ensureRole creates role when missing and makes want its only permission.
+func ensureRole(ctx context.Context, cli *clientv3.Client, role string, want rolePermission) error {
+	resp, err := cli.RoleGet(ctx, role)
+	if errors.Is(err, rpctypes.ErrRoleNotFound) {
+		if _, err := cli.RoleAdd(ctx, role); err != nil && !errors.Is(err, rpctypes.ErrRoleAlreadyExist) {
+			return fmt.Errorf("apiserver: add etcd role %s: %w", role, adminHint(err))
+		}
+		resp, err = cli.RoleGet(ctx, role)
+	}
+	if err != nil {
+		return fmt.Errorf("apiserver: get etcd role %s: %w", role, adminHint(err))
+	}
+	wantEnd := clientv3.GetPrefixRangeEnd(want.prefix)
+	have := false
+	// Grant before revoking, so a role being repaired never passes through
+	// a state with less access than it should have.
+	for _, p := range resp.Perm {
+		if string(p.Key) == want.prefix && string(p.RangeEnd) == wantEnd && clientv3.PermissionType(p.PermType) == want.perm {
+			have = true
+		}
+	}
+	if !have {
+		if _, err := cli.RoleGrantPermission(ctx, role, want.prefix, wantEnd, want.perm); err != nil {
+			return fmt.Errorf("apiserver: grant %s to etcd role %s: %w", want, role, adminHint(err))
+		}
+	}
+	for _, p := range resp.Perm {
+		key, end := string(p.Key), string(p.RangeEnd)
+		if key == want.prefix && end == wantEnd {
+			continue // the wanted range: granted (or its type updated) above
+		}
+		if _, err := cli.RoleRevokePermission(ctx, role, key, end); err != nil && !errors.Is(err, rpctypes.ErrPermissionNotGranted) {
+			return fmt.Errorf("apiserver: revoke unexpected permission [%q, %q) from etcd role %s: %w", key, end, role, adminHint(err))
+		}
+		slog.WarnContext(ctx, "revoked an unexpected etcd permission", "role", role,
+			"key", key, "rangeEnd", end, "perm", permName(clientv3.PermissionType(p.PermType)))
+	}
+	return nil
+}

@@ -1,0 +1,329 @@
+package pki
+
+import (
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func newCA(t *testing.T, dir string) *CA {
+	t.Helper()
+	ca, created, err := LoadOrCreateCA(dir, "test")
+	if err != nil {
+		t.Fatalf("LoadOrCreateCA: %v", err)
+	}
+	if !created {
+		t.Fatalf("LoadOrCreateCA in an empty dir: created = false")
+	}
+	return ca
+}
+
+func mode(t *testing.T, path string) fs.FileMode {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Mode().Perm()
+}
+
+func readCert(t *testing.T, path string) *x509.Certificate {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := parseCertPEM(data)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return cert
+}
+
+func TestCACreateThenLoad(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	ca := newCA(t, dir)
+
+	if got, want := ca.Cert.Subject.CommonName, "trellis-ca-test"; got != want {
+		t.Errorf("CN = %q, want %q", got, want)
+	}
+	if !ca.Cert.IsCA {
+		t.Error("CA certificate has IsCA = false")
+	}
+	if life := ca.Cert.NotAfter.Sub(time.Now()); life < CAValidity-time.Hour {
+		t.Errorf("CA valid for %s, want about %s", life, CAValidity)
+	}
+	if got := mode(t, filepath.Join(dir, CAKeyFile)); got != 0o600 {
+		t.Errorf("ca.key mode = %v, want 0600", got)
+	}
+	if got := mode(t, dir); got != 0o700 {
+		t.Errorf("state dir mode = %v, want 0700", got)
+	}
+
+	again, created, err := LoadOrCreateCA(dir, "other-name-ignored-on-load")
+	if err != nil {
+		t.Fatalf("load: %v", err)
+	}
+	if created {
+		t.Error("second LoadOrCreateCA created a new CA")
+	}
+	if !again.Cert.Equal(ca.Cert) || !keyMatches(again.Cert, ca.Key) || string(again.CertPEM) != string(ca.CertPEM) {
+		t.Error("loaded CA differs from the created one")
+	}
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if strings.Contains(e.Name(), ".tmp-") {
+			t.Errorf("temporary file left behind: %s", e.Name())
+		}
+	}
+}
+
+func TestCALoadErrors(t *testing.T) {
+	t.Run("cert without key", func(t *testing.T) {
+		dir := t.TempDir()
+		newCA(t, dir)
+		os.Remove(filepath.Join(dir, CAKeyFile))
+		_, _, err := LoadOrCreateCA(dir, "test")
+		if err == nil || !strings.Contains(err.Error(), "ca.key does not") {
+			t.Fatalf("err = %v, want one naming the missing ca.key", err)
+		}
+	})
+	t.Run("key without cert", func(t *testing.T) {
+		dir := t.TempDir()
+		newCA(t, dir)
+		os.Remove(filepath.Join(dir, CACertFile))
+		_, _, err := LoadOrCreateCA(dir, "test")
+		if err == nil || !strings.Contains(err.Error(), "ca.crt does not") {
+			t.Fatalf("err = %v, want one naming the missing ca.crt", err)
+		}
+	})
+	t.Run("mismatched pair", func(t *testing.T) {
+		dir, other := t.TempDir(), t.TempDir()
+		newCA(t, dir)
+		newCA(t, other)
+		key, err := os.ReadFile(filepath.Join(other, CAKeyFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, CAKeyFile), key, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err = LoadOrCreateCA(dir, "test")
+		if err == nil || !strings.Contains(err.Error(), "does not match") {
+			t.Fatalf("err = %v, want a mismatch error", err)
+		}
+	})
+	t.Run("not a CA", func(t *testing.T) {
+		dir := t.TempDir()
+		ca := newCA(t, dir)
+		// A server certificate and its key are a matching pair, but not a CA.
+		crt, key, err := ca.EnsureServerCert(t.TempDir(), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.Rename(crt, filepath.Join(dir, CACertFile))
+		os.Rename(key, filepath.Join(dir, CAKeyFile))
+		_, _, err = LoadOrCreateCA(dir, "test")
+		if err == nil || !strings.Contains(err.Error(), "not a CA") {
+			t.Fatalf("err = %v, want a not-a-CA error", err)
+		}
+	})
+	t.Run("empty cluster name", func(t *testing.T) {
+		if _, _, err := LoadOrCreateCA(t.TempDir(), ""); err == nil {
+			t.Fatal("created a CA with an empty cluster name")
+		}
+	})
+}
+
+func TestServerCert(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+
+	crt, key, err := ca.EnsureServerCert(dir, []string{"10.0.0.1", "API.example.com", "", "10.0.0.1"})
+	if err != nil {
+		t.Fatalf("EnsureServerCert: %v", err)
+	}
+	if got := mode(t, key); got != 0o600 {
+		t.Errorf("server.key mode = %v, want 0600", got)
+	}
+	cert := readCert(t, crt)
+	if !slices.Equal(cert.DNSNames, []string{"localhost", "api.example.com"}) {
+		t.Errorf("DNS SANs = %v", cert.DNSNames)
+	}
+	for _, want := range []string{"127.0.0.1", "::1", "10.0.0.1"} {
+		if !slices.ContainsFunc(cert.IPAddresses, func(ip net.IP) bool { return ip.Equal(net.ParseIP(want)) }) {
+			t.Errorf("IP SANs %v lack %s", cert.IPAddresses, want)
+		}
+	}
+	if !slices.Equal(cert.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) {
+		t.Errorf("ExtKeyUsage = %v", cert.ExtKeyUsage)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: "api.example.com"}); err != nil {
+		t.Errorf("server certificate does not verify for api.example.com: %v", err)
+	}
+
+	// Same or fewer hosts: kept.
+	if _, _, err := ca.EnsureServerCert(dir, []string{"api.example.com"}); err != nil {
+		t.Fatal(err)
+	}
+	if !readCert(t, crt).Equal(cert) {
+		t.Error("server certificate reissued although it had every requested SAN")
+	}
+
+	// A new SAN: reissued with it.
+	if _, _, err := ca.EnsureServerCert(dir, []string{"10.0.0.2"}); err != nil {
+		t.Fatal(err)
+	}
+	re := readCert(t, crt)
+	if re.Equal(cert) {
+		t.Fatal("server certificate not reissued for a missing SAN")
+	}
+	if !slices.ContainsFunc(re.IPAddresses, func(ip net.IP) bool { return ip.Equal(net.ParseIP("10.0.0.2")) }) {
+		t.Errorf("reissued certificate lacks 10.0.0.2: %v", re.IPAddresses)
+	}
+
+	// Missing key: reissued.
+	os.Remove(key)
+	if _, _, err := ca.EnsureServerCert(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(key); err != nil {
+		t.Errorf("server key not recreated: %v", err)
+	}
+	if readCert(t, crt).Equal(re) {
+		t.Error("server certificate not reissued when its key was missing")
+	}
+}
+
+func TestServerCertReissuedForOtherCA(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+	crt, _, err := ca.EnsureServerCert(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := newCA(t, t.TempDir())
+	if _, _, err := other.EnsureServerCert(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := readCert(t, crt).CheckSignatureFrom(other.Cert); err != nil {
+		t.Fatalf("server certificate not reissued by the other CA: %v", err)
+	}
+}
+
+func TestServerCertRenewedBeforeExpiry(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+	crt, _, err := ca.EnsureServerCert(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Replace it with one that expires in 10 days, same key and SANs.
+	old := readCert(t, crt)
+	keyPEM, _ := os.ReadFile(filepath.Join(dir, ServerKeyFile))
+	key, err := parseKeyPEM(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		Subject:     pkix.Name{CommonName: ServerCommonName},
+		ExtKeyUsage: old.ExtKeyUsage,
+		DNSNames:    old.DNSNames,
+		IPAddresses: old.IPAddresses,
+	}
+	der, err := ca.sign(tmpl, key.Public(), 10*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(crt, encodeCert(der), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := ca.EnsureServerCert(dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := readCert(t, crt).NotAfter; time.Until(got) < ServerValidity-time.Hour {
+		t.Errorf("certificate expiring in 10 days not renewed: NotAfter %s", got)
+	}
+}
+
+func TestIssueClient(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+	certPEM, keyPEM, err := ca.IssueClient("remote-eu", 48*time.Hour)
+	if err != nil {
+		t.Fatalf("IssueClient: %v", err)
+	}
+	out := filepath.Join(t.TempDir(), "clients")
+	crt, key, err := WriteClientCert(out, "remote-eu", certPEM, keyPEM)
+	if err != nil {
+		t.Fatalf("WriteClientCert: %v", err)
+	}
+	if got := mode(t, key); got != 0o600 {
+		t.Errorf("client key mode = %v, want 0600", got)
+	}
+	if got := mode(t, out); got != 0o700 {
+		t.Errorf("client dir mode = %v, want 0700", got)
+	}
+	cert := readCert(t, crt)
+	if cert.Subject.CommonName != "remote-eu" {
+		t.Errorf("CN = %q, want remote-eu", cert.Subject.CommonName)
+	}
+	if life := time.Until(cert.NotAfter); life > 48*time.Hour || life < 47*time.Hour {
+		t.Errorf("client certificate valid for %s, want 48h", life)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca.CertPEM) {
+		t.Fatal("CA PEM not accepted")
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Errorf("client certificate does not verify for client auth: %v", err)
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}); err == nil {
+		t.Error("client certificate verifies for server auth")
+	}
+	other := newCA(t, t.TempDir())
+	otherPool := x509.NewCertPool()
+	otherPool.AddCert(other.Cert)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: otherPool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
+		t.Error("client certificate verifies against another CA")
+	}
+
+	// Validity is capped at the CA's end.
+	long, _, err := ca.IssueClient("forever", 100*365*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := parseCertPEM(long); c.NotAfter.After(ca.Cert.NotAfter) {
+		t.Errorf("client certificate outlives the CA: %s > %s", c.NotAfter, ca.Cert.NotAfter)
+	}
+}
+
+func TestWriteClientCertRejectsBadNames(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+	certPEM, keyPEM, err := ca.IssueClient("x", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"", "..", "a/b", "ca", "server", ".hidden"} {
+		if _, _, err := WriteClientCert(dir, name, certPEM, keyPEM); err == nil {
+			t.Errorf("WriteClientCert(%q) succeeded", name)
+		}
+	}
+	if _, _, err := WriteClientCert(dir, "x", keyPEM, certPEM); err == nil {
+		t.Error("WriteClientCert accepted swapped certificate and key")
+	}
+	// The CA is untouched.
+	if _, created, err := LoadOrCreateCA(dir, "test"); err != nil || created {
+		t.Errorf("CA damaged: created=%v err=%v", created, err)
+	}
+}
