@@ -4,7 +4,12 @@ BIN      := bin/trellis
 FUZZTIME ?= 5s
 FUZZ_PKGS := ./api/v1
 
-.PHONY: all build demo test vet unit fuzz bench generate clean
+.PHONY: all build demo test vet unit fuzz bench generate clean kube-apiserver
+
+# A real kube-apiserver for the Kubernetes-source tests, built from the Go
+# module proxy in its own tools module (hack/kube-apiserver). The first build
+# takes several minutes; later ones come from the Go build cache.
+KUBE_APISERVER := bin/kube-apiserver
 
 all: build
 
@@ -21,8 +26,13 @@ test: vet unit fuzz
 vet:
 	$(GO) vet ./...
 
-unit:
+unit: $(KUBE_APISERVER)
 	$(GO) test -count=1 -timeout 25m ./...
+
+kube-apiserver: $(KUBE_APISERVER)
+
+$(KUBE_APISERVER):
+	cd hack/kube-apiserver && $(GO) build -o ../../$(KUBE_APISERVER) k8s.io/kubernetes/cmd/kube-apiserver
 
 fuzz:
 	./hack/fuzz.sh $(FUZZTIME) $(FUZZ_PKGS)

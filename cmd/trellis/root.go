@@ -37,6 +37,7 @@ encrypts traffic between nodes.`,
 	root.PersistentFlags().StringVar(&opts.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.AddCommand(
 		newVersionCmd(),
+		newAPIServerCmd(opts),
 		newLabCmd(opts),
 	)
 	return root

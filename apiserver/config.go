@@ -1,0 +1,209 @@
+package apiserver
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// Source names.
+const (
+	SourceRegistry   = "registry"
+	SourceKubernetes = "kubernetes"
+)
+
+// Config is everything the API server needs; the same keys work as flags
+// (--cluster-name) and in a YAML config file (clusterName).
+type Config struct {
+	ClusterName string   `json:"clusterName"`
+	ClusterID   uint32   `json:"clusterID"`
+	PodCIDRs    []string `json:"podCIDRs"`
+	Region      string   `json:"region,omitempty"`
+	Zone        string   `json:"zone,omitempty"`
+	// MaxConnectedClusters is 255 or 511 and must match across the mesh.
+	MaxConnectedClusters int `json:"maxConnectedClusters,omitempty"`
+	// Encryption is the mode the cluster's nodes use: "", "wireguard" or
+	// "ipsec"; published so peers can tell.
+	Encryption string `json:"encryption,omitempty"`
+
+	// StateDir holds the CA, certificates, the admin token and (embedded)
+	// etcd data.
+	StateDir string `json:"stateDir"`
+
+	// EtcdEndpoints selects an external etcd; empty runs an embedded one.
+	EtcdEndpoints []string `json:"etcdEndpoints,omitempty"`
+	EtcdCAFile    string   `json:"etcdCAFile,omitempty"`
+	EtcdCertFile  string   `json:"etcdCertFile,omitempty"`
+	EtcdKeyFile   string   `json:"etcdKeyFile,omitempty"`
+	// EtcdListen is host:port of the embedded etcd's client (TLS) listener.
+	EtcdListen string `json:"etcdListen,omitempty"`
+	// AdvertiseAddress is the address remote clusters dial for etcd; the
+	// EtcdListen host when empty (and that host must then not be a
+	// wildcard).
+	AdvertiseAddress string `json:"advertiseAddress,omitempty"`
+
+	// HTTPListen serves /healthz, /readyz, /metrics, the registry API and
+	// the admin API.
+	HTTPListen string `json:"httpListen,omitempty"`
+
+	Source     string `json:"source,omitempty"`
+	Kubeconfig string `json:"kubeconfig,omitempty"`
+}
+
+// Defaults for settings that have one.
+const (
+	DefaultEtcdListen = "127.0.0.1:2379"
+	DefaultHTTPListen = "127.0.0.1:9870"
+)
+
+// LoadConfigFile reads a YAML (or JSON) config file. Unknown keys are an
+// error: a misspelt setting must not be silently ignored.
+func LoadConfigFile(path string) (Config, error) {
+	var c Config
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("config file: %w", err)
+	}
+	if err := yaml.UnmarshalStrict(data, &c); err != nil {
+		return c, fmt.Errorf("config file %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// setDefaults fills what has a default.
+func (c *Config) setDefaults() {
+	if c.MaxConnectedClusters == 0 {
+		c.MaxConnectedClusters = 255
+	}
+	if c.EtcdListen == "" {
+		c.EtcdListen = DefaultEtcdListen
+	}
+	if c.HTTPListen == "" {
+		c.HTTPListen = DefaultHTTPListen
+	}
+	if c.Source == "" {
+		c.Source = SourceRegistry
+	}
+}
+
+// Validate reports every missing or contradictory setting, each named as
+// its flag.
+func (c *Config) Validate() error {
+	c.setDefaults()
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	if c.ClusterName == "" {
+		bad("--cluster-name is required (a lowercase DNS label of at most 32 characters, e.g. eu-west)")
+	} else if err := v1.ValidateClusterName(c.ClusterName); err != nil {
+		bad("--cluster-name: %w", err)
+	}
+	if c.ClusterID == 0 {
+		bad("--cluster-id is required (1-%d, unique in the mesh)", v1.MaxClusterID)
+	} else if err := v1.ValidateClusterID(v1.ClusterID(c.ClusterID)); err != nil {
+		bad("--cluster-id: %w", err)
+	}
+	if c.MaxConnectedClusters == 255 && c.ClusterID > 255 {
+		bad("--cluster-id %d needs --max-connected-clusters 511", c.ClusterID)
+	}
+	if c.MaxConnectedClusters != 255 && c.MaxConnectedClusters != 511 {
+		bad("--max-connected-clusters %d: must be 255 or 511", c.MaxConnectedClusters)
+	}
+	if len(c.PodCIDRs) == 0 {
+		bad("--pod-cidrs is required (the cluster's pod ranges, e.g. 10.1.0.0/16)")
+	}
+	if _, err := c.podPrefixes(); err != nil {
+		bad("--pod-cidrs: %w", err)
+	}
+	if c.StateDir == "" {
+		bad("--state-dir is required (holds the CA, certificates and etcd data)")
+	}
+	switch c.Encryption {
+	case "", v1.EncryptionWireGuard, v1.EncryptionIPsec:
+	default:
+		bad("--encryption %q: must be empty, %q or %q", c.Encryption, v1.EncryptionWireGuard, v1.EncryptionIPsec)
+	}
+	switch c.Source {
+	case SourceRegistry:
+		if c.Kubeconfig != "" {
+			bad("--kubeconfig is only used with --source %s (the source is %s)", SourceKubernetes, c.Source)
+		}
+	case SourceKubernetes:
+	default:
+		bad("--source %q: must be %s or %s", c.Source, SourceRegistry, SourceKubernetes)
+	}
+	if len(c.EtcdEndpoints) == 0 {
+		if c.EtcdCAFile != "" || c.EtcdCertFile != "" || c.EtcdKeyFile != "" {
+			bad("--etcd-ca-file/--etcd-cert-file/--etcd-key-file are for an external etcd: give --etcd-endpoints too")
+		}
+		host, _, err := net.SplitHostPort(c.EtcdListen)
+		if err != nil {
+			bad("--etcd-listen %q: %w", c.EtcdListen, err)
+		} else if c.AdvertiseAddress == "" && isWildcard(host) {
+			bad("--etcd-listen %s listens on every address: set --advertise-address to the one remote clusters dial", c.EtcdListen)
+		}
+	} else if (c.EtcdCertFile == "") != (c.EtcdKeyFile == "") {
+		bad("--etcd-cert-file and --etcd-key-file go together")
+	}
+	if _, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
+		bad("--http-listen %q: %w", c.HTTPListen, err)
+	}
+	return errors.Join(errs...)
+}
+
+func isWildcard(host string) bool {
+	return host == "" || host == "0.0.0.0" || host == "::"
+}
+
+func (c *Config) podPrefixes() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range c.PodCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a CIDR: %w", s, err)
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("%s has host bits set; did you mean %s?", p, p.Masked())
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// ClusterConfig is what the server publishes about its cluster.
+func (c *Config) ClusterConfig() v1.ClusterConfig {
+	prefixes, _ := c.podPrefixes()
+	return v1.ClusterConfig{
+		Name:     c.ClusterName,
+		ID:       v1.ClusterID(c.ClusterID),
+		PodCIDRs: prefixes,
+		Region:   c.Region,
+		Zone:     c.Zone,
+		Capabilities: v1.Capabilities{
+			SyncedCanaries:       true,
+			MaxConnectedClusters: c.MaxConnectedClusters,
+			Encryption:           c.Encryption,
+		},
+	}
+}
+
+// advertisedEtcdEndpoint is the etcd URL remote clusters dial.
+func (c *Config) advertisedEtcdEndpoint() string {
+	host, port, _ := net.SplitHostPort(c.EtcdListen)
+	if c.AdvertiseAddress != "" {
+		host = c.AdvertiseAddress
+	}
+	return "https://" + net.JoinHostPort(host, port)
+}
+
+func (c *Config) path(parts ...string) string {
+	return filepath.Join(append([]string{c.StateDir}, parts...)...)
+}

@@ -1,0 +1,300 @@
+package apiserver_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/apiserver"
+	"github.com/trellis-mesh/trellis/internal/testutil"
+)
+
+// apiServerProcess is `trellis apiserver` run as a real process.
+type apiServerProcess struct {
+	bin, stateDir, httpURL string
+	etcdPort, httpPort     int
+	proc                   *testutil.Process
+}
+
+func (a *apiServerProcess) start(t *testing.T) {
+	t.Helper()
+	a.proc = testutil.Start(t, a.bin, "apiserver",
+		"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--region", "eu",
+		"--state-dir", a.stateDir,
+		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", a.etcdPort),
+		"--http-listen", fmt.Sprintf("127.0.0.1:%d", a.httpPort),
+		"--log-level", "debug")
+	testutil.Eventually(t, 60*time.Second, "apiserver /readyz", func() bool {
+		resp, err := http.Get(a.httpURL + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+func (a *apiServerProcess) token(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(a.stateDir, apiserver.AdminTokenFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// call sends a registry or admin request and returns status and body.
+func (a *apiServerProcess) call(t *testing.T, method, path, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, a.httpURL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+a.token(t))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func (a *apiServerProcess) mustCall(t *testing.T, method, path, body string) string {
+	t.Helper()
+	code, out := a.call(t, method, path, body)
+	if code >= 300 {
+		t.Fatalf("%s %s: %d %s", method, path, code, out)
+	}
+	return out
+}
+
+// remoteClient connects to the API server's etcd as remote cluster "us".
+func remoteClient(t *testing.T, creds apiserver.RemoteCredentials) *clientv3.Client {
+	t.Helper()
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM([]byte(creds.CAPEM)) {
+		t.Fatal("no CA in credentials")
+	}
+	cert, err := tls.X509KeyPair([]byte(creds.CertPEM), []byte(creds.KeyPEM))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints: creds.Endpoints, DialTimeout: 5 * time.Second, Logger: zap.NewNop(),
+		TLS: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+func keysUnder(t *testing.T, cli *clientv3.Client, prefix string) map[string]string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := cli.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		t.Fatalf("get %s: %v", prefix, err)
+	}
+	out := make(map[string]string)
+	for _, kv := range resp.Kvs {
+		out[string(kv.Key)] = string(kv.Value)
+	}
+	return out
+}
+
+// The mesh API server as a user runs it: a process, fed through the
+// registry API, read by a remote cluster's etcd client holding its own
+// certificate, restarted without losing anything.
+func TestAPIServerProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	a := &apiServerProcess{bin: testutil.BuildTrellis(t), stateDir: t.TempDir(), etcdPort: testutil.FreePort(t), httpPort: testutil.FreePort(t)}
+	a.httpURL = fmt.Sprintf("http://127.0.0.1:%d", a.httpPort)
+	a.start(t)
+
+	a.mustCall(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.1.0/24"]}`)
+	a.mustCall(t, "PUT", "/v1/endpoints/10.1.1.10", `{"namespace":"default","pod":"echo-a","node":"node-1","nodeIP":"192.168.0.1","labels":{"app":"echo"}}`)
+	a.mustCall(t, "PUT", "/v1/endpoints/10.1.1.11", `{"namespace":"default","pod":"echo-b","node":"node-1","nodeIP":"192.168.0.1","ready":false,"labels":{"app":"echo"}}`)
+	a.mustCall(t, "PUT", "/v1/services/default/echo", `{"ports":[{"name":"http","protocol":"TCP","port":80,"targetPort":8080}],
+		"frontendIPs":["10.96.0.10"],"selector":{"app":"echo"},"annotations":{"trellis.io/global":"true"}}`)
+
+	// Unauthenticated writes are refused.
+	req, _ := http.NewRequest("PUT", a.httpURL+"/v1/nodes/node-9", strings.NewReader(`{"ips":["192.168.0.9"]}`))
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("write without token: %v %v, want 401", resp.StatusCode, err)
+	}
+
+	var creds apiserver.RemoteCredentials
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/remotes/us", "")), &creds); err != nil {
+		t.Fatal(err)
+	}
+	if creds.User != "remote-us" || creds.Cluster != "eu" || creds.ClusterID != 1 {
+		t.Fatalf("credentials = %+v", creds)
+	}
+	remote := remoteClient(t, creds)
+
+	var keys map[string]string
+	testutil.Eventually(t, 30*time.Second, "every key published", func() bool {
+		keys = keysUnder(t, remote, v1.Prefix)
+		return len(keys) == 11
+	})
+	var idKey string
+	for k := range keys {
+		if strings.HasPrefix(k, v1.KindPrefix(v1.KindIdentities, "eu")) {
+			idKey = k
+		}
+	}
+	want := []string{
+		v1.ClusterConfigKey("eu"), v1.HeartbeatKey("eu"),
+		"trellis/v1/nodes/eu/node-1", "trellis/v1/endpoints/eu/10.1.1.10", "trellis/v1/endpoints/eu/10.1.1.11",
+		idKey, "trellis/v1/services/eu/default/echo",
+		v1.SyncedKey("eu", v1.KindNodes), v1.SyncedKey("eu", v1.KindEndpoints),
+		v1.SyncedKey("eu", v1.KindServices), v1.SyncedKey("eu", v1.KindIdentities),
+	}
+	got := slices.Sorted(func(yield func(string) bool) {
+		for k := range keys {
+			if !yield(k) {
+				return
+			}
+		}
+	})
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("keys a remote sees:\n got %v\nwant %v", got, want)
+	}
+	svc, err := v1.DecodeServiceEntry("trellis/v1/services/eu/default/echo", []byte(keys["trellis/v1/services/eu/default/echo"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !svc.Global || !svc.Shared || len(svc.Backends) != 2 || svc.Backends[0].State != v1.BackendActive || svc.Backends[1].State != v1.BackendUnready {
+		t.Errorf("published service = %+v", svc)
+	}
+	ep, err := v1.DecodeEndpointEntry("trellis/v1/endpoints/eu/10.1.1.10", []byte(keys["trellis/v1/endpoints/eu/10.1.1.10"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ep.Identity.ClusterID() != 1 || idKey != v1.IdentityKey("eu", ep.Identity) {
+		t.Errorf("endpoint identity %d, identity key %s", ep.Identity, idKey)
+	}
+	if _, err := remote.Get(context.Background(), "trellis/registry/", clientv3.WithPrefix()); !errors.Is(err, rpctypes.ErrPermissionDenied) {
+		t.Errorf("remote read of the registry's private records: err = %v, want permission denied", err)
+	}
+
+	// A remote cluster cannot write.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := remote.Put(ctx, "trellis/v1/nodes/eu/evil", "{}"); !errors.Is(err, rpctypes.ErrPermissionDenied) {
+		t.Fatalf("remote write: err = %v, want permission denied", err)
+	}
+
+	// Bad input: 4xx with a message, nothing stored.
+	before := keysUnder(t, remote, v1.Prefix)
+	for _, bad := range []struct{ path, body, wantMsg string }{
+		{"/v1/nodes/node-2", `{"ips":["192.168.0.2"],"colour":"blue"}`, "unknown field"},
+		{"/v1/endpoints/10.2.0.1", `{"namespace":"default","pod":"x","nodeIP":"192.168.0.1"}`, "outside the cluster's pod CIDRs"},
+		{"/v1/services/default/dup", `{"ports":[{"name":"a","protocol":"TCP","port":80},{"name":"b","protocol":"TCP","port":80}]}`, "80"},
+		{"/v1/nodes/node-3", `{"ips":["192.168.0.3"],"podCIDRs":["10.9.0.0/24"]}`, "outside the cluster's pod CIDRs"},
+	} {
+		code, msg := a.call(t, "PUT", bad.path, bad.body)
+		if code < 400 || code >= 500 || !strings.Contains(msg, bad.wantMsg) {
+			t.Errorf("PUT %s: %d %q, want 4xx mentioning %q", bad.path, code, msg, bad.wantMsg)
+		}
+	}
+
+	// Restart: every object survives and a watcher sees no delete.
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	rev := mustRev(t, remote)
+	events := remote.Watch(watchCtx, v1.Prefix, clientv3.WithPrefix(), clientv3.WithRev(rev+1))
+	a.proc.Stop(t)
+	a.start(t)
+	after := keysUnder(t, remote, v1.Prefix)
+	for k, v := range before {
+		if k == v1.HeartbeatKey("eu") || strings.HasPrefix(k, v1.Prefix+"synced/") {
+			continue // timestamps
+		}
+		if after[k] != v {
+			t.Errorf("after restart %s = %q, was %q", k, after[k], v)
+		}
+	}
+	if len(after) != len(before) {
+		t.Errorf("after restart %d keys, before %d", len(after), len(before))
+	}
+	// The canary rewritten after restart marks the end of the restart's
+	// publication; every event up to it must be a put.
+	a.mustCall(t, "PUT", "/v1/nodes/marker", `{"ips":["192.168.0.99"]}`)
+	for resp := range events {
+		for _, ev := range resp.Events {
+			if ev.Type == clientv3.EventTypeDelete {
+				t.Errorf("watcher saw a delete of %s across the restart", ev.Kv.Key)
+			}
+			if string(ev.Kv.Key) == "trellis/v1/nodes/eu/marker" {
+				stopWatch()
+			}
+		}
+	}
+	var stored bytes.Buffer
+	json.Indent(&stored, []byte(a.mustCall(t, "GET", "/v1/endpoints", "")), "", " ")
+	if !strings.Contains(stored.String(), "echo-b") {
+		t.Errorf("registry lost endpoints across restart: %s", stored.String())
+	}
+}
+
+func mustRev(t *testing.T, cli *clientv3.Client) int64 {
+	t.Helper()
+	resp, err := cli.Get(context.Background(), v1.Prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+// Missing or contradictory settings stop the server at start with a
+// message naming the setting.
+func TestAPIServerRefusesBadFlags(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	bin := testutil.BuildTrellis(t)
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--state-dir", t.TempDir()}, "--cluster-name is required"},
+		{[]string{"--cluster-name", "eu", "--cluster-id", "600", "--pod-cidrs", "10.1.0.0/16", "--state-dir", t.TempDir()}, "--cluster-id"},
+		{[]string{"--cluster-name", "EU", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--state-dir", t.TempDir()}, "--cluster-name"},
+		{[]string{"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.1/16", "--state-dir", t.TempDir()}, "host bits"},
+		{[]string{"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16"}, "--state-dir is required"},
+		{[]string{"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--state-dir", t.TempDir(), "--kubeconfig", "/x"}, "--kubeconfig is only used with --source kubernetes"},
+	} {
+		p := testutil.Start(t, bin, append([]string{"apiserver"}, tc.args...)...)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := p.Wait(ctx)
+		cancel()
+		if err == nil || !strings.Contains(p.Output(), tc.want) {
+			t.Errorf("apiserver %v: exit %v, output %q; want failure mentioning %q", tc.args, err, p.Output(), tc.want)
+		}
+	}
+}

@@ -1,0 +1,117 @@
+package apiserver
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// RemoteCredentials is what a remote cluster needs to read this cluster's
+// store: where etcd is, the CA that signed its certificate, and a client
+// certificate whose CN is the remote's read-only etcd user.
+type RemoteCredentials struct {
+	// Cluster and ClusterID name the cluster that issued the credentials.
+	Cluster   string   `json:"cluster"`
+	ClusterID uint32   `json:"clusterID"`
+	Endpoints []string `json:"endpoints"`
+	// For is the remote cluster the credentials were minted for.
+	For     string `json:"for"`
+	User    string `json:"user"`
+	CAPEM   string `json:"caPEM"`
+	CertPEM string `json:"certPEM"`
+	KeyPEM  string `json:"keyPEM"`
+}
+
+// RemoteCertValidity is how long a remote cluster's client certificate lasts.
+const RemoteCertValidity = 365 * 24 * time.Hour
+
+func (s *Server) routes(mux *http.ServeMux) {
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ok, why := s.readiness(r.Context())
+		if !ok {
+			http.Error(w, why, http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, why)
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	mux.HandleFunc("POST /admin/v1/remotes/{name}", s.adminOnly(s.handleIssueRemote))
+	mux.HandleFunc("DELETE /admin/v1/remotes/{name}", s.adminOnly(s.handleRevokeRemote))
+}
+
+func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if subtle.ConstantTimeCompare([]byte(got), []byte(s.token)) != 1 {
+			http.Error(w, "admin API needs Authorization: Bearer <token from <state-dir>/"+AdminTokenFile+">", http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	}
+}
+
+// handleIssueRemote mints a client certificate for a remote cluster and
+// makes sure its read-only etcd user exists.
+func (s *Server) handleIssueRemote(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	if err := v1.ValidateClusterName(name); err != nil {
+		http.Error(w, "remote cluster name: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	if name == s.cfg.ClusterName {
+		http.Error(w, fmt.Sprintf("remote cluster name %q is this cluster's own name", name), http.StatusBadRequest)
+		return
+	}
+	creds, err := s.IssueRemote(r, name)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(creds)
+}
+
+func (s *Server) handleRevokeRemote(w http.ResponseWriter, r *http.Request) {
+	if s.admin == nil {
+		http.Error(w, "remote users are managed only with the embedded etcd", http.StatusConflict)
+		return
+	}
+	if err := RemoveRemoteUser(r.Context(), s.admin.Etcd(), r.PathValue("name")); err != nil {
+		http.Error(w, err.Error(), http.StatusServiceUnavailable)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// IssueRemote creates the etcd user of remote cluster name and returns its
+// credentials.
+func (s *Server) IssueRemote(r *http.Request, name string) (RemoteCredentials, error) {
+	if s.admin == nil {
+		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: only possible with the embedded etcd; with --etcd-endpoints create the user and certificate with your etcd's own tools", name)
+	}
+	user, err := EnsureRemoteUser(r.Context(), s.admin.Etcd(), name)
+	if err != nil {
+		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
+	}
+	certPEM, keyPEM, err := s.ca.IssueClient(user, RemoteCertValidity)
+	if err != nil {
+		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
+	}
+	s.log.Info("issued remote cluster credentials", "remote", name, "user", user)
+	return RemoteCredentials{
+		Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID,
+		Endpoints: []string{s.cfg.advertisedEtcdEndpoint()},
+		For:       name, User: user,
+		CAPEM: string(s.ca.CertPEM), CertPEM: string(certPEM), KeyPEM: string(keyPEM),
+	}, nil
+}
