@@ -7,6 +7,7 @@ import (
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/identity"
+	"github.com/trellis-mesh/trellis/apiserver/k8s"
 	"github.com/trellis-mesh/trellis/apiserver/source"
 )
 
@@ -37,7 +38,20 @@ func (s *Server) newAllocator() (allocator, error) {
 	return a, nil
 }
 
-// kubernetesSource is wired in once the Kubernetes source lands.
+// kubernetesSource builds the informer source from --kubeconfig (or the
+// in-cluster config).
 func (s *Server) kubernetesSource(pub *Publisher, ids allocator) (runner, error) {
-	return nil, fmt.Errorf("apiserver: --source kubernetes is not built yet")
+	cs, err := k8s.BuildClient(s.cfg.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("apiserver: --kubeconfig %q: %w", s.cfg.Kubeconfig, err)
+	}
+	src, err := k8s.New(k8s.Config{
+		Client: cs, Cluster: s.cfg.ClusterName, ClusterID: v1.ClusterID(s.cfg.ClusterID),
+		Region: s.cfg.Region, Zone: s.cfg.Zone,
+		Sink: pub, Identities: ids, Logger: s.log, Metrics: k8s.NewMetrics(s.metrics),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("apiserver: kubernetes source: %w", err)
+	}
+	return src, nil
 }

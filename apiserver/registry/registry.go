@@ -12,6 +12,7 @@ package registry
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
@@ -338,9 +339,9 @@ func (r *Registry) applyService(s ServiceRequest) error {
 	if s.Selector != nil && len(s.Backends) > 0 {
 		return invalid(fmt.Errorf("service %s/%s: give a selector or backends, not both", s.Namespace, s.Name))
 	}
-	mesh, err := source.ParseServiceAnnotations(s.Annotations)
-	if err != nil {
-		return invalid(fmt.Errorf("service %s/%s: %w", s.Namespace, s.Name, err))
+	mesh, errs := source.ParseAnnotations(s.Annotations)
+	if len(errs) > 0 {
+		return invalid(fmt.Errorf("service %s/%s: %w", s.Namespace, s.Name, errors.Join(errs...)))
 	}
 	r.mu.Lock()
 	svc := r.buildServiceLocked(s, mesh)
@@ -356,7 +357,7 @@ func (r *Registry) applyService(s ServiceRequest) error {
 
 // buildServiceLocked turns a registered service into its published form,
 // resolving its selector against the registered endpoints.
-func (r *Registry) buildServiceLocked(s ServiceRequest, mesh source.ServiceMeshSettings) v1.Service {
+func (r *Registry) buildServiceLocked(s ServiceRequest, mesh source.ServiceOptions) v1.Service {
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
@@ -404,7 +405,7 @@ func (r *Registry) refreshServices(namespace string) {
 		if s.Namespace != namespace || s.Selector == nil {
 			continue
 		}
-		mesh, _ := source.ParseServiceAnnotations(s.Annotations)
+		mesh, _ := source.ParseAnnotations(s.Annotations)
 		updates = append(updates, r.buildServiceLocked(s, mesh))
 	}
 	r.mu.Unlock()

@@ -2,74 +2,114 @@ package source
 
 import (
 	"fmt"
-	"strconv"
 	"strings"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
-// Service annotations. Trellis's own win over Cilium's when both are set;
-// Cilium's are accepted so ClusterMesh users can migrate without
-// re-annotating.
+// Service annotations read by the source. See the package documentation for
+// their precedence and defaults.
 const (
 	AnnotationGlobal   = "trellis.io/global"
 	AnnotationShared   = "trellis.io/shared"
 	AnnotationAffinity = "trellis.io/affinity"
 
+	// Cilium's spellings, accepted so users can migrate.
 	CiliumAnnotationGlobal   = "service.cilium.io/global"
 	CiliumAnnotationShared   = "service.cilium.io/shared"
 	CiliumAnnotationAffinity = "service.cilium.io/affinity"
+
+	// Cilium's older spellings (before 1.14).
+	LegacyCiliumAnnotationGlobal   = "io.cilium/global-service"
+	LegacyCiliumAnnotationShared   = "io.cilium/shared-service"
+	LegacyCiliumAnnotationAffinity = "io.cilium/service-affinity"
 )
 
-// ServiceMeshSettings are the mesh-wide settings of one service.
-type ServiceMeshSettings struct {
-	Global   bool
-	Shared   bool
+// ServiceOptions are a Service's mesh settings, parsed from its annotations.
+type ServiceOptions struct {
+	// Global: merge with same-named services of other clusters.
+	Global bool
+	// Shared: offer this cluster's backends to other clusters. Always false
+	// when Global is false.
+	Shared bool
+	// Affinity: which clusters' backends to prefer. AffinityNone unless
+	// Global.
 	Affinity v1.Affinity
 }
 
-// ParseServiceAnnotations reads the global/shared/affinity annotations.
-// Shared defaults to true for a global service (as in Cilium); a
-// non-global service is never shared. Malformed values are an error that
-// names the annotation and the allowed values.
-func ParseServiceAnnotations(annotations map[string]string) (ServiceMeshSettings, error) {
-	var s ServiceMeshSettings
-	lookup := func(own, cilium string) (string, string, bool) {
-		if v, ok := annotations[own]; ok {
-			return strings.TrimSpace(v), own, true
+// AnnotationError is one malformed mesh annotation.
+type AnnotationError struct {
+	// Key is the annotation that was read.
+	Key string
+	// Value is what it held.
+	Value string
+	// Allowed says what it may hold.
+	Allowed string
+	// Using is the value the source used instead.
+	Using string
+}
+
+func (e *AnnotationError) Error() string {
+	return fmt.Sprintf("annotation %s=%q: want %s; using %s", e.Key, e.Value, e.Allowed, e.Using)
+}
+
+// ParseAnnotations reads a Service's mesh settings from its annotations. It
+// always returns usable options; malformed values are reported as
+// *AnnotationError values and replaced by the safe choice (not global, not
+// shared, affinity none).
+func ParseAnnotations(annotations map[string]string) (ServiceOptions, []error) {
+	var errs []error
+	opts := ServiceOptions{Affinity: v1.AffinityNone}
+
+	if key, val, ok := first(annotations, AnnotationGlobal, CiliumAnnotationGlobal, LegacyCiliumAnnotationGlobal); ok {
+		b, good := parseBool(val)
+		if !good {
+			errs = append(errs, &AnnotationError{Key: key, Value: val, Allowed: `"true" or "false"`, Using: "not global"})
 		}
-		if v, ok := annotations[cilium]; ok {
-			return strings.TrimSpace(v), cilium, true
-		}
-		return "", "", false
+		opts.Global = b
 	}
-	if v, key, ok := lookup(AnnotationGlobal, CiliumAnnotationGlobal); ok {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return s, fmt.Errorf("annotation %s=%q: want true or false", key, v)
-		}
-		s.Global = b
+	if !opts.Global {
+		return opts, errs
 	}
-	s.Shared = s.Global
-	if v, key, ok := lookup(AnnotationShared, CiliumAnnotationShared); ok {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return s, fmt.Errorf("annotation %s=%q: want true or false", key, v)
+
+	opts.Shared = true
+	if key, val, ok := first(annotations, AnnotationShared, CiliumAnnotationShared, LegacyCiliumAnnotationShared); ok {
+		b, good := parseBool(val)
+		if !good {
+			errs = append(errs, &AnnotationError{Key: key, Value: val, Allowed: `"true" or "false"`, Using: "not shared"})
 		}
-		s.Shared = b && s.Global
+		opts.Shared = b
 	}
-	s.Affinity = v1.AffinityNone
-	if v, key, ok := lookup(AnnotationAffinity, CiliumAnnotationAffinity); ok {
-		switch a := v1.Affinity(strings.ToLower(v)); a {
+
+	if key, val, ok := first(annotations, AnnotationAffinity, CiliumAnnotationAffinity, LegacyCiliumAnnotationAffinity); ok {
+		switch a := v1.Affinity(strings.ToLower(strings.TrimSpace(val))); a {
 		case v1.AffinityNone, v1.AffinityLocal, v1.AffinityRemote:
-			s.Affinity = a
-		case "":
+			opts.Affinity = a
 		default:
-			return s, fmt.Errorf("annotation %s=%q: want none, local or remote", key, v)
+			errs = append(errs, &AnnotationError{Key: key, Value: val, Allowed: `"none", "local" or "remote"`, Using: "none"})
 		}
 	}
-	if !s.Global {
-		s.Affinity = v1.AffinityNone
+	return opts, errs
+}
+
+// first returns the first of keys present in m.
+func first(m map[string]string, keys ...string) (key, val string, ok bool) {
+	for _, k := range keys {
+		if v, ok := m[k]; ok {
+			return k, v, true
+		}
 	}
-	return s, nil
+	return "", "", false
+}
+
+// parseBool accepts "true" and "false" in any case; anything else is
+// (false, false).
+func parseBool(s string) (value, ok bool) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "true":
+		return true, true
+	case "false":
+		return false, true
+	}
+	return false, false
 }

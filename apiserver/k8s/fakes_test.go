@@ -1,0 +1,305 @@
+package k8s
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// recordingSink is an in-memory source.Sink. Like the server, it validates
+// every value and refuses endpoints outside the cluster's pod CIDRs (when
+// podCIDRs is set).
+type recordingSink struct {
+	podCIDRs []netip.Prefix
+
+	mu        sync.Mutex
+	nodes     map[string]v1.Node
+	endpoints map[netip.Addr]v1.Endpoint
+	services  map[string]v1.Service
+	// synced lists Synced calls in order; atSynced snapshots how many
+	// objects of the kind the sink held at that moment.
+	synced   []v1.Kind
+	atSynced map[v1.Kind]int
+	// writes counts every accepted upsert and delete.
+	writes  int
+	log     []string
+	changed chan struct{}
+}
+
+func newRecordingSink(podCIDRs ...string) *recordingSink {
+	s := &recordingSink{
+		nodes:     map[string]v1.Node{},
+		endpoints: map[netip.Addr]v1.Endpoint{},
+		services:  map[string]v1.Service{},
+		atSynced:  map[v1.Kind]int{},
+		changed:   make(chan struct{}),
+	}
+	for _, c := range podCIDRs {
+		s.podCIDRs = append(s.podCIDRs, netip.MustParsePrefix(c))
+	}
+	return s
+}
+
+// note records an event and wakes waiters; mu is held.
+func (s *recordingSink) note(format string, args ...any) {
+	s.log = append(s.log, fmt.Sprintf(format, args...))
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+func (s *recordingSink) UpsertNode(n v1.Node) error {
+	if err := n.Validate(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.nodes[n.Name] = n
+	s.writes++
+	s.note("upsert node %s", n.Name)
+	return nil
+}
+
+func (s *recordingSink) DeleteNode(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.nodes, name)
+	s.writes++
+	s.note("delete node %s", name)
+	return nil
+}
+
+func (s *recordingSink) UpsertEndpoint(ep v1.Endpoint) error {
+	if err := ep.Validate(); err != nil {
+		return err
+	}
+	if len(s.podCIDRs) > 0 && !slices.ContainsFunc(s.podCIDRs, func(p netip.Prefix) bool { return p.Contains(ep.IP) }) {
+		return fmt.Errorf("endpoint %s: IP outside the cluster's pod CIDRs %v", ep.IP, s.podCIDRs)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.endpoints[ep.IP] = ep
+	s.writes++
+	s.note("upsert endpoint %s", ep.IP)
+	return nil
+}
+
+func (s *recordingSink) DeleteEndpoint(ip netip.Addr) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.endpoints, ip)
+	s.writes++
+	s.note("delete endpoint %s", ip)
+	return nil
+}
+
+func (s *recordingSink) UpsertService(svc v1.Service) error {
+	if err := svc.Validate(); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.services[svc.Namespace+"/"+svc.Name] = svc
+	s.writes++
+	s.note("upsert service %s/%s", svc.Namespace, svc.Name)
+	return nil
+}
+
+func (s *recordingSink) DeleteService(namespace, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.services, namespace+"/"+name)
+	s.writes++
+	s.note("delete service %s/%s", namespace, name)
+	return nil
+}
+
+func (s *recordingSink) Synced(kind v1.Kind) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.synced = append(s.synced, kind)
+	switch kind {
+	case v1.KindNodes:
+		s.atSynced[kind] = len(s.nodes)
+	case v1.KindEndpoints:
+		s.atSynced[kind] = len(s.endpoints)
+	case v1.KindServices:
+		s.atSynced[kind] = len(s.services)
+	}
+	s.note("synced %s", kind)
+}
+
+func (s *recordingSink) node(name string) (v1.Node, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n, ok := s.nodes[name]
+	return n, ok
+}
+
+func (s *recordingSink) endpoint(ip string) (v1.Endpoint, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ep, ok := s.endpoints[netip.MustParseAddr(ip)]
+	return ep, ok
+}
+
+func (s *recordingSink) service(ns, name string) (v1.Service, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	svc, ok := s.services[ns+"/"+name]
+	return svc, ok
+}
+
+func (s *recordingSink) syncedKinds() []v1.Kind {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.synced)
+}
+
+func (s *recordingSink) writeCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.writes
+}
+
+func (s *recordingSink) history() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return strings.Join(s.log, "\n")
+}
+
+// waitFor polls cond (under no lock) until it returns nil, waking on every
+// sink change, and fails the test with cond's last error after timeout.
+func (s *recordingSink) waitFor(t *testing.T, timeout time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		ch := s.changed
+		s.mu.Unlock()
+		err := cond()
+		if err == nil {
+			return
+		}
+		select {
+		case <-ch:
+		case <-time.After(50 * time.Millisecond):
+		case <-deadline.C:
+			t.Fatalf("waiting for %s: %v\nsink history:\n%s", what, err, s.history())
+		}
+	}
+}
+
+// fakeAllocator hands out identities cluster<<16 | n, one per distinct
+// label set, and counts references.
+type fakeAllocator struct {
+	cluster v1.ClusterID
+
+	mu       sync.Mutex
+	next     uint16
+	ids      map[string]v1.NumericIdentity
+	refs     map[string]int
+	acquires int
+	releases int
+	// failAcquire, while positive, makes Acquire fail (and decrements).
+	failAcquire int
+}
+
+func newFakeAllocator(cluster v1.ClusterID) *fakeAllocator {
+	return &fakeAllocator{cluster: cluster, ids: map[string]v1.NumericIdentity{}, refs: map[string]int{}}
+}
+
+func labelKey(labels map[string]string) string {
+	keys := slices.Collect(maps.Keys(labels))
+	sort.Strings(keys)
+	var b strings.Builder
+	for _, k := range keys {
+		b.WriteString(k + "=" + labels[k] + ";")
+	}
+	return b.String()
+}
+
+func (a *fakeAllocator) Acquire(ctx context.Context, labels map[string]string) (v1.NumericIdentity, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.failAcquire > 0 {
+		a.failAcquire--
+		return 0, errors.New("fake allocator: etcd unavailable")
+	}
+	id := v1.Identity{Cluster: "c", ID: v1.MakeIdentity(a.cluster, 1), Labels: labels}
+	if err := id.Validate(); err != nil {
+		return 0, err
+	}
+	k := labelKey(labels)
+	n, ok := a.ids[k]
+	if !ok {
+		a.next++
+		n = v1.MakeIdentity(a.cluster, a.next)
+		a.ids[k] = n
+	}
+	a.refs[k]++
+	a.acquires++
+	return n, nil
+}
+
+func (a *fakeAllocator) Release(ctx context.Context, labels map[string]string) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	k := labelKey(labels)
+	if a.refs[k] == 0 {
+		return fmt.Errorf("fake allocator: release of unreferenced labels %s", k)
+	}
+	a.refs[k]--
+	if a.refs[k] == 0 {
+		delete(a.refs, k)
+	}
+	a.releases++
+	return nil
+}
+
+// refsOf returns the references held on labels.
+func (a *fakeAllocator) refsOf(labels map[string]string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.refs[labelKey(labels)]
+}
+
+func (a *fakeAllocator) totalRefs() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, r := range a.refs {
+		n += r
+	}
+	return n
+}
+
+func (a *fakeAllocator) counts() (acquires, releases int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.acquires, a.releases
+}
+
+// testLogger sends logs to t.Log.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
