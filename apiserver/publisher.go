@@ -238,4 +238,3 @@ func lastAddr(p netip.Prefix) netip.Addr {
 	out, _ := netip.AddrFromSlice(a)
 	return out
 }
-

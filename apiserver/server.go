@@ -427,4 +427,3 @@ func (s *Server) readiness(ctx context.Context) (bool, string) {
 	}
 	return true, "ok"
 }
-
