@@ -68,10 +68,8 @@ func (s *Server) handleIssueRemote(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "remote cluster name: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	if name == s.cfg.ClusterName {
-		http.Error(w, fmt.Sprintf("remote cluster name %q is this cluster's own name", name), http.StatusBadRequest)
-		return
-	}
+	// The cluster's own name is allowed: its agents read their own cluster
+	// through the same read-only path as everyone else's.
 	creds, err := s.IssueRemote(r, name)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)

@@ -3,12 +3,12 @@ package kvstore
 import (
 	"context"
 	"errors"
-	"io"
-	"net"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 // startEtcd runs an embedded etcd for one test and stops it at cleanup.
@@ -141,88 +141,11 @@ func (r *recorder) len() int {
 	return len(r.state)
 }
 
-// proxy forwards TCP to a target and can cut every connection, standing in
-// for a network partition between one client and etcd.
-type proxy struct {
-	t      testing.TB
-	target string
-	addr   string
+// newProxy puts a cuttable TCP proxy in front of an etcd endpoint.
+func newProxy(t testing.TB, target string) *proxy { return &proxy{testutil.NewProxy(t, target)} }
 
-	mu    sync.Mutex
-	ln    net.Listener
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
-}
+type proxy struct{ *testutil.Proxy }
 
-func newProxy(t testing.TB, target string) *proxy {
-	t.Helper()
-	p := &proxy{t: t, target: strings.TrimPrefix(target, "http://"), conns: make(map[net.Conn]struct{})}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.addr = ln.Addr().String()
-	p.serve(ln)
-	t.Cleanup(p.cut)
-	return p
-}
-
-func (p *proxy) endpoint() string { return "http://" + p.addr }
-
-func (p *proxy) serve(ln net.Listener) {
-	p.mu.Lock()
-	p.ln = ln
-	p.mu.Unlock()
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", p.target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			p.mu.Lock()
-			p.conns[c], p.conns[up] = struct{}{}, struct{}{}
-			p.mu.Unlock()
-			go func() { io.Copy(up, c); up.Close() }()
-			go func() { io.Copy(c, up); c.Close() }()
-		}
-	}()
-}
-
-// cut closes the listener and every connection: clients see a dead peer.
-func (p *proxy) cut() {
-	p.mu.Lock()
-	if p.ln != nil {
-		p.ln.Close()
-		p.ln = nil
-	}
-	for c := range p.conns {
-		c.Close()
-	}
-	p.conns = make(map[net.Conn]struct{})
-	p.mu.Unlock()
-	p.wg.Wait()
-}
-
-// restore listens again on the same address.
-func (p *proxy) restore() {
-	p.t.Helper()
-	var ln net.Listener
-	var err error
-	for i := 0; i < 50; i++ {
-		if ln, err = net.Listen("tcp", p.addr); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	if err != nil {
-		p.t.Fatalf("proxy relisten on %s: %v", p.addr, err)
-	}
-	p.serve(ln)
-}
+func (p *proxy) endpoint() string { return "http://" + p.Addr() }
+func (p *proxy) cut()             { p.Cut() }
+func (p *proxy) restore()         { p.Restore() }

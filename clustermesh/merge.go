@@ -1,0 +1,132 @@
+package clustermesh
+
+import (
+	"cmp"
+	"slices"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// clusterInfo is what merging needs to know of a cluster.
+type clusterInfo struct {
+	region string
+}
+
+// mergeService computes the service name as the local cluster's nodes
+// should serve it, from every cluster's published version of it. It
+// returns nil when no cluster contributes anything.
+//
+// Rules (as Cilium ClusterMesh users expect):
+//   - a remote cluster's backends count only if it marks the service
+//     global and shared; the local cluster's own backends always count;
+//   - only active backends carry traffic (terminating and unready are
+//     left out);
+//   - affinity (from the local service): local → local backends while any
+//     exist, else remote; remote → remote while any exist, else local;
+//     none → all;
+//   - whenever the chosen set is remote only, clusters in the local
+//     cluster's region are preferred while any of them has backends.
+func mergeService(name ServiceName, local string, services map[string]map[ServiceName]v1.Service, clusters map[string]clusterInfo) *MergedService {
+	localSvc, haveLocal := services[local][name]
+	m := &MergedService{ServiceName: name, Affinity: v1.AffinityNone, Offered: make(map[string]int)}
+	if haveLocal {
+		m.Ports, m.FrontendIPs, m.Global = localSvc.Ports, localSvc.FrontendIPs, localSvc.Global
+		if localSvc.Affinity != "" {
+			m.Affinity = localSvc.Affinity
+		}
+	}
+
+	localActive := active(local, localSvc.Backends)
+	if len(localActive) > 0 {
+		m.Offered[local] = len(localActive)
+	}
+	remoteActive := make(map[string][]Backend)
+	// A local service that is not global stays local: remote backends of
+	// a same-named service must not leak into it.
+	mergeRemotes := !haveLocal || localSvc.Global
+	var remoteNames []string
+	for cluster, svcs := range services {
+		if cluster == local || !mergeRemotes {
+			continue
+		}
+		svc, ok := svcs[name]
+		if !ok || !svc.Global || !svc.Shared {
+			continue
+		}
+		if b := active(cluster, svc.Backends); len(b) > 0 {
+			remoteActive[cluster] = b
+			m.Offered[cluster] = len(b)
+		}
+		remoteNames = append(remoteNames, cluster)
+	}
+	if !haveLocal && len(remoteNames) == 0 {
+		return nil
+	}
+	slices.Sort(remoteNames)
+	if !haveLocal {
+		m.Global = true
+		// Ports come from a remote: the first cluster by name, so the
+		// choice does not flap.
+		m.Ports = services[remoteNames[0]][name].Ports
+	}
+
+	remotes := func() []Backend {
+		return preferRegion(remoteActive, clusters[local].region, clusters)
+	}
+	switch m.Affinity {
+	case v1.AffinityLocal:
+		if len(localActive) > 0 {
+			m.Backends = localActive
+		} else {
+			m.Backends = remotes()
+		}
+	case v1.AffinityRemote:
+		if r := remotes(); len(r) > 0 {
+			m.Backends = r
+		} else {
+			m.Backends = localActive
+		}
+	default:
+		if len(localActive) > 0 {
+			m.Backends = localActive
+			for _, c := range remoteNames {
+				m.Backends = append(m.Backends, remoteActive[c]...)
+			}
+		} else {
+			m.Backends = remotes()
+		}
+	}
+	return m
+}
+
+// active returns the active backends of one cluster.
+func active(cluster string, backends []v1.Backend) []Backend {
+	var out []Backend
+	for _, b := range backends {
+		if b.State == v1.BackendActive {
+			out = append(out, Backend{Cluster: cluster, Backend: b})
+		}
+	}
+	return out
+}
+
+// preferRegion returns the backends of clusters in region when any has
+// some, otherwise all of them, ordered by cluster name.
+func preferRegion(byCluster map[string][]Backend, region string, clusters map[string]clusterInfo) []Backend {
+	names := make([]string, 0, len(byCluster))
+	for c := range byCluster {
+		names = append(names, c)
+	}
+	slices.SortFunc(names, cmp.Compare[string])
+	var same, all []Backend
+	for _, c := range names {
+		all = append(all, byCluster[c]...)
+		if region != "" && clusters[c].region == region {
+			same = append(same, byCluster[c]...)
+		}
+	}
+	if len(same) > 0 {
+		return same
+	}
+	return all
+}

@@ -1,0 +1,81 @@
+package clustermesh
+
+import (
+	"net/netip"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// ServiceName identifies a service across clusters.
+type ServiceName struct {
+	Namespace, Name string
+}
+
+func (n ServiceName) String() string { return n.Namespace + "/" + n.Name }
+
+// Backend is a service backend and the cluster it lives in.
+type Backend struct {
+	Cluster string `json:"cluster"`
+	v1.Backend
+}
+
+// MergedService is one service as this agent's node should serve it: the
+// local cluster's frontends and ports, and the backends chosen across the
+// mesh by the shared/affinity/region rules.
+type MergedService struct {
+	ServiceName
+	Ports []v1.ServicePort
+	// FrontendIPs are the local cluster's VIPs; empty when the service
+	// does not exist in the local cluster (it cannot be reached here then).
+	FrontendIPs []netip.Addr
+	Global      bool
+	Affinity    v1.Affinity
+	// Backends are the active backends traffic goes to.
+	Backends []Backend
+	// Offered counts, per cluster, the active backends it offers to this
+	// cluster (before affinity chooses), for status.
+	Offered map[string]int
+}
+
+// IPCacheEntry maps a pod IP to where and who it is.
+type IPCacheEntry struct {
+	Identity v1.NumericIdentity
+	NodeIP   netip.Addr
+	Cluster  string
+}
+
+// Snapshot is the merged desired state at one version. It is immutable:
+// readers may keep and read it without locks; a change produces a new one.
+type Snapshot struct {
+	Version uint64
+	Time    time.Time
+	// Services by name.
+	Services map[ServiceName]*MergedService
+	// Nodes by cluster, then node name.
+	Nodes map[string]map[string]*v1.Node
+	// IPCache by cluster, then pod IP.
+	IPCache map[string]map[netip.Addr]IPCacheEntry
+}
+
+// LookupIP finds a pod IP in any cluster.
+func (s *Snapshot) LookupIP(ip netip.Addr) (IPCacheEntry, bool) {
+	for _, m := range s.IPCache {
+		if e, ok := m[ip]; ok {
+			return e, true
+		}
+	}
+	return IPCacheEntry{}, false
+}
+
+// RemoteNodes lists the nodes of every cluster, the local node excluded,
+// for tunnels and encryption peers.
+func (s *Snapshot) AllNodes() []*v1.Node {
+	var out []*v1.Node
+	for _, nodes := range s.Nodes {
+		for _, n := range nodes {
+			out = append(out, n)
+		}
+	}
+	return out
+}

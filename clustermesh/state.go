@@ -1,0 +1,359 @@
+package clustermesh
+
+import (
+	"context"
+	"maps"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// state is the merged desired state. Observers of every cluster's
+// WatchStores record changes as pending deltas; one publisher goroutine
+// folds them into a new immutable Snapshot, copying only the maps that
+// changed. Under a burst (an initial sync of thousands of entries) many
+// deltas fold into one copy, which keeps the cost per update small.
+type state struct {
+	local string
+
+	mu       sync.Mutex
+	services map[string]map[ServiceName]v1.Service // cluster → name → published service
+	clusters map[string]clusterInfo
+	pending  pendingChanges
+	version  uint64
+
+	snap   atomic.Pointer[Snapshot]
+	wake   chan struct{}
+	subsMu sync.Mutex
+	subs   map[chan struct{}]struct{}
+}
+
+type pendingChanges struct {
+	nodes    map[string]map[string]*v1.Node          // cluster → name → node, nil deletes
+	ipcache  map[string]map[netip.Addr]*IPCacheEntry // cluster → ip → entry, nil deletes
+	services map[ServiceName]struct{}                // names to merge again
+	dropped  map[string]bool                         // clusters drained since the last publication
+	any      bool
+}
+
+func (p *pendingChanges) reset() {
+	*p = pendingChanges{
+		nodes:    make(map[string]map[string]*v1.Node),
+		ipcache:  make(map[string]map[netip.Addr]*IPCacheEntry),
+		services: make(map[ServiceName]struct{}),
+		dropped:  make(map[string]bool),
+	}
+}
+
+func newState(local string) *state {
+	s := &state{
+		local:    local,
+		services: make(map[string]map[ServiceName]v1.Service),
+		clusters: make(map[string]clusterInfo),
+		wake:     make(chan struct{}, 1),
+		subs:     make(map[chan struct{}]struct{}),
+	}
+	s.pending.reset()
+	s.snap.Store(&Snapshot{
+		Time:     time.Now(),
+		Services: map[ServiceName]*MergedService{},
+		Nodes:    map[string]map[string]*v1.Node{},
+		IPCache:  map[string]map[netip.Addr]IPCacheEntry{},
+	})
+	return s
+}
+
+func (s *state) changed() {
+	s.pending.any = true
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *state) upsertNode(cluster string, n v1.Node) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending.nodes[cluster] == nil {
+		s.pending.nodes[cluster] = make(map[string]*v1.Node)
+	}
+	s.pending.nodes[cluster][n.Name] = &n
+	s.changed()
+}
+
+func (s *state) deleteNode(cluster, name string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending.nodes[cluster] == nil {
+		s.pending.nodes[cluster] = make(map[string]*v1.Node)
+	}
+	s.pending.nodes[cluster][name] = nil
+	s.changed()
+}
+
+func (s *state) upsertEndpoint(cluster string, ep v1.Endpoint) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending.ipcache[cluster] == nil {
+		s.pending.ipcache[cluster] = make(map[netip.Addr]*IPCacheEntry)
+	}
+	s.pending.ipcache[cluster][ep.IP] = &IPCacheEntry{Identity: ep.Identity, NodeIP: ep.NodeIP, Cluster: cluster}
+	s.changed()
+}
+
+func (s *state) deleteEndpoint(cluster string, ip netip.Addr) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending.ipcache[cluster] == nil {
+		s.pending.ipcache[cluster] = make(map[netip.Addr]*IPCacheEntry)
+	}
+	s.pending.ipcache[cluster][ip] = nil
+	s.changed()
+}
+
+func (s *state) upsertService(cluster string, svc v1.Service) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.services[cluster] == nil {
+		s.services[cluster] = make(map[ServiceName]v1.Service)
+	}
+	name := ServiceName{svc.Namespace, svc.Name}
+	s.services[cluster][name] = svc
+	s.pending.services[name] = struct{}{}
+	s.changed()
+}
+
+func (s *state) deleteService(cluster string, name ServiceName) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.services[cluster], name)
+	s.pending.services[name] = struct{}{}
+	s.changed()
+}
+
+// setCluster records a cluster's config (its region changes which
+// backends are preferred).
+func (s *state) setCluster(cfg v1.ClusterConfig) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if old, ok := s.clusters[cfg.Name]; ok && old.region == cfg.Region {
+		return
+	}
+	s.clusters[cfg.Name] = clusterInfo{region: cfg.Region}
+	s.remergeAllLocked()
+}
+
+// drain removes everything a cluster contributed.
+func (s *state) drain(cluster string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name := range s.services[cluster] {
+		s.pending.services[name] = struct{}{}
+	}
+	delete(s.services, cluster)
+	delete(s.clusters, cluster)
+	delete(s.pending.nodes, cluster)
+	delete(s.pending.ipcache, cluster)
+	s.pending.dropped[cluster] = true
+	s.changed()
+}
+
+func (s *state) remergeAllLocked() {
+	for _, svcs := range s.services {
+		for name := range svcs {
+			s.pending.services[name] = struct{}{}
+		}
+	}
+	s.changed()
+}
+
+// resync asks for a new snapshot even without changes, so reconcilers run
+// a full pass and repair drift.
+func (s *state) resync() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.changed()
+}
+
+// publish folds the pending changes into a new snapshot. It reports
+// whether there was anything to publish.
+func (s *state) publish() bool {
+	s.mu.Lock()
+	if !s.pending.any {
+		s.mu.Unlock()
+		return false
+	}
+	old := s.snap.Load()
+	next := &Snapshot{Services: old.Services, Nodes: old.Nodes, IPCache: old.IPCache, Time: time.Now()}
+	p := s.pending
+
+	if len(p.nodes) > 0 || len(p.dropped) > 0 {
+		next.Nodes = maps.Clone(old.Nodes)
+		for cluster := range p.dropped {
+			delete(next.Nodes, cluster)
+		}
+		for cluster, changes := range p.nodes {
+			m := maps.Clone(next.Nodes[cluster])
+			if m == nil {
+				m = make(map[string]*v1.Node, len(changes))
+			}
+			applyDeltas(m, changes)
+			next.Nodes[cluster] = m
+		}
+	}
+	if len(p.ipcache) > 0 || len(p.dropped) > 0 {
+		next.IPCache = maps.Clone(old.IPCache)
+		for cluster := range p.dropped {
+			delete(next.IPCache, cluster)
+		}
+		for cluster, changes := range p.ipcache {
+			m := maps.Clone(next.IPCache[cluster])
+			if m == nil {
+				m = make(map[netip.Addr]IPCacheEntry, len(changes))
+			}
+			for ip, e := range changes {
+				if e == nil {
+					delete(m, ip)
+				} else {
+					m[ip] = *e
+				}
+			}
+			next.IPCache[cluster] = m
+		}
+	}
+	if len(p.services) > 0 {
+		next.Services = maps.Clone(old.Services)
+		for name := range p.services {
+			if m := mergeService(name, s.local, s.services, s.clusters); m != nil {
+				next.Services[name] = m
+			} else {
+				delete(next.Services, name)
+			}
+		}
+	}
+	s.version++
+	next.Version = s.version
+	s.pending.reset()
+	s.snap.Store(next)
+	s.mu.Unlock()
+
+	s.subsMu.Lock()
+	for ch := range s.subs {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+	s.subsMu.Unlock()
+	return true
+}
+
+func applyDeltas[K comparable, V any](m map[K]*V, changes map[K]*V) {
+	for k, v := range changes {
+		if v == nil {
+			delete(m, k)
+		} else {
+			m[k] = v
+		}
+	}
+}
+
+// run publishes whenever something changed, and every resync interval.
+func (s *state) run(ctx context.Context, resync time.Duration) {
+	t := time.NewTicker(resync)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.wake:
+			s.publish()
+		case <-t.C:
+			s.resync()
+		}
+	}
+}
+
+// subscribe returns a channel that receives a value after each new
+// snapshot (coalesced: a slow reader sees one, then reads the latest).
+func (s *state) subscribe() (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	s.subsMu.Lock()
+	s.subs[ch] = struct{}{}
+	s.subsMu.Unlock()
+	return ch, func() {
+		s.subsMu.Lock()
+		delete(s.subs, ch)
+		s.subsMu.Unlock()
+	}
+}
+
+// pruneNodes deletes the cluster's nodes for which keep is false.
+func (s *state) pruneNodes(cluster string, keep func(name string) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name := range s.currentNodesLocked(cluster) {
+		if !keep(name) {
+			if s.pending.nodes[cluster] == nil {
+				s.pending.nodes[cluster] = make(map[string]*v1.Node)
+			}
+			s.pending.nodes[cluster][name] = nil
+			s.changed()
+		}
+	}
+}
+
+// currentNodesLocked is the cluster's node set as the next snapshot will
+// see it before pruning.
+func (s *state) currentNodesLocked(cluster string) map[string]bool {
+	out := make(map[string]bool)
+	if !s.pending.dropped[cluster] {
+		for name := range s.snap.Load().Nodes[cluster] {
+			out[name] = true
+		}
+	}
+	for name, n := range s.pending.nodes[cluster] {
+		out[name] = n != nil
+	}
+	return out
+}
+
+// pruneEndpoints deletes the cluster's endpoints for which keep is false.
+func (s *state) pruneEndpoints(cluster string, keep func(ip netip.Addr) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	current := make(map[netip.Addr]bool)
+	if !s.pending.dropped[cluster] {
+		for ip := range s.snap.Load().IPCache[cluster] {
+			current[ip] = true
+		}
+	}
+	for ip, e := range s.pending.ipcache[cluster] {
+		current[ip] = e != nil
+	}
+	for ip, present := range current {
+		if present && !keep(ip) {
+			if s.pending.ipcache[cluster] == nil {
+				s.pending.ipcache[cluster] = make(map[netip.Addr]*IPCacheEntry)
+			}
+			s.pending.ipcache[cluster][ip] = nil
+			s.changed()
+		}
+	}
+}
+
+// pruneServices deletes the cluster's services for which keep is false.
+func (s *state) pruneServices(cluster string, keep func(ServiceName) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name := range s.services[cluster] {
+		if !keep(name) {
+			delete(s.services[cluster], name)
+			s.pending.services[name] = struct{}{}
+			s.changed()
+		}
+	}
+}
