@@ -77,7 +77,9 @@ func (c *testCluster) stop() {
 	}
 }
 
-func (c *testCluster) url(path string) string { return fmt.Sprintf("http://127.0.0.1:%d%s", c.httpPort, path) }
+func (c *testCluster) url(path string) string {
+	return fmt.Sprintf("http://127.0.0.1:%d%s", c.httpPort, path)
+}
 
 func (c *testCluster) call(t *testing.T, method, path, body string) string {
 	t.Helper()
@@ -130,7 +132,9 @@ func (c *testCluster) clusterFile(t *testing.T, reader string) ClusterFile {
 
 // writer is an etcd client with the cluster's own writer certificate, to
 // play a compromised or buggy remote cluster.
-func (c *testCluster) writer(t *testing.T) *clientv3.Client { return c.etcdAs(t, apiserver.LocalWriterUser) }
+func (c *testCluster) writer(t *testing.T) *clientv3.Client {
+	return c.etcdAs(t, apiserver.LocalWriterUser)
+}
 
 // etcdAs is an etcd client with one of the API server's local client
 // certificates (root or the writer).
