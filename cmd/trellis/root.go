@@ -38,6 +38,8 @@ encrypts traffic between nodes.`,
 	root.AddCommand(
 		newVersionCmd(),
 		newAPIServerCmd(opts),
+		newAgentCmd(opts),
+		newStatusCmd(),
 		newLabCmd(opts),
 	)
 	return root

@@ -1,0 +1,278 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/clustermesh"
+)
+
+// Config describes one node's agent.
+type Config struct {
+	NodeName    string
+	ClusterName string
+	// ConfigDir holds one file per cluster (the local one included).
+	ConfigDir string
+	// StateDir holds the agent's own state; pods/ under it is where the
+	// node's CNI step (the lab's) drops pod files in standalone mode.
+	StateDir string
+	// StatusSocket is the unix socket `trellis status` talks to.
+	StatusSocket string
+
+	// RegistryURL is the local mesh API server's HTTP address; empty
+	// skips registration (a Kubernetes cluster, where the API server's
+	// informers see the node and pods).
+	RegistryURL       string
+	RegistryTokenFile string
+	NodeIP            netip.Addr
+	PodCIDRs          []netip.Prefix
+
+	MaxConnectedClusters int
+	Logger               *slog.Logger
+}
+
+// Validate names each missing or inconsistent setting.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("--node-name is required"))
+	}
+	if err := v1.ValidateClusterName(c.ClusterName); err != nil {
+		errs = append(errs, fmt.Errorf("--cluster-name: %w", err))
+	}
+	if c.ConfigDir == "" {
+		errs = append(errs, errors.New("--config-dir is required (one file per cluster; `trellis connect` writes them)"))
+	}
+	if c.StateDir == "" {
+		errs = append(errs, errors.New("--state-dir is required"))
+	}
+	if c.RegistryURL != "" {
+		if c.RegistryTokenFile == "" {
+			errs = append(errs, errors.New("--registry-token-file is required with --registry-url"))
+		}
+		if !c.NodeIP.IsValid() {
+			errs = append(errs, errors.New("--node-ip is required with --registry-url (the address other nodes tunnel to)"))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DefaultStatusSocket is where the agent serves its status and where
+// `trellis status` looks, unless told otherwise.
+const DefaultStatusSocket = "/var/run/trellis/agent.sock"
+
+// Datapath programs the node from a merged snapshot. Apply gets the full
+// desired state every time and must converge idempotently.
+type Datapath interface {
+	Apply(ctx context.Context, snap *clustermesh.Snapshot) error
+}
+
+// Agent is one node's daemon.
+type Agent struct {
+	cfg      Config
+	log      *slog.Logger
+	mesh     *clustermesh.Mesh
+	datapath Datapath
+
+	mu          sync.Mutex
+	applied     uint64
+	applyErr    error
+	applyErrAt  time.Time
+	lastApplied time.Time
+}
+
+// New checks cfg and builds the agent. datapath may be nil (no kernel
+// programming: status only).
+func New(cfg Config, datapath Datapath) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	if cfg.StatusSocket == "" {
+		cfg.StatusSocket = DefaultStatusSocket
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	log := cfg.Logger.With("node", cfg.NodeName)
+	mesh, err := clustermesh.New(clustermesh.Config{
+		LocalCluster: cfg.ClusterName, ConfigDir: cfg.ConfigDir,
+		MaxConnectedClusters: cfg.MaxConnectedClusters, Logger: log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath}, nil
+}
+
+// Mesh exposes the agent's view of the mesh.
+func (a *Agent) Mesh() *clustermesh.Mesh { return a.mesh }
+
+// Run runs the agent until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("agent: --state-dir %s: %w", a.cfg.StateDir, err)
+	}
+	ln, err := listenUnix(a.cfg.StatusSocket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: a.statusHandler(), ReadHeaderTimeout: 5 * time.Second}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	goRun := func(fn func()) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fn()
+		}()
+	}
+	goRun(func() { a.mesh.Run(ctx) })
+	goRun(func() { srv.Serve(ln) })
+	goRun(func() {
+		<-ctx.Done()
+		shutdown, c := context.WithTimeout(context.Background(), 2*time.Second)
+		defer c()
+		srv.Shutdown(shutdown)
+	})
+	if a.cfg.RegistryURL != "" {
+		token, err := os.ReadFile(a.cfg.RegistryTokenFile)
+		if err != nil {
+			cancel()
+			wg.Wait()
+			return fmt.Errorf("agent: --registry-token-file: %w", err)
+		}
+		reg := &registrar{
+			url: a.cfg.RegistryURL, token: strings.TrimSpace(string(token)),
+			node: a.cfg.NodeName, nodeIP: a.cfg.NodeIP, podCIDRs: a.cfg.PodCIDRs,
+			podsDir: filepath.Join(a.cfg.StateDir, "pods"), log: a.log,
+			client: &http.Client{Timeout: 10 * time.Second}, registered: make(map[string]PodFile),
+		}
+		goRun(func() { reg.run(ctx, 500*time.Millisecond) })
+	}
+	goRun(func() { a.reconcile(ctx) })
+	a.log.Info("agent running", "cluster", a.cfg.ClusterName, "status", a.cfg.StatusSocket)
+	<-ctx.Done()
+	wg.Wait()
+	os.Remove(a.cfg.StatusSocket)
+	return nil
+}
+
+// reconcile hands every new snapshot to the datapath; a failed apply is
+// retried with the latest snapshot.
+func (a *Agent) reconcile(ctx context.Context) {
+	changed, unsubscribe := a.mesh.Subscribe()
+	defer unsubscribe()
+	retry := time.NewTimer(time.Hour)
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-retry.C:
+		}
+		snap := a.mesh.Snapshot()
+		var err error
+		if a.datapath != nil {
+			err = a.datapath.Apply(ctx, snap)
+		}
+		a.mu.Lock()
+		if err != nil {
+			a.applyErr, a.applyErrAt = err, time.Now()
+			a.log.Warn("datapath apply failed; retrying", "version", snap.Version, "err", err)
+			retry.Reset(time.Second)
+		} else {
+			a.applied, a.lastApplied, a.applyErr = snap.Version, time.Now(), nil
+		}
+		a.mu.Unlock()
+	}
+}
+
+// listenUnix removes a stale socket left by a crashed agent, then listens.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("agent: status socket dir: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("agent: status socket %s is in use: is another agent running for this node?", path)
+	}
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("agent: status socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Status is what `trellis status` shows.
+type Status struct {
+	Node    string `json:"node"`
+	Cluster string `json:"cluster"`
+	clustermesh.Status
+	AppliedVersion   uint64    `json:"appliedVersion"`
+	LastApplied      time.Time `json:"lastApplied,omitzero"`
+	DatapathError    string    `json:"datapathError,omitempty"`
+	DatapathErrorAt  time.Time `json:"datapathErrorAt,omitzero"`
+	DatapathDisabled bool      `json:"datapathDisabled,omitempty"`
+}
+
+// Status reports the agent's view.
+func (a *Agent) Status() Status {
+	st := Status{Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, Status: a.mesh.Status(), DatapathDisabled: a.datapath == nil}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	st.AppliedVersion, st.LastApplied = a.applied, a.lastApplied
+	if a.applyErr != nil {
+		st.DatapathError, st.DatapathErrorAt = a.applyErr.Error(), a.applyErrAt
+	}
+	return st
+}
+
+func (a *Agent) statusHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(a.Status())
+	})
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	return mux
+}
+
+// FetchStatus asks the agent behind socket for its status.
+func FetchStatus(ctx context.Context, socket string) (Status, error) {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+	}, Timeout: 10 * time.Second}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/status", nil)
+	if err != nil {
+		return Status{}, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return Status{}, fmt.Errorf("agent status socket %s: %w (is the agent running?)", socket, err)
+	}
+	defer resp.Body.Close()
+	var st Status
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return Status{}, fmt.Errorf("agent status: %w", err)
+	}
+	return st, nil
+}

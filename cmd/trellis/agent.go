@@ -1,0 +1,67 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trellis-mesh/trellis/agent"
+)
+
+func newAgentCmd(g *globalOptions) *cobra.Command {
+	var (
+		cfg      agent.Config
+		nodeIP   string
+		podCIDRs []string
+	)
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the node agent: connect this node to every cluster of the mesh",
+		Long: `Run the per-node agent. It watches the mesh API server of every cluster in
+--config-dir (the local one included), validates what they publish, merges
+it into one desired state and serves its status on --status-socket for
+'trellis status'.
+
+In standalone mode (--registry-url) it also registers this node, and the
+pods its CNI step records under <state-dir>/pods/, with the local cluster's
+registry.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			if nodeIP != "" {
+				if cfg.NodeIP, err = netip.ParseAddr(nodeIP); err != nil {
+					return fmt.Errorf("--node-ip %q: %w", nodeIP, err)
+				}
+			}
+			for _, s := range podCIDRs {
+				p, err := netip.ParsePrefix(s)
+				if err != nil {
+					return fmt.Errorf("--pod-cidrs %q: %w", s, err)
+				}
+				cfg.PodCIDRs = append(cfg.PodCIDRs, p)
+			}
+			cfg.Logger = log
+			a, err := agent.New(cfg, nil)
+			if err != nil {
+				return err
+			}
+			return a.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.NodeName, "node-name", "", "this node's name")
+	f.StringVar(&cfg.ClusterName, "cluster-name", "", "the cluster this node belongs to")
+	f.StringVar(&cfg.ConfigDir, "config-dir", "", "directory with one <cluster>.yaml per cluster (written by 'trellis connect')")
+	f.StringVar(&cfg.StateDir, "state-dir", "", "the agent's state directory")
+	f.StringVar(&cfg.StatusSocket, "status-socket", "", "unix socket for 'trellis status' ")
+	f.StringVar(&cfg.RegistryURL, "registry-url", "", "local mesh API server's HTTP address, to register this node and its pods (standalone mode)")
+	f.StringVar(&cfg.RegistryTokenFile, "registry-token-file", "", "file with the local API server's admin token")
+	f.StringVar(&nodeIP, "node-ip", "", "this node's underlay address")
+	f.StringSliceVar(&podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs")
+	f.IntVar(&cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match every cluster's")
+	return cmd
+}
