@@ -88,7 +88,11 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		}
 	default:
 		if len(localActive) > 0 {
-			m.Backends = localActive
+			n := len(localActive)
+			for _, b := range remoteActive {
+				n += len(b)
+			}
+			m.Backends = append(make([]Backend, 0, n), localActive...)
 			for _, c := range remoteNames {
 				m.Backends = append(m.Backends, remoteActive[c]...)
 			}
@@ -101,10 +105,19 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 
 // active returns the active backends of one cluster.
 func active(cluster string, backends []v1.Backend) []Backend {
-	var out []Backend
+	n := 0
 	for _, b := range backends {
 		if b.State == v1.BackendActive {
-			out = append(out, Backend{Cluster: cluster, Backend: b})
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	out := make([]Backend, 0, n)
+	for _, b := range backends {
+		if b.State == v1.BackendActive {
+			out = append(out, Backend{Cluster: cluster, IP: b.IP, Ports: b.Ports})
 		}
 	}
 	return out
@@ -118,15 +131,28 @@ func preferRegion(byCluster map[string][]Backend, region string, clusters map[st
 		names = append(names, c)
 	}
 	slices.SortFunc(names, cmp.Compare[string])
-	var same, all []Backend
+	// Sized exactly: merged snapshots hold these for every service.
+	var nSame, nAll int
 	for _, c := range names {
-		all = append(all, byCluster[c]...)
+		nAll += len(byCluster[c])
 		if region != "" && clusters[c].region == region {
-			same = append(same, byCluster[c]...)
+			nSame += len(byCluster[c])
 		}
 	}
-	if len(same) > 0 {
-		return same
+	want := func(c string) bool { return true }
+	n := nAll
+	if nSame > 0 {
+		want = func(c string) bool { return clusters[c].region == region }
+		n = nSame
 	}
-	return all
+	if n == 0 {
+		return nil
+	}
+	out := make([]Backend, 0, n)
+	for _, c := range names {
+		if want(c) {
+			out = append(out, byCluster[c]...)
+		}
+	}
+	return out
 }

@@ -14,10 +14,15 @@ type ServiceName struct {
 
 func (n ServiceName) String() string { return n.Namespace + "/" + n.Name }
 
-// Backend is a service backend and the cluster it lives in.
+// Backend is a service backend chosen to carry traffic: what the datapath
+// needs, and no more (a merged snapshot holds one per backend of every
+// cluster, so each byte here counts per remote endpoint).
 type Backend struct {
-	Cluster string `json:"cluster"`
-	v1.Backend
+	Cluster string
+	IP      netip.Addr
+	// Ports maps service port names to ports on this backend; see
+	// v1.Backend.
+	Ports []v1.BackendPort
 }
 
 // MergedService is one service as this agent's node should serve it: the

@@ -73,9 +73,15 @@ func (s *Service) normalize() {
 	}
 }
 
+// nilIfEmpty also drops the spare capacity encoding/json leaves behind
+// (it grows slices by doubling): a reader holds thousands of decoded
+// services, and up to half of each backend list would be slack.
 func nilIfEmpty[T any](s []T) []T {
 	if len(s) == 0 {
 		return nil
+	}
+	if cap(s) > len(s) {
+		return append(make([]T, 0, len(s)), s...)
 	}
 	return s
 }
