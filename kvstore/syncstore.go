@@ -34,6 +34,9 @@ type SyncStoreConfig struct {
 	// request limit).
 	MaxBatchOps   int
 	MaxBatchBytes int
+	// MaxInFlight is how many transactions may be outstanding at once;
+	// default 4.
+	MaxInFlight int
 	// MinBackoff and MaxBackoff bound the retry delay after a failed write;
 	// defaults 100ms and 10s.
 	MinBackoff, MaxBackoff time.Duration
@@ -58,9 +61,10 @@ type SyncStore struct {
 	desired map[string][]byte
 	// written is what etcd holds under the prefix as far as this store
 	// knows: filled by the start-up listing, then by successful writes.
-	written map[string]writtenEntry
-	queue   []string
-	queued  map[string]struct{}
+	written  map[string]writtenEntry
+	queue    []string
+	queued   map[string]struct{}
+	inFlight map[string]struct{} // keys in a transaction now
 
 	markSynced bool
 	phase      syncPhase
@@ -108,15 +112,19 @@ func NewSyncStore(client *Client, cfg SyncStoreConfig) (*SyncStore, error) {
 	if cfg.MaxBackoff <= 0 {
 		cfg.MaxBackoff = 10 * time.Second
 	}
+	if cfg.MaxInFlight <= 0 {
+		cfg.MaxInFlight = 4
+	}
 	return &SyncStore{
-		client:  client,
-		cfg:     cfg,
-		log:     client.log.With("store", cfg.Name),
-		desired: make(map[string][]byte),
-		written: make(map[string]writtenEntry),
-		queued:  make(map[string]struct{}),
-		wake:    make(chan struct{}, 1),
-		synced:  make(chan struct{}),
+		client:   client,
+		cfg:      cfg,
+		log:      client.log.With("store", cfg.Name),
+		desired:  make(map[string][]byte),
+		written:  make(map[string]writtenEntry),
+		queued:   make(map[string]struct{}),
+		inFlight: make(map[string]struct{}),
+		wake:     make(chan struct{}, 1),
+		synced:   make(chan struct{}),
 	}, nil
 }
 
@@ -227,28 +235,62 @@ func (s *SyncStore) Run(ctx context.Context) error {
 		break
 	}
 	bo.reset()
+	return s.writeLoop(ctx, &bo)
+}
+
+// writeLoop dispatches batches, up to MaxInFlight transactions at once so
+// that a steady stream of updates is not serialised behind one fsync at a
+// time. A key is never in two transactions at once, so writes of one key
+// stay in order.
+func (s *SyncStore) writeLoop(ctx context.Context, bo *backoff) error {
+	results := make(chan error, s.cfg.MaxInFlight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	inFlight := 0
 	for {
-		progressed, err := s.step(ctx)
-		if ctx.Err() != nil {
-			return nil
-		}
-		if err != nil {
-			s.recordError(err)
-			if !sleep(ctx, bo.next()) {
-				return nil
+		for inFlight < s.cfg.MaxInFlight {
+			batch := s.takeBatch()
+			if len(batch) == 0 {
+				break
 			}
-			continue
+			inFlight++
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				err := s.write(ctx, batch)
+				s.finish(batch)
+				results <- err
+			}()
 		}
-		bo.reset()
-		if progressed {
+		if inFlight == 0 && s.advancePhase() {
 			continue
 		}
 		select {
 		case <-ctx.Done():
 			return nil
+		case err := <-results:
+			inFlight--
+			if err != nil && ctx.Err() == nil {
+				s.recordError(err)
+				if !sleep(ctx, bo.next()) {
+					return nil
+				}
+			} else if err == nil {
+				bo.reset()
+			}
 		case <-s.wake:
 		}
 	}
+}
+
+// finish releases a batch's keys for the next transaction.
+func (s *SyncStore) finish(batch []pendingOp) {
+	s.mu.Lock()
+	for _, op := range batch {
+		delete(s.inFlight, op.key)
+	}
+	s.mu.Unlock()
+	s.signal()
 }
 
 func (s *SyncStore) recordError(err error) {
@@ -290,21 +332,11 @@ func (s *SyncStore) listExisting(ctx context.Context) error {
 	return nil
 }
 
-// step performs one batch of work or one phase transition. It reports
-// whether it did anything.
-func (s *SyncStore) step(ctx context.Context) (bool, error) {
-	batch := s.takeBatch()
-	if len(batch) > 0 {
-		return true, s.write(ctx, batch)
-	}
-	return s.advancePhase(), nil
-}
-
 // advancePhase moves the initial publication along once the queue is empty.
 func (s *SyncStore) advancePhase() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.queue) > 0 || !s.markSynced {
+	if len(s.queue) > 0 || len(s.inFlight) > 0 || !s.markSynced {
 		return false
 	}
 	switch s.phase {
@@ -351,10 +383,15 @@ func (s *SyncStore) takeBatch() []pendingOp {
 		batch []pendingOp
 		size  int
 		n     int
+		busy  []string // queued keys still in a transaction: they wait
 	)
 	for n < len(s.queue) && len(batch) < s.cfg.MaxBatchOps && size < s.cfg.MaxBatchBytes {
 		key := s.queue[n]
 		n++
+		if _, ok := s.inFlight[key]; ok {
+			busy = append(busy, key)
+			continue
+		}
 		delete(s.queued, key)
 		value, want := s.desired[key]
 		w, have := s.written[key]
@@ -370,12 +407,13 @@ func (s *SyncStore) takeBatch() []pendingOp {
 			continue
 		}
 		batch = append(batch, pendingOp{key: key, value: value})
+		s.inFlight[key] = struct{}{}
 		size += len(key) + len(value)
 		if !want {
 			batch[len(batch)-1].value = nil
 		}
 	}
-	s.queue = s.queue[n:]
+	s.queue = append(busy, s.queue[n:]...)
 	if len(s.queue) == 0 {
 		s.queue = nil // let the backing array go after a large initial set
 	}
