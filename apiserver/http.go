@@ -45,6 +45,7 @@ func (s *Server) routes(mux *http.ServeMux) {
 		fmt.Fprintln(w, why)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /admin/v1/info", s.adminOnly(s.handleInfo))
 	mux.HandleFunc("POST /admin/v1/remotes/{name}", s.adminOnly(s.handleIssueRemote))
 	mux.HandleFunc("DELETE /admin/v1/remotes/{name}", s.adminOnly(s.handleRevokeRemote))
 }
@@ -58,6 +59,30 @@ func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// ClusterInfo is what `trellis connect` checks before joining clusters.
+type ClusterInfo struct {
+	Cluster   string   `json:"cluster"`
+	ClusterID uint32   `json:"clusterID"`
+	PodCIDRs  []string `json:"podCIDRs"`
+	Region    string   `json:"region,omitempty"`
+	Endpoints []string `json:"endpoints"`
+	CAPEM     string   `json:"caPEM"`
+	// MaxConnectedClusters must match across the mesh.
+	MaxConnectedClusters int `json:"maxConnectedClusters"`
+}
+
+func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {
+	info := ClusterInfo{
+		Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID, PodCIDRs: s.cfg.PodCIDRs, Region: s.cfg.Region,
+		Endpoints: []string{s.cfg.advertisedEtcdEndpoint()}, MaxConnectedClusters: s.cfg.MaxConnectedClusters,
+	}
+	if s.ca != nil {
+		info.CAPEM = string(s.ca.CertPEM)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(info)
 }
 
 // handleIssueRemote mints a client certificate for a remote cluster and

@@ -28,6 +28,10 @@ import (
 // HeartbeatInterval is how often the heartbeat key is rewritten.
 const HeartbeatInterval = 10 * time.Second
 
+// HTTPAddrFile is the file in the state dir holding the URL the HTTP API
+// listens on.
+const HTTPAddrFile = "http.addr"
+
 // AdminTokenFile is the file in the state dir holding the bearer token for
 // registry writes and the admin API.
 const AdminTokenFile = "admin.token"
@@ -124,6 +128,12 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	s.httpLn = ln
+	// Tools that find the server from its state dir (trellis connect,
+	// issue-remote) read where it listens from here.
+	if err := os.WriteFile(s.cfg.path(HTTPAddrFile), []byte("http://"+ln.Addr().String()+"\n"), 0o600); err != nil {
+		ln.Close()
+		return fmt.Errorf("apiserver: write %s: %w", HTTPAddrFile, err)
+	}
 	close(s.ready)
 
 	ctx, cancel := context.WithCancel(ctx)

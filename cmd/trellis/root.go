@@ -40,6 +40,8 @@ encrypts traffic between nodes.`,
 		newAPIServerCmd(opts),
 		newAgentCmd(opts),
 		newStatusCmd(),
+		newConnectCmd(),
+		newDisconnectCmd(),
 		newLabCmd(opts),
 	)
 	return root

@@ -1,0 +1,317 @@
+package clustermesh
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// Connecting clusters: each side mints a client certificate for the other,
+// and each side's agents get a cluster file for the other. The exchange is
+// here; how a cluster is reached (its admin API and where its agents read
+// cluster files) is a Peer, so a Kubernetes flavour (kubeconfig contexts,
+// Secrets) can plug in beside the state-dir one.
+
+// ClusterInfo is what a cluster says about itself before joining.
+type ClusterInfo struct {
+	Name                 string   `json:"cluster"`
+	ID                   uint32   `json:"clusterID"`
+	PodCIDRs             []string `json:"podCIDRs"`
+	Region               string   `json:"region,omitempty"`
+	Endpoints            []string `json:"endpoints"`
+	CAPEM                string   `json:"caPEM"`
+	MaxConnectedClusters int      `json:"maxConnectedClusters"`
+}
+
+// Credentials let one cluster's agents read another cluster's store.
+type Credentials struct {
+	Endpoints []string `json:"endpoints"`
+	User      string   `json:"user"`
+	CAPEM     string   `json:"caPEM"`
+	CertPEM   string   `json:"certPEM"`
+	KeyPEM    string   `json:"keyPEM"`
+}
+
+// Peer is one cluster as `connect` reaches it.
+type Peer interface {
+	// Describe names the peer in messages (a URL, a state dir).
+	Describe() string
+	Info(ctx context.Context) (ClusterInfo, error)
+	// Issue mints read-only credentials for cluster forCluster's agents.
+	Issue(ctx context.Context, forCluster string) (Credentials, error)
+	// Revoke removes forCluster's access.
+	Revoke(ctx context.Context, forCluster string) error
+	// WriteClusterFile and RemoveClusterFile change what this cluster's
+	// agents connect to.
+	WriteClusterFile(ctx context.Context, f ClusterFile) error
+	RemoveClusterFile(ctx context.Context, name string) error
+}
+
+// ConnectOptions tune Connect.
+type ConnectOptions struct {
+	// AllowMismatchingCA joins clusters whose API servers use different
+	// CAs, trusting a bundle of all of them.
+	AllowMismatchingCA bool
+	// DialTimeout bounds the reachability check of etcd endpoints.
+	DialTimeout time.Duration
+}
+
+// Connect joins a and b in both directions.
+func Connect(ctx context.Context, a, b Peer, opts ConnectOptions) error {
+	return ConnectMesh(ctx, []Peer{a, b}, opts)
+}
+
+// ConnectMesh joins every pair of peers. Every check runs before anything
+// is written, so a refused mesh changes nothing.
+func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
+	if len(peers) < 2 {
+		return errors.New("connect: name at least two clusters")
+	}
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = 3 * time.Second
+	}
+	infos := make([]ClusterInfo, len(peers))
+	for i, p := range peers {
+		info, err := p.Info(ctx)
+		if err != nil {
+			return fmt.Errorf("connect: cluster at %s is unreachable: %w (is its mesh API server running?)", p.Describe(), err)
+		}
+		infos[i] = info
+	}
+	if err := checkMesh(infos, opts); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	for _, info := range infos {
+		if err := checkReachable(ctx, info, opts.DialTimeout); err != nil {
+			return fmt.Errorf("connect: %w", err)
+		}
+	}
+	bundle := caBundle(infos)
+	for i, reader := range peers {
+		for j, target := range peers {
+			// j == i too: a cluster's agents read their own cluster through
+			// the same read-only path.
+			if err := link(ctx, reader, infos[i], target, infos[j], bundle, opts.AllowMismatchingCA); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// link makes reader's agents connect to target.
+func link(ctx context.Context, reader Peer, readerInfo ClusterInfo, target Peer, targetInfo ClusterInfo, bundle string, mixed bool) error {
+	creds, err := target.Issue(ctx, readerInfo.Name)
+	if err != nil {
+		return fmt.Errorf("connect: %s issuing credentials for %s: %w", targetInfo.Name, readerInfo.Name, err)
+	}
+	ca := creds.CAPEM
+	if mixed {
+		ca = bundle
+	}
+	f := ClusterFile{Name: targetInfo.Name, Endpoints: creds.Endpoints, CA: ca, Cert: creds.CertPEM, Key: creds.KeyPEM}
+	if err := reader.WriteClusterFile(ctx, f); err != nil {
+		return fmt.Errorf("connect: writing %s's cluster file for %s: %w", targetInfo.Name, readerInfo.Name, err)
+	}
+	return nil
+}
+
+// checkMesh refuses what would not work, saying what to change.
+func checkMesh(infos []ClusterInfo, opts ConnectOptions) error {
+	var errs []error
+	for i := range infos {
+		for j := i + 1; j < len(infos); j++ {
+			a, b := infos[i], infos[j]
+			if a.Name == b.Name {
+				errs = append(errs, fmt.Errorf("two clusters are both named %q: give each a unique --cluster-name", a.Name))
+				continue
+			}
+			if a.ID == b.ID {
+				errs = append(errs, fmt.Errorf("clusters %s and %s both use cluster ID %d: restart one with a unique --cluster-id (1-%d)", a.Name, b.Name, a.ID, v1.MaxClusterID))
+			}
+			if pa, pb, ok := v1.PrefixesOverlap(prefixes(a.PodCIDRs), prefixes(b.PodCIDRs)); ok {
+				errs = append(errs, fmt.Errorf("pod CIDR %s of %s overlaps %s of %s: clusters in a mesh need disjoint --pod-cidrs", pa, a.Name, pb, b.Name))
+			}
+			if a.MaxConnectedClusters != b.MaxConnectedClusters {
+				errs = append(errs, fmt.Errorf("%s allows %d connected clusters and %s %d: use the same --max-connected-clusters everywhere", a.Name, a.MaxConnectedClusters, b.Name, b.MaxConnectedClusters))
+			}
+			if !opts.AllowMismatchingCA && strings.TrimSpace(a.CAPEM) != strings.TrimSpace(b.CAPEM) {
+				errs = append(errs, fmt.Errorf("clusters %s and %s have different CAs: give every API server the same CA (ca.crt and ca.key in <state-dir>/pki before its first start), or pass --allow-mismatching-ca to trust a bundle of both", a.Name, b.Name))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func prefixes(cidrs []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// checkReachable dials every etcd endpoint a cluster advertises, so a
+// wrong --advertise-address is caught now rather than by every agent.
+func checkReachable(ctx context.Context, info ClusterInfo, timeout time.Duration) error {
+	for _, e := range info.Endpoints {
+		u, err := url.Parse(e)
+		if err != nil {
+			return fmt.Errorf("cluster %s advertises an invalid etcd endpoint %q: %w", info.Name, e, err)
+		}
+		d := net.Dialer{Timeout: timeout}
+		conn, err := d.DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return fmt.Errorf("etcd endpoint %s of cluster %s is unreachable from here: %w (check its --advertise-address)", e, info.Name, err)
+		}
+		conn.Close()
+	}
+	return nil
+}
+
+// caBundle concatenates the distinct CAs of the clusters.
+func caBundle(infos []ClusterInfo) string {
+	seen := map[string]bool{}
+	var b strings.Builder
+	for _, info := range infos {
+		ca := strings.TrimSpace(info.CAPEM)
+		if ca == "" || seen[ca] {
+			continue
+		}
+		seen[ca] = true
+		b.WriteString(ca)
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// Disconnect separates a and b: each side's agents drop the other (their
+// cluster file goes) and each side revokes the other's etcd user.
+func Disconnect(ctx context.Context, a, b Peer) error {
+	ia, err := a.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("disconnect: cluster at %s is unreachable: %w", a.Describe(), err)
+	}
+	ib, err := b.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("disconnect: cluster at %s is unreachable: %w", b.Describe(), err)
+	}
+	var errs []error
+	if err := a.RemoveClusterFile(ctx, ib.Name); err != nil {
+		errs = append(errs, err)
+	}
+	if err := b.RemoveClusterFile(ctx, ia.Name); err != nil {
+		errs = append(errs, err)
+	}
+	if err := b.Revoke(ctx, ia.Name); err != nil {
+		errs = append(errs, err)
+	}
+	if err := a.Revoke(ctx, ib.Name); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("disconnect %s and %s: %w", ia.Name, ib.Name, err)
+	}
+	return nil
+}
+
+// StateDirPeer reaches a mesh API server through its state dir: the admin
+// token and HTTP address it writes there, and <state-dir>/clusters as the
+// config dir its agents read (the lab's layout; a real deployment copies
+// that directory to its nodes).
+type StateDirPeer struct {
+	Dir string
+	// ConfigDir overrides <Dir>/clusters.
+	ConfigDir string
+	Client    *http.Client
+}
+
+// The file names the API server writes into its state dir.
+const (
+	stateAdminToken = "admin.token"
+	stateHTTPAddr   = "http.addr"
+)
+
+// ClustersDir is the default config dir under an API server's state dir.
+func ClustersDir(stateDir string) string { return filepath.Join(stateDir, "clusters") }
+
+func (p *StateDirPeer) Describe() string { return p.Dir }
+
+func (p *StateDirPeer) configDir() string {
+	if p.ConfigDir != "" {
+		return p.ConfigDir
+	}
+	return ClustersDir(p.Dir)
+}
+
+func (p *StateDirPeer) do(ctx context.Context, method, path string, out any) error {
+	token, err := os.ReadFile(filepath.Join(p.Dir, stateAdminToken))
+	if err != nil {
+		return fmt.Errorf("read the admin token (is %s an API server's state dir?): %w", p.Dir, err)
+	}
+	addr, err := os.ReadFile(filepath.Join(p.Dir, stateHTTPAddr))
+	if err != nil {
+		return fmt.Errorf("read the API server's address (has it started?): %w", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSpace(string(addr))+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+	client := p.Client
+	if client == nil {
+		client = &http.Client{Timeout: 30 * time.Second}
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode >= 300 {
+		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(body))
+	}
+	if out != nil {
+		return json.Unmarshal(body, out)
+	}
+	return nil
+}
+
+func (p *StateDirPeer) Info(ctx context.Context) (ClusterInfo, error) {
+	var info ClusterInfo
+	err := p.do(ctx, http.MethodGet, "/admin/v1/info", &info)
+	return info, err
+}
+
+func (p *StateDirPeer) Issue(ctx context.Context, forCluster string) (Credentials, error) {
+	var c Credentials
+	err := p.do(ctx, http.MethodPost, "/admin/v1/remotes/"+forCluster, &c)
+	return c, err
+}
+
+func (p *StateDirPeer) Revoke(ctx context.Context, forCluster string) error {
+	return p.do(ctx, http.MethodDelete, "/admin/v1/remotes/"+forCluster, nil)
+}
+
+func (p *StateDirPeer) WriteClusterFile(_ context.Context, f ClusterFile) error {
+	return WriteClusterFile(p.configDir(), f)
+}
+
+func (p *StateDirPeer) RemoveClusterFile(_ context.Context, name string) error {
+	return RemoveClusterFile(p.configDir(), name)
+}

@@ -1,0 +1,99 @@
+package clustermesh
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/testutil"
+)
+
+func TestConnectRefusesWhatCannotWork(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs mesh API servers; skipped in -short")
+	}
+	eu := startCluster(t, "eu", 1, "10.1.0.0/16", "eu")
+	us := startCluster(t, "us", 2, "10.2.0.0/16", "us")
+	dupID := startCluster(t, "dupid", 1, "10.5.0.0/16", "eu")
+	overlap := startCluster(t, "overlap", 6, "10.1.128.0/17", "eu")
+	ctx := context.Background()
+	peer := func(c *testCluster) Peer { return &StateDirPeer{Dir: c.stateDir} }
+
+	for _, tc := range []struct {
+		peers []Peer
+		opts  ConnectOptions
+		want  string
+	}{
+		{[]Peer{peer(eu), peer(us)}, ConnectOptions{}, "different CAs"},
+		{[]Peer{peer(eu), peer(dupID)}, ConnectOptions{AllowMismatchingCA: true}, "both use cluster ID 1"},
+		{[]Peer{peer(eu), peer(overlap)}, ConnectOptions{AllowMismatchingCA: true}, "overlaps"},
+		{[]Peer{peer(eu), &StateDirPeer{Dir: t.TempDir()}}, ConnectOptions{AllowMismatchingCA: true}, "unreachable"},
+	} {
+		err := ConnectMesh(ctx, tc.peers, tc.opts)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("connect %v: err %v, want %q", tc.peers, err, tc.want)
+		}
+	}
+	// Nothing was written by the refused attempts.
+	for _, c := range []*testCluster{eu, us, dupID, overlap} {
+		if entries, _ := os.ReadDir(ClustersDir(c.stateDir)); len(entries) != 0 {
+			t.Errorf("%s's config dir has %d files after refused connects", c.name, len(entries))
+		}
+	}
+
+	// A stopped API server is unreachable.
+	us.stop()
+	if err := Connect(ctx, peer(eu), peer(us), ConnectOptions{AllowMismatchingCA: true}); err == nil || !strings.Contains(err.Error(), "unreachable") {
+		t.Errorf("connect to a stopped cluster: %v", err)
+	}
+}
+
+// Connect writes what each side's agents need; their meshes become ready;
+// Disconnect drains the other side on both.
+func TestConnectAndDisconnect(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs mesh API servers; skipped in -short")
+	}
+	eu := startCluster(t, "eu", 1, "10.1.0.0/16", "eu")
+	us := startCluster(t, "us", 2, "10.2.0.0/16", "us")
+	eu.populate(t, "none")
+	us.populate(t, "none")
+	a, b := &StateDirPeer{Dir: eu.stateDir}, &StateDirPeer{Dir: us.stateDir}
+	ctx := context.Background()
+	if err := Connect(ctx, a, b, ConnectOptions{AllowMismatchingCA: true}); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []*testCluster{eu, us} {
+		for _, f := range []string{"eu.yaml", "us.yaml"} {
+			info, err := os.Stat(filepath.Join(ClustersDir(c.stateDir), f))
+			if err != nil {
+				t.Fatalf("%s lacks %s: %v", c.name, f, err)
+			}
+			if info.Mode().Perm() != 0o600 {
+				t.Errorf("%s/%s mode %v, want 0600 (it holds a key)", c.name, f, info.Mode().Perm())
+			}
+		}
+	}
+	mEU := startMesh(t, "eu", ClustersDir(eu.stateDir))
+	mUS := startMesh(t, "us", ClustersDir(us.stateDir))
+	waitBackends(t, mEU, map[string]int{"eu": 2, "us": 2})
+	waitBackends(t, mUS, map[string]int{"eu": 2, "us": 2})
+
+	if err := Disconnect(ctx, a, b); err != nil {
+		t.Fatal(err)
+	}
+	waitBackends(t, mEU, map[string]int{"eu": 2})
+	waitBackends(t, mUS, map[string]int{"us": 2})
+	testutil.Eventually(t, 10*time.Second, "status forgets the other side", func() bool {
+		return clusterStatus(mEU, "us").Name == "" && clusterStatus(mUS, "eu").Name == ""
+	})
+
+	// And reconnect.
+	if err := Connect(ctx, a, b, ConnectOptions{AllowMismatchingCA: true}); err != nil {
+		t.Fatal(err)
+	}
+	waitBackends(t, mEU, map[string]int{"eu": 2, "us": 2})
+}

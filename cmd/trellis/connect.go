@@ -1,0 +1,63 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/trellis-mesh/trellis/clustermesh"
+)
+
+func newConnectCmd() *cobra.Command {
+	var (
+		mesh    bool
+		allowCA bool
+	)
+	cmd := &cobra.Command{
+		Use:   "connect STATE_DIR_A STATE_DIR_B [STATE_DIR…]",
+		Short: "Join clusters: exchange credentials and write their agents' cluster files",
+		Long: `Join clusters, each named by its mesh API server's state dir. Each side mints
+a read-only client certificate for the other, and each cluster's agents get a
+cluster file (in <state-dir>/clusters) for every other cluster and for their
+own. Two clusters are joined both ways; with --mesh, every pair of the
+clusters given.
+
+It refuses, and changes nothing, when clusters share an ID, their pod CIDRs
+overlap, an etcd endpoint is unreachable, or their CAs differ (unless
+--allow-mismatching-ca, which trusts a bundle of all the CAs).`,
+		Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 2 && !mesh {
+				return fmt.Errorf("%d clusters given: pass --mesh to connect every pair", len(args))
+			}
+			peers := make([]clustermesh.Peer, len(args))
+			for i, dir := range args {
+				peers[i] = &clustermesh.StateDirPeer{Dir: dir}
+			}
+			if err := clustermesh.ConnectMesh(cmd.Context(), peers, clustermesh.ConnectOptions{AllowMismatchingCA: allowCA}); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "connected %d clusters; their agents pick up the new cluster files within a second\n", len(args))
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&mesh, "mesh", false, "connect every pair of the clusters given")
+	cmd.Flags().BoolVar(&allowCA, "allow-mismatching-ca", false, "join clusters whose API servers use different CAs")
+	return cmd
+}
+
+func newDisconnectCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "disconnect STATE_DIR_A STATE_DIR_B",
+		Short: "Separate two clusters: their agents drain each other and credentials are revoked",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a, b := &clustermesh.StateDirPeer{Dir: args[0]}, &clustermesh.StateDirPeer{Dir: args[1]}
+			if err := clustermesh.Disconnect(cmd.Context(), a, b); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "disconnected; agents drain the other cluster within a second")
+			return nil
+		},
+	}
+}
