@@ -202,6 +202,17 @@ func TestAPIServerProcess(t *testing.T) {
 		t.Errorf("remote read of the registry's private records: err = %v, want permission denied", err)
 	}
 
+	// Metrics count the publication.
+	resp, err := http.Get(a.httpURL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(metrics), `trellis_kvstore_operations_total{op="txn",scope="endpoints"}`) {
+		t.Errorf("/metrics lacks the endpoints store's transactions")
+	}
+
 	// A remote cluster cannot write.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -10,6 +10,7 @@ import (
 // clusterInfo is what merging needs to know of a cluster.
 type clusterInfo struct {
 	region string
+	id     v1.ClusterID
 }
 
 // mergeService computes the service name as the local cluster's nodes

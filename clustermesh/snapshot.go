@@ -61,6 +61,8 @@ type Snapshot struct {
 	Nodes map[string]map[string]*v1.Node
 	// IPCache by cluster, then pod IP.
 	IPCache map[string]map[netip.Addr]IPCacheEntry
+	// ClusterIDs of the admitted clusters, by name.
+	ClusterIDs map[string]v1.ClusterID
 }
 
 // LookupIP finds a pod IP in any cluster.

@@ -36,6 +36,7 @@ type pendingChanges struct {
 	ipcache  map[string]map[netip.Addr]*IPCacheEntry // cluster → ip → entry, nil deletes
 	services map[ServiceName]struct{}                // names to merge again
 	dropped  map[string]bool                         // clusters drained since the last publication
+	clusters bool                                    // a cluster's config changed
 	any      bool
 }
 
@@ -58,10 +59,11 @@ func newState(local string) *state {
 	}
 	s.pending.reset()
 	s.snap.Store(&Snapshot{
-		Time:     time.Now(),
-		Services: map[ServiceName]*MergedService{},
-		Nodes:    map[string]map[string]*v1.Node{},
-		IPCache:  map[string]map[netip.Addr]IPCacheEntry{},
+		Time:       time.Now(),
+		Services:   map[ServiceName]*MergedService{},
+		Nodes:      map[string]map[string]*v1.Node{},
+		IPCache:    map[string]map[netip.Addr]IPCacheEntry{},
+		ClusterIDs: map[string]v1.ClusterID{},
 	})
 	return s
 }
@@ -139,10 +141,11 @@ func (s *state) deleteService(cluster string, name ServiceName) {
 func (s *state) setCluster(cfg v1.ClusterConfig) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if old, ok := s.clusters[cfg.Name]; ok && old.region == cfg.Region {
+	if old, ok := s.clusters[cfg.Name]; ok && old.region == cfg.Region && old.id == cfg.ID {
 		return
 	}
-	s.clusters[cfg.Name] = clusterInfo{region: cfg.Region}
+	s.clusters[cfg.Name] = clusterInfo{region: cfg.Region, id: cfg.ID}
+	s.pending.clusters = true
 	s.remergeAllLocked()
 }
 
@@ -155,6 +158,7 @@ func (s *state) drain(cluster string) {
 	}
 	delete(s.services, cluster)
 	delete(s.clusters, cluster)
+	s.pending.clusters = true
 	delete(s.pending.nodes, cluster)
 	delete(s.pending.ipcache, cluster)
 	s.pending.dropped[cluster] = true
@@ -187,8 +191,14 @@ func (s *state) publish() bool {
 		return false
 	}
 	old := s.snap.Load()
-	next := &Snapshot{Services: old.Services, Nodes: old.Nodes, IPCache: old.IPCache, Time: time.Now()}
+	next := &Snapshot{Services: old.Services, Nodes: old.Nodes, IPCache: old.IPCache, ClusterIDs: old.ClusterIDs, Time: time.Now()}
 	p := s.pending
+	if p.clusters {
+		next.ClusterIDs = make(map[string]v1.ClusterID, len(s.clusters))
+		for name, c := range s.clusters {
+			next.ClusterIDs[name] = c.id
+		}
+	}
 
 	if len(p.nodes) > 0 || len(p.dropped) > 0 {
 		next.Nodes = maps.Clone(old.Nodes)
