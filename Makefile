@@ -4,7 +4,7 @@ BIN      := bin/trellis
 FUZZTIME ?= 5s
 FUZZ_PKGS := ./api/v1
 
-.PHONY: all build demo test vet unit fuzz bench generate clean kube-apiserver
+.PHONY: all build demo test vet unit fuzz bench generate check-generate clean kube-apiserver bpf-toolchain
 
 # A real kube-apiserver for the Kubernetes-source tests, built from the Go
 # module proxy in its own tools module (hack/kube-apiserver). The first build
@@ -36,6 +36,19 @@ $(KUBE_APISERVER):
 
 fuzz:
 	./hack/fuzz.sh $(FUZZTIME) $(FUZZ_PKGS)
+
+## generate: rebuild bpf/socklb_bpfel.{go,o} from bpf/c/socklb.c (needs: make bpf-toolchain).
+generate:
+	@command -v clang >/dev/null || { echo "clang missing: run make bpf-toolchain (as root)"; exit 1; }
+	$(GO) generate ./bpf/...
+
+## check-generate: the committed eBPF objects build from source and are up to date.
+check-generate: generate
+	git diff --exit-code -- bpf/ || { echo "bpf/: generated files differ from the committed ones: run make generate and commit"; exit 1; }
+
+## bpf-toolchain: clang, llvm-strip and the libbpf headers for make generate (Debian, as root).
+bpf-toolchain:
+	apt-get update && apt-get install -y clang llvm libbpf-dev
 
 ## bench: the benchmarks whose figures the README quotes.
 bench:

@@ -7,13 +7,18 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/trellis-mesh/trellis/agent"
+	"github.com/trellis-mesh/trellis/bpf"
+	"github.com/trellis-mesh/trellis/tunnel"
 )
 
 func newAgentCmd(g *globalOptions) *cobra.Command {
 	var (
-		cfg      agent.Config
-		nodeIP   string
-		podCIDRs []string
+		cfg        agent.Config
+		dp         agent.DatapathConfig
+		tunnelMode string
+		nodeIP     string
+		podCIDRs   []string
+		uninstall  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -45,7 +50,27 @@ registry.`,
 				cfg.PodCIDRs = append(cfg.PodCIDRs, p)
 			}
 			cfg.Logger = log
-			a, err := agent.New(cfg, nil)
+			dp.Tunnel, dp.NodeIP, dp.PodCIDRs, dp.Logger = tunnel.Mode(tunnelMode), cfg.NodeIP, cfg.PodCIDRs, log
+			if dp.CgroupRoot != "" && dp.PinDir == "" && cfg.NodeName != "" {
+				dp.PinDir = bpf.PinDir(cfg.NodeName)
+			}
+			if uninstall {
+				if err := agent.Uninstall(cmd.Context(), dp); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), "removed the agent's pinned eBPF maps and links and its tunnel device and routes")
+				return nil
+			}
+			var datapath agent.Datapath
+			if dp.CgroupRoot != "" || (dp.Tunnel != "" && dp.Tunnel != "none") {
+				kd, err := agent.NewKernelDatapath(dp)
+				if err != nil {
+					return err
+				}
+				defer kd.Close()
+				datapath = kd
+			}
+			a, err := agent.New(cfg, datapath)
 			if err != nil {
 				return err
 			}
@@ -63,5 +88,12 @@ registry.`,
 	f.StringVar(&nodeIP, "node-ip", "", "this node's underlay address")
 	f.StringSliceVar(&podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs")
 	f.IntVar(&cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match every cluster's")
+	f.StringVar(&dp.CgroupRoot, "cgroup-root", "", "cgroup v2 directory whose processes get eBPF socket load balancing (the node's root cgroup; a node cgroup in the lab); empty disables it")
+	f.StringVar(&dp.PinDir, "bpf-pin-dir", "", "bpffs directory for the load balancer's pinned maps and links (default /sys/fs/bpf/trellis/<node-name>)")
+	f.StringVar(&tunnelMode, "tunnel", "none", "how to reach remote pod CIDRs: vxlan, geneve, native or none")
+	f.StringVar(&dp.UnderlayDevice, "underlay-device", "", "the device tunnels and native routes use (default: the one holding --node-ip)")
+	f.Uint32Var(&dp.VNI, "vni", 0, "VXLAN/Geneve network identifier (default 126)")
+	f.Uint16Var(&dp.Port, "tunnel-port", 0, "VXLAN/Geneve UDP port (default 8472 / 6081)")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
 	return cmd
 }

@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/bpf"
+	"github.com/trellis-mesh/trellis/clustermesh"
+	"github.com/trellis-mesh/trellis/tunnel"
+)
+
+// DatapathConfig says which parts of the kernel datapath the agent runs.
+type DatapathConfig struct {
+	// CgroupRoot enables the eBPF socket load balancer on this cgroup v2
+	// directory: the node's root cgroup in production, the node's cgroup
+	// in the lab. Empty: no service translation.
+	CgroupRoot string
+	// PinDir is where the load balancer's maps and links are pinned so
+	// they outlive the agent (bpf.PinDir(scope)).
+	PinDir string
+	// Tunnel is vxlan, geneve, native or none (empty).
+	Tunnel         tunnel.Mode
+	UnderlayDevice string
+	VNI            uint32
+	Port           uint16
+	NodeIP         netip.Addr
+	PodCIDRs       []netip.Prefix
+	Logger         *slog.Logger
+}
+
+// KernelDatapath programs services into the eBPF socket LB and remote
+// nodes into tunnel routes.
+type KernelDatapath struct {
+	lb  *bpf.LB
+	tun *tunnel.Tunnel
+	log *slog.Logger
+}
+
+// NewKernelDatapath opens (or adopts, after a restart) the load balancer
+// and the tunnel. Nothing that worked before is torn down first: a
+// restarted agent keeps serving from the pinned maps until its first Apply.
+func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	d := &KernelDatapath{log: cfg.Logger}
+	if cfg.CgroupRoot != "" {
+		if err := bpf.EnsureBPFFS(); err != nil {
+			return nil, fmt.Errorf("datapath: %w", err)
+		}
+		lb, err := bpf.Open(bpf.Config{PinDir: cfg.PinDir, CgroupPath: cfg.CgroupRoot})
+		if err != nil {
+			return nil, fmt.Errorf("datapath: socket load balancer on %s: %w", cfg.CgroupRoot, err)
+		}
+		d.lb = lb
+	}
+	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
+		tun, err := tunnel.New(tunnel.Config{
+			Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP,
+			LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port, Logger: cfg.Logger,
+		})
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("datapath: %w", err)
+		}
+		d.tun = tun
+	}
+	return d, nil
+}
+
+// Apply converges the kernel onto the snapshot.
+func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) error {
+	var errs []error
+	if d.tun != nil {
+		if err := d.tun.Set(ctx, tunnelNodes(snap)); err != nil {
+			errs = append(errs, fmt.Errorf("tunnel: %w", err))
+		}
+	}
+	if d.lb != nil {
+		if err := d.lb.Set(ctx, lbServices(snap)); err != nil {
+			errs = append(errs, fmt.Errorf("socket load balancer: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close releases the agent's handles and leaves the kernel state in place.
+func (d *KernelDatapath) Close() error {
+	if d == nil {
+		return nil
+	}
+	var errs []error
+	if d.lb != nil {
+		errs = append(errs, d.lb.Close())
+	}
+	if d.tun != nil {
+		errs = append(errs, d.tun.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// Uninstall removes everything the datapath installed: pinned maps and
+// links (detaching the programs) and the tunnel device and routes.
+func Uninstall(ctx context.Context, cfg DatapathConfig) error {
+	var errs []error
+	if cfg.PinDir != "" {
+		if err := bpf.Uninstall(cfg.PinDir); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall socket load balancer: %w", err))
+		}
+	}
+	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
+		tun, err := tunnel.New(tunnel.Config{Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP, LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port})
+		if err == nil {
+			err = tun.Cleanup(ctx)
+			tun.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("uninstall tunnel: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tunnelNodes lists every node of the mesh with an IPv4 underlay address;
+// the tunnel skips the local node itself.
+func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
+	var out []tunnel.Node
+	for cluster, nodes := range snap.Nodes {
+		for _, n := range nodes {
+			if len(n.IPs) == 0 || len(n.PodCIDRs) == 0 {
+				continue
+			}
+			out = append(out, tunnel.Node{Name: cluster + "/" + n.Name, Cluster: cluster, IP: n.IPs[0], PodCIDRs: n.PodCIDRs})
+		}
+	}
+	slices.SortFunc(out, func(a, b tunnel.Node) int { return cmpString(a.Name, b.Name) })
+	return out
+}
+
+// lbServices turns merged services into socket LB entries: one per IPv4
+// frontend and service port, backends resolved to their target port.
+func lbServices(snap *clustermesh.Snapshot) []bpf.Service {
+	var out []bpf.Service
+	for _, svc := range snap.Services {
+		for _, vip := range svc.FrontendIPs {
+			if !vip.Is4() {
+				continue // the socket LB is IPv4 for now
+			}
+			for _, port := range svc.Ports {
+				proto, ok := lbProtocol(port.Protocol)
+				if !ok {
+					continue
+				}
+				s := bpf.Service{VIP: vip, Port: port.Port, Proto: proto}
+				for _, b := range svc.Backends {
+					if !b.IP.Is4() {
+						continue
+					}
+					target := backendPort(port, b)
+					if target == 0 {
+						continue
+					}
+					s.Backends = append(s.Backends, bpf.Backend{IP: b.IP, Port: target, ClusterID: uint32(snap.ClusterIDs[b.Cluster])})
+				}
+				out = append(out, s)
+			}
+		}
+	}
+	return out
+}
+
+func lbProtocol(p v1.Protocol) (bpf.Protocol, bool) {
+	switch p {
+	case v1.ProtocolTCP:
+		return bpf.TCP, true
+	case v1.ProtocolUDP:
+		return bpf.UDP, true
+	}
+	return 0, false
+}
+
+// backendPort is the port a backend serves a service port on: the
+// service's target port when it is the same everywhere, otherwise the
+// backend's own port of that name.
+func backendPort(p v1.ServicePort, b clustermesh.Backend) uint16 {
+	for _, bp := range b.Ports {
+		if bp.Name == p.Name {
+			return bp.Port
+		}
+	}
+	return p.TargetPort
+}
+
+func cmpString(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
