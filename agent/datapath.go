@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/bpf"
@@ -39,7 +40,14 @@ type KernelDatapath struct {
 	lb  *bpf.LB
 	tun *tunnel.Tunnel
 	log *slog.Logger
+	// lastFullSync is when the LB last read its maps back; between such
+	// syncs it plans against what it wrote (see bpf.LB.Update).
+	lastFullSync time.Time
 }
+
+// FullSyncInterval is how often the socket LB reads its maps back to
+// repair drift; every other apply only writes the difference.
+const FullSyncInterval = time.Minute
 
 // NewKernelDatapath opens (or adopts, after a restart) the load balancer
 // and the tunnel. Nothing that worked before is torn down first: a
@@ -82,8 +90,15 @@ func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) 
 		}
 	}
 	if d.lb != nil {
-		if err := d.lb.Set(ctx, lbServices(snap)); err != nil {
+		set := d.lb.Update
+		full := time.Since(d.lastFullSync) >= FullSyncInterval
+		if full {
+			set = d.lb.Set
+		}
+		if err := set(ctx, lbServices(snap)); err != nil {
 			errs = append(errs, fmt.Errorf("socket load balancer: %w", err))
+		} else if full {
+			d.lastFullSync = time.Now()
 		}
 	}
 	return errors.Join(errs...)

@@ -34,19 +34,20 @@ var (
 // answers whoever reaches the VIP untranslated), plus a test cgroup.
 type lbEnv struct {
 	ns     netns.NsHandle
+	nsName string
 	cgroup string
 }
 
 func newLBEnv(t testing.TB) *lbEnv {
 	t.Helper()
 	privtest.RequireRoot(t)
-	ns, _ := privtest.NewNetNS(t)
+	ns, nsName := privtest.NewNetNS(t)
 	privtest.AddVeth(t, ns, "trellis0",
 		netip.PrefixFrom(backend1.IP, 32), netip.PrefixFrom(backend2.IP, 32), netip.PrefixFrom(testVIP, 32))
 	startServer(t, ns, netip.AddrPortFrom(backend1.IP, backend1.Port), "backend-1")
 	startServer(t, ns, netip.AddrPortFrom(backend2.IP, backend2.Port), "backend-2")
 	startServer(t, ns, testVIPPort, "untranslated")
-	return &lbEnv{ns: ns, cgroup: privtest.NewCgroup(t)}
+	return &lbEnv{ns: ns, nsName: nsName, cgroup: privtest.NewCgroup(t)}
 }
 
 // open opens an LB and closes it at cleanup.

@@ -150,6 +150,13 @@ func (lb *LB) Set(ctx context.Context, services []Service) error {
 	return lb.rec.Set(ctx, services)
 }
 
+// Update converges like Set but trusts the maps to hold what the last
+// successful Set or Update wrote, so it skips reading them back: cheap for
+// frequent small changes. Call Set periodically to repair drift.
+func (lb *LB) Update(ctx context.Context, services []Service) error {
+	return lb.rec.Update(ctx, services)
+}
+
 // Stats returns counters of the reconciler.
 func (lb *LB) Stats() Stats { return lb.rec.Stats() }
 

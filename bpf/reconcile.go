@@ -94,6 +94,10 @@ type reconciler struct {
 	// Last allocation that converged.
 	serviceIDs map[ServiceKey]uint32
 	backendIDs map[beKey]uint32
+	// mirror is what the maps hold after the last successful write, so
+	// Update can plan without reading the maps back; nil after a failure
+	// (the next call reads them).
+	mirror *mapContents
 
 	stats Stats
 }
@@ -233,10 +237,30 @@ type plan struct {
 	nBackends  int
 }
 
+// mapContents is the content of the three maps.
+type mapContents struct {
+	services map[ServiceKey]ServiceValue
+	slots    map[SlotKey]uint32
+	backends map[uint32]Backend
+}
+
+// Set converges the maps, reading them back first so that anything
+// changed behind the reconciler's back is repaired.
 func (r *reconciler) Set(ctx context.Context, services []Service) error {
+	return r.converge(ctx, services, false)
+}
+
+// Update converges the maps like Set but plans against what the last
+// successful write left in them, without reading them back: the cheap path
+// for frequent small changes. A periodic Set repairs drift.
+func (r *reconciler) Update(ctx context.Context, services []Service) error {
+	return r.converge(ctx, services, true)
+}
+
+func (r *reconciler) converge(ctx context.Context, services []Service, trustMirror bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	err := r.set(ctx, services)
+	err := r.set(ctx, services, trustMirror)
 	if err != nil {
 		r.stats.SyncErrors++
 		return err
@@ -245,34 +269,70 @@ func (r *reconciler) Set(ctx context.Context, services []Service) error {
 	return nil
 }
 
-func (r *reconciler) set(ctx context.Context, services []Service) error {
+func (r *reconciler) set(ctx context.Context, services []Service, trustMirror bool) error {
 	desired, total, err := validate(services)
 	if err != nil {
 		return fmt.Errorf("bpf: set services: %w", err)
 	}
-	curSvc, err := r.services.Dump()
-	if err != nil {
-		return fmt.Errorf("bpf: set services: %w", err)
+	cur := r.mirror
+	if !trustMirror || cur == nil {
+		if cur, err = r.dump(); err != nil {
+			return fmt.Errorf("bpf: set services: %w", err)
+		}
 	}
-	curSlots, err := r.slots.Dump()
-	if err != nil {
-		return fmt.Errorf("bpf: set services: %w", err)
-	}
-	curBe, err := r.backends.Dump()
-	if err != nil {
-		return fmt.Errorf("bpf: set services: %w", err)
-	}
-	p, err := r.plan(desired, total, curSvc, curSlots, curBe)
+	r.mirror = nil
+	p, err := r.plan(desired, total, cur.services, cur.slots, cur.backends)
 	if err != nil {
 		return fmt.Errorf("bpf: set services: %w", err)
 	}
 	if err := r.apply(ctx, p); err != nil {
 		return fmt.Errorf("bpf: set services: %w", err)
 	}
+	r.mirror = cur.after(p)
 	r.serviceIDs = p.serviceIDs
 	r.backendIDs = p.backendIDs
 	r.stats.Services, r.stats.Slots, r.stats.Backends = p.nServices, p.nSlots, p.nBackends
 	return nil
+}
+
+// dump reads the three maps.
+func (r *reconciler) dump() (*mapContents, error) {
+	svc, err := r.services.Dump()
+	if err != nil {
+		return nil, err
+	}
+	slots, err := r.slots.Dump()
+	if err != nil {
+		return nil, err
+	}
+	be, err := r.backends.Dump()
+	if err != nil {
+		return nil, err
+	}
+	return &mapContents{services: svc, slots: slots, backends: be}, nil
+}
+
+// after folds a plan's writes into the state it was planned against.
+func (m *mapContents) after(p *plan) *mapContents {
+	for k, v := range p.backendUpd {
+		m.backends[k] = v
+	}
+	for k, v := range p.slotUpd {
+		m.slots[k] = v
+	}
+	for k, v := range p.serviceUpd {
+		m.services[k] = v
+	}
+	for _, k := range p.serviceDel {
+		delete(m.services, k)
+	}
+	for _, k := range p.slotDel {
+		delete(m.slots, k)
+	}
+	for _, k := range p.backendDel {
+		delete(m.backends, k)
+	}
+	return m
 }
 
 func (r *reconciler) plan(desired []desiredService, total int, curSvc map[ServiceKey]ServiceValue, curSlots map[SlotKey]uint32, curBe map[uint32]Backend) (*plan, error) {

@@ -381,3 +381,56 @@ func TestReconcilerCancelled(t *testing.T) {
 		t.Fatal("cancelled Set wrote")
 	}
 }
+
+// Update plans against what the last write left, so a sequence of random
+// states through Update ends exactly where Set would, reader-safe at every
+// write and without reading the maps back; drift is left alone until the
+// next Set.
+func TestReconcilerUpdateTrustsItsMirror(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 9))
+	w := newFakeWorld()
+	rec := w.reconciler()
+	ctx := context.Background()
+	dumps := 0
+	w.check = func() error { _, err := w.resolve(); return err }
+	for step := range 200 {
+		state := randomState(r)
+		if err := rec.Update(ctx, state); err != nil {
+			t.Fatal(err)
+		}
+		if w.err != nil {
+			t.Fatalf("step %d: a reader saw a torn state: %v", step, w.err)
+		}
+		if err := w.checkExact(state); err != nil {
+			t.Fatalf("step %d: %v", step, err)
+		}
+		if rec.mirror == nil {
+			dumps++
+		}
+	}
+	if dumps != 0 {
+		t.Errorf("Update lost its mirror %d times without a failure", dumps)
+	}
+	state := randomState(r)
+	for len(state) == 0 {
+		state = randomState(r)
+	}
+	rec.Set(ctx, state)
+	for k := range w.services.m {
+		delete(w.services.m, k) // drift behind the reconciler's back
+		break
+	}
+	before := w.writes
+	if err := rec.Update(ctx, state); err != nil {
+		t.Fatal(err)
+	}
+	if w.writes != before {
+		t.Errorf("Update wrote %d entries for an unchanged state", w.writes-before)
+	}
+	if err := rec.Set(ctx, state); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.checkExact(state); err != nil {
+		t.Errorf("Set did not repair the drift Update trusted past: %v", err)
+	}
+}
