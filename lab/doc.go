@@ -1,9 +1,90 @@
-// Package lab runs Trellis on one Linux machine for the demo and the
-// end-to-end tests.
+// Package lab runs a multi-cluster Trellis mesh on one Linux machine, in
+// network namespaces, for demos and end-to-end tests (`trellis lab …`).
+// Demo is the older narrated store-layer demo that `make demo` still runs.
 //
-// Today it holds the demo of what exists: the wire format and the etcd
-// store layer (a writer publishing one cluster, a reader in another
-// cluster mirroring it through restarts and bad input). The multi-cluster
-// topology in network namespaces (DESIGN.md, "The lab") replaces it as the
-// mesh API server, the agents and the datapath land.
+// # What a lab is
+//
+// A Topology (YAML; DefaultTopology when none is given) lists clusters,
+// their nodes, the pods on each node and the services each cluster
+// registers. Up builds it; every other verb works on the running lab
+// through its state file; Down removes it. The default lab is clusters eu
+// (ID 1, 10.1.0.0/16) and us (ID 2, 10.2.0.0/16), nodes n1 and n2 each
+// (10.<id>.<n>.0/24), an echo pod per node (echo-n1, echo-n2; label
+// app=echo), a client pod per cluster on n1, and the global service
+// default/echo (80 → 8080, TCP and UDP) at 10.96.<id>.10 in each cluster.
+//
+// # Layout
+//
+// For lab <lab> (1-12 lowercase letters and digits) and cluster index i,
+// node index j (both from 0, in topology order):
+//
+//	bridge     netns tl-<lab>-br: bridge br0, MTU 1500, no address and no uplink
+//	API server netns tl-<lab>-<cluster>-api, eth0 = underlay .10+i/24,
+//	           bridge port <cluster>-api; etcd on :2379, HTTP on :9870
+//	node       netns tl-<lab>-<cluster>-<node>, eth0 = underlay .100+10i+j+1/24
+//	           (eu/n1 .101, eu/n2 .102, us/n1 .111 …), bridge port
+//	           <cluster>-<node> (a<i> / n<i>-<j> when a name would pass 15
+//	           characters); ip_forward=1, rp_filter=0, inside the netns only
+//	pod        netns tl-<lab>-<cluster>-<node>-<pod>, eth0 = pod IP/32, MTU
+//	           1450 (room for VXLAN); node side lxc-<pod> (or lxc<hash>)
+//
+// The underlay is 192.168.100.0/24 unless the topology says otherwise; it
+// exists only inside lab namespaces. Pod IPs default to .10, .11, … of the
+// node's pod CIDR.
+//
+// Pods are wired as a CNI plugin would (Calico's style): the pod routes
+// every pod CIDR and service VIP of the lab via 169.254.1.1, a link-local
+// gateway no interface holds, resolved by a permanent neighbour entry to
+// the node-side veth's MAC; the node routes the pod IP/32 to its veth
+// with a permanent neighbour entry for the pod's MAC. No ARP, no proxy
+// ARP, and no namespace has a default route: nothing leaves the lab.
+// Traffic between nodes is the agents' business (VXLAN over eth0).
+//
+// Cgroups (cgroup v2, found in /proc/self/mounts):
+// <cgroup2>/trellis-lab-<lab>/<cluster>-api for the API server,
+// …/<cluster>-<node> for the node's agent (and its --cgroup-root), and
+// …/<cluster>-<node>/<pod> for each pod's processes, so the node's socket
+// LB translates exactly its pods' (and agent's) connections.
+//
+// Files: /var/run/trellis-lab/<lab>/ holds state.json, ca/ (the one CA
+// every API server gets in <state-dir>/pki before its first start, so
+// `trellis connect` needs no --allow-mismatching-ca), <cluster>/apiserver
+// (the API server's state dir; clusters/ in it is its agents' config dir),
+// <cluster>/<node> (the agent's state dir: pods/, agent.sock) and logs/.
+// Agents pin under /sys/fs/bpf/trellis/<lab>-<cluster>-<node>.
+//
+// # Processes
+//
+// API servers, agents and echo servers are daemons in sessions of their
+// own, logging to logs/. Each is cloned from a thread that entered its
+// namespace, straight into its cgroup (clone3 CLONE_INTO_CGROUP), so it is
+// never outside either, and it keeps the host's mount namespace (bpffs
+// and the cgroup2 mount stay visible, which `ip netns exec` would hide by
+// remounting /sys). The same goes for `lab exec` and the `lab http-get`
+// helper behind `lab curl` and `lab verify`: their requests come from the
+// pod's namespace and cgroup, as a pod's would. The state records every
+// PID with its start time, so a reused PID is never signalled.
+//
+// The lab tool itself stays in the root namespace and never opens a
+// socket to a lab address from there (it would be routed out of the
+// machine): registry calls dial from a thread inside the cluster's API
+// server namespace, and clusters are joined by running `trellis connect
+// --mesh` inside the first API server's namespace, from where every API
+// server is reachable over the bridge.
+//
+// Agents get the datapath flags from agentDatapathArgs (--cgroup-root,
+// --bpf-pin-dir, --tunnel vxlan, --underlay-device eth0) when `trellis
+// agent --help` lists them, and run without them (status only, a warning
+// and a note in the state) when it does not.
+//
+// # Teardown
+//
+// Down removes, in order: processes (recorded ones, then any other inside
+// the lab's cgroups or namespaces, each by PID: SIGTERM, then SIGKILL
+// after 5 s), bpffs pin dirs, namespaces (their veths, bridge and tunnel
+// devices go with them), cgroups deepest first, and the lab's directory.
+// It finds everything by name as well as from the state file, so it also
+// cleans up after a crashed `lab up` or a lost state file, and a second
+// Down finds nothing to do. A failed Up tears down what it built (unless
+// UpOptions.Keep).
 package lab

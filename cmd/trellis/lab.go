@@ -1,16 +1,42 @@
 package main
 
 import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
 	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/lab"
 )
 
 func newLabCmd(g *globalOptions) *cobra.Command {
+	var name string
 	cmd := &cobra.Command{
 		Use:   "lab",
 		Short: "Run Trellis clusters on this machine",
+		Long: `Run a multi-cluster Trellis mesh on this machine: every node is a network
+namespace with its own agent and cgroup, every pod a namespace with a veth
+into its node, every cluster's mesh API server a process in its own
+namespace; all of them hang off one bridge with no uplink. Needs root.
+
+  trellis lab up                       build the default lab (clusters eu and us)
+  trellis lab verify                   pod→pod and pod→service connectivity matrix
+  trellis lab curl eu/client echo      which cluster answers the global service
+  trellis lab down                     remove everything the lab made`,
 	}
+	cmd.PersistentFlags().StringVar(&name, "name", lab.DefaultName, "the lab's name (1-12 lowercase letters and digits)")
+	opts := func(cmd *cobra.Command, out io.Writer) (lab.Options, error) {
+		log, err := g.logger()
+		if err != nil {
+			return lab.Options{}, err
+		}
+		return lab.Options{Name: name, Out: out, Log: log}, nil
+	}
+
 	cmd.AddCommand(&cobra.Command{
 		Use:   "demo",
 		Short: "Show Trellis working, narrated, then clean up",
@@ -23,5 +49,383 @@ func newLabCmd(g *globalOptions) *cobra.Command {
 			return lab.Demo(cmd.Context(), cmd.OutOrStdout(), log)
 		},
 	})
+	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
+		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts),
+		newLabVerifyCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
+	return cmd
+}
+
+type labOpts func(cmd *cobra.Command, out io.Writer) (lab.Options, error)
+
+func checkOutput(output string) error {
+	if output != "table" && output != "json" {
+		return fmt.Errorf("--output %q: want table or json", output)
+	}
+	return nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newLabUpCmd(opts labOpts) *cobra.Command {
+	var (
+		file, output string
+		timeout      time.Duration
+		keep         bool
+	)
+	cmd := &cobra.Command{
+		Use:   "up",
+		Short: "Build a lab and wait until every agent sees every cluster ready",
+		Long: `Build a lab: the bridge, each cluster's mesh API server (all sharing one CA),
+the nodes with their agents, the pods with their echo servers, the services;
+join the clusters with 'trellis connect --mesh'; and wait until every agent
+reports every cluster ready. Without -f it builds clusters eu (ID 1) and us
+(ID 2), two nodes each, one echo pod per node, one client pod per cluster and
+the global service default/echo.
+
+A lab that fails to come up is removed again, unless --keep.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			progress := cmd.OutOrStdout()
+			if output == "json" {
+				progress = cmd.ErrOrStderr()
+			}
+			o, err := opts(cmd, progress)
+			if err != nil {
+				return err
+			}
+			up := lab.UpOptions{Options: o, ReadyTimeout: timeout, Keep: keep}
+			if file != "" {
+				t, err := lab.LoadTopology(file)
+				if err != nil {
+					return err
+				}
+				up.Topology = &t
+			}
+			rep, err := lab.Up(cmd.Context(), up)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				return printJSON(cmd.OutOrStdout(), rep)
+			}
+			fmt.Fprintln(cmd.OutOrStdout())
+			lab.PrintReport(cmd.OutOrStdout(), rep)
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&file, "file", "f", "", "topology file (YAML); default: the built-in eu+us topology")
+	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "how long to wait for API servers and agents to be ready")
+	cmd.Flags().BoolVar(&keep, "keep", false, "keep a lab that failed to come up, for inspection")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newLabDownCmd(opts labOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "down",
+		Short: "Remove every namespace, link, cgroup, pin and process of a lab",
+		Long: `Remove the lab: its processes (by recorded PID, and any other process inside
+its namespaces or cgroups), its bpffs pins, namespaces (with their links),
+cgroups and state directory. It finds leftovers by name too, so it works after
+a crash, and does nothing when there is nothing to remove.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.Down(cmd.Context(), o)
+		},
+	}
+}
+
+func newLabStatusCmd(opts labOpts) *cobra.Command {
+	var output string
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the lab's clusters, nodes, pods and services, and their health",
+		Long:  `Show the lab and check it: API servers ready, agents running and seeing every cluster ready, echo servers running. Exits 1 when something is unhealthy.`,
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			o, err := opts(cmd, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			rep, err := lab.Status(cmd.Context(), o)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				err = printJSON(cmd.OutOrStdout(), rep)
+			} else {
+				lab.PrintReport(cmd.OutOrStdout(), rep)
+			}
+			if err == nil && !rep.Healthy {
+				err = fmt.Errorf("lab %s is not healthy: %d problems", rep.Name, len(rep.Problems))
+			}
+			return err
+		},
+	}
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newLabExecCmd(opts labOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "exec CLUSTER/POD -- COMMAND [ARG…]",
+		Short: "Run a command inside a pod (its network namespace and cgroup)",
+		Long: `Run a command inside a pod: in its network namespace and in its cgroup, so
+that the node's eBPF socket load balancer translates its connections to
+service VIPs. Exits with the command's exit code.`,
+		Args: cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			code, err := lab.Exec(cmd.Context(), o, args[0], args[1:], lab.ExecOptions{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr})
+			if err != nil {
+				return err
+			}
+			if code != 0 {
+				os.Exit(code)
+			}
+			return nil
+		},
+	}
+}
+
+func newLabCurlCmd(opts labOpts) *cobra.Command {
+	var (
+		co     lab.CurlOptions
+		output string
+	)
+	cmd := &cobra.Command{
+		Use:   "curl CLUSTER/POD SERVICE",
+		Short: "Send requests from a pod to a service and show who answered",
+		Long: `Send N requests from inside a pod to SERVICE (namespace/name, or name in
+namespace default, at the VIP of the pod's cluster; or a literal IP:PORT),
+each on a fresh socket in the pod's cgroup, and show which cluster, node and
+pod answered each one, with a count per cluster. Exits 1 if any failed.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			o, err := opts(cmd, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			res, err := lab.Curl(cmd.Context(), o, args[0], args[1], co)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				err = printJSON(cmd.OutOrStdout(), res)
+			} else {
+				lab.PrintCurl(cmd.OutOrStdout(), res)
+			}
+			if err == nil && res.Failed > 0 {
+				err = fmt.Errorf("%d of %d requests failed", res.Failed, len(res.Probes))
+			}
+			return err
+		},
+	}
+	cmd.Flags().IntVarP(&co.Count, "count", "n", 10, "number of requests")
+	cmd.Flags().BoolVar(&co.UDP, "udp", false, "send UDP datagrams to the service's UDP port instead of HTTP GETs")
+	cmd.Flags().DurationVar(&co.Timeout, "timeout", 2*time.Second, "timeout per request")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newLabAnnotateCmd(opts labOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "annotate CLUSTER SERVICE KEY=VALUE|KEY- …",
+		Short: "Set (or remove) annotations on a service in a cluster's registry",
+		Long: `Read SERVICE (namespace/name, or name in namespace default) from CLUSTER's
+registry, set each KEY=VALUE (KEY- removes KEY) and write it back, e.g.
+'trellis lab annotate eu echo trellis.io/affinity=local'.`,
+		Args: cobra.MinimumNArgs(3),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.Annotate(cmd.Context(), o, args[0], args[1], args[2:])
+		},
+	}
+}
+
+func newLabPodCmd(opts labOpts) *cobra.Command {
+	cmd := &cobra.Command{Use: "pod", Short: "Stop or start a pod's echo server (and its readiness)"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "stop CLUSTER/POD",
+		Short: "Kill the pod's echo server and mark the pod not ready",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.PodStop(cmd.Context(), o, args[0])
+		},
+	}, &cobra.Command{
+		Use:   "start CLUSTER/POD",
+		Short: "Restart the pod's echo server and mark the pod ready",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.PodStart(cmd.Context(), o, args[0])
+		},
+	})
+	return cmd
+}
+
+func newLabNodeCmd(opts labOpts) *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Take a node down or bring it back"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "down CLUSTER/NODE",
+		Short: "Kill the node's agent and pods, set its veth down, mark its pods not ready",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.NodeDown(cmd.Context(), o, args[0])
+		},
+	}, &cobra.Command{
+		Use:   "up CLUSTER/NODE",
+		Short: "Bring a node back: veth up, pods and agent restarted; waits for the agent",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.NodeUp(cmd.Context(), o, args[0])
+		},
+	})
+	return cmd
+}
+
+func newLabVerifyCmd(opts labOpts) *cobra.Command {
+	var (
+		vo     lab.VerifyOptions
+		output string
+	)
+	cmd := &cobra.Command{
+		Use:   "verify",
+		Short: "Check pod→pod and pod→service connectivity; exit 1 on failure",
+		Long: `Check the lab's connectivity from inside the pods: HTTP from every pod to
+every echo pod's IP (every pair of nodes, within and across clusters), and
+from every client pod to each service of its cluster at its VIP, TCP and UDP.
+Prints a pass/fail matrix; exits 1 when a check fails.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
+			o, err := opts(cmd, cmd.ErrOrStderr())
+			if err != nil {
+				return err
+			}
+			rep, err := lab.Verify(cmd.Context(), o, vo)
+			if err != nil {
+				return err
+			}
+			if output == "json" {
+				err = printJSON(cmd.OutOrStdout(), rep)
+			} else {
+				lab.PrintVerify(cmd.OutOrStdout(), rep)
+			}
+			if err == nil && rep.Failed > 0 {
+				err = fmt.Errorf("verify: %d of %d checks failed", rep.Failed, rep.Passed+rep.Failed)
+			}
+			return err
+		},
+	}
+	cmd.Flags().IntVarP(&vo.Count, "count", "n", 6, "requests per service check")
+	cmd.Flags().DurationVar(&vo.Timeout, "timeout", 2*time.Second, "timeout per request")
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	return cmd
+}
+
+func newLabTopologyCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "topology",
+		Short: "Print the built-in topology as YAML, a starting point for 'lab up -f'",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			t := lab.DefaultTopology()
+			if err := t.Validate(); err != nil {
+				return err
+			}
+			data, err := yaml.Marshal(t)
+			if err != nil {
+				return err
+			}
+			_, err = cmd.OutOrStdout().Write(data)
+			return err
+		},
+	}
+}
+
+// newLabEchoServerCmd is what echo pods run.
+func newLabEchoServerCmd() *cobra.Command {
+	var (
+		id   lab.Identity
+		port int
+	)
+	cmd := &cobra.Command{
+		Use:    "echo-server",
+		Short:  "Answer HTTP and UDP on --port with this pod's cluster, node and pod name",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return lab.EchoServer(cmd.Context(), id, port)
+		},
+	}
+	cmd.Flags().StringVar(&id.Cluster, "cluster", "", "cluster name")
+	cmd.Flags().StringVar(&id.Node, "node", "", "node name")
+	cmd.Flags().StringVar(&id.Pod, "pod", "", "pod name")
+	cmd.Flags().IntVar(&port, "port", lab.EchoPort, "TCP and UDP port")
+	return cmd
+}
+
+// newLabHTTPGetCmd is what `lab curl` and `lab verify` run inside pods.
+func newLabHTTPGetCmd() *cobra.Command {
+	var (
+		count   int
+		timeout time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:    "http-get URL…",
+		Short:  "Send requests (http:// GET or udp:// datagram) and print one JSON line per answer",
+		Hidden: true,
+		Args:   cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if failed := lab.HTTPGet(cmd.Context(), cmd.OutOrStdout(), args, count, timeout); failed > 0 {
+				cmd.SilenceErrors = true
+				return fmt.Errorf("%d requests failed", failed)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().IntVarP(&count, "count", "n", 1, "requests per URL")
+	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "timeout per request")
 	return cmd
 }

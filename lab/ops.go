@@ -1,0 +1,229 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/trellis-mesh/trellis/apiserver/registry"
+)
+
+// Verbs that change a running lab. Each holds the lab's lock.
+
+// Annotate sets annotations (KEY=VALUE; KEY- removes KEY) on a service
+// ("namespace/name" or "name") in cluster's registry: it GETs the
+// service, changes its annotations and PUTs it back, from inside the
+// cluster's API server namespace.
+func Annotate(ctx context.Context, opts Options, cluster, service string, kvs []string) error {
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	if len(kvs) == 0 {
+		return errors.New("lab annotate: give at least one KEY=VALUE (or KEY- to remove)")
+	}
+	l, err := open(opts, true)
+	if err != nil {
+		return err
+	}
+	defer l.close()
+	c, err := l.lay.cluster(cluster)
+	if err != nil {
+		return err
+	}
+	ns, name, ok := strings.Cut(service, "/")
+	if !ok {
+		ns, name = DefaultNamespace, service
+	}
+	var svcs []registry.ServiceRequest
+	if err := l.regCall(ctx, c, http.MethodGet, "/v1/services", nil, &svcs); err != nil {
+		return err
+	}
+	i := slices.IndexFunc(svcs, func(s registry.ServiceRequest) bool { return s.Namespace == ns && s.Name == name })
+	if i < 0 {
+		return fmt.Errorf("lab annotate: cluster %s has no service %s/%s", cluster, ns, name)
+	}
+	svc := svcs[i]
+	if svc.Annotations == nil {
+		svc.Annotations = map[string]string{}
+	}
+	for _, kv := range kvs {
+		if k, found := strings.CutSuffix(kv, "-"); found && !strings.Contains(kv, "=") {
+			delete(svc.Annotations, k)
+			continue
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("lab annotate: %q: want KEY=VALUE or KEY-", kv)
+		}
+		svc.Annotations[k] = v
+	}
+	if err := l.regCall(ctx, c, http.MethodPut, "/v1/services/"+ns+"/"+name, svc, nil); err != nil {
+		return err
+	}
+	// Keep the state's copy in step, for status and for rebuilding.
+	for si, s := range c.Services {
+		if s.Namespace == ns && s.Name == name {
+			c.Services[si].Annotations = maps.Clone(svc.Annotations)
+		}
+	}
+	if err := l.save(); err != nil {
+		return err
+	}
+	fmt.Fprintf(l.opts.Out, "%s: service %s/%s annotations now %v\n", cluster, ns, name, svc.Annotations)
+	return nil
+}
+
+// PodStop stops an echo pod's server and marks the pod not ready (its
+// agent withdraws it from every service within a second).
+func PodStop(ctx context.Context, opts Options, pod string) error {
+	return withPod(opts, pod, func(l *lab, p *podLayout) error {
+		if err := writePodFile(p, false); err != nil {
+			return err
+		}
+		if err := l.stopProc(echoKey(p)); err != nil {
+			return err
+		}
+		if l.state.StoppedPods == nil {
+			l.state.StoppedPods = map[string]bool{}
+		}
+		l.state.StoppedPods[p.ref()] = true
+		fmt.Fprintf(l.opts.Out, "pod %s stopped and marked not ready\n", p.ref())
+		return l.save()
+	})
+}
+
+// PodStart restarts a stopped pod's echo server and marks it ready.
+func PodStart(ctx context.Context, opts Options, pod string) error {
+	return withPod(opts, pod, func(l *lab, p *podLayout) error {
+		if l.state.DownNodes[p.node.ref()] {
+			return fmt.Errorf("lab: node %s is down: `trellis lab node up %s` first", p.node.ref(), p.node.ref())
+		}
+		if !l.state.Procs[echoKey(p)].Alive() {
+			if err := l.startEcho(p); err != nil {
+				return err
+			}
+		}
+		if err := writePodFile(p, true); err != nil {
+			return err
+		}
+		delete(l.state.StoppedPods, p.ref())
+		fmt.Fprintf(l.opts.Out, "pod %s started and marked ready\n", p.ref())
+		return l.save()
+	})
+}
+
+func withPod(opts Options, pod string, fn func(*lab, *podLayout) error) error {
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	l, err := open(opts, true)
+	if err != nil {
+		return err
+	}
+	defer l.close()
+	p, err := l.lay.pod(pod)
+	if err != nil {
+		return err
+	}
+	return fn(l, p)
+}
+
+// NodeDown takes a node out: its agent and echo servers are killed, its
+// underlay veth goes down, and — playing the node controller that would
+// notice — its pods are marked not ready in the cluster's registry, so
+// that the other nodes withdraw them.
+func NodeDown(ctx context.Context, opts Options, node string) error {
+	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
+		var errs []error
+		if err := l.stopProc(agentKey(n)); err != nil {
+			errs = append(errs, err)
+		}
+		for _, p := range n.pods {
+			if err := l.stopProc(echoKey(p)); err != nil {
+				errs = append(errs, err)
+			}
+			if err := writePodFile(p, false); err != nil {
+				errs = append(errs, err)
+			}
+			ready := false
+			err := l.regCall(ctx, n.cluster, http.MethodPut, "/v1/endpoints/"+p.ip.String(), registry.EndpointRequest{
+				Namespace: p.Namespace, Pod: p.Name, Node: n.Name, NodeIP: n.ip, Ready: &ready, Labels: p.Labels,
+			}, nil)
+			if err != nil {
+				errs = append(errs, err)
+			}
+		}
+		if err := l.setLinkState(n, false); err != nil {
+			errs = append(errs, err)
+		}
+		if l.state.DownNodes == nil {
+			l.state.DownNodes = map[string]bool{}
+		}
+		l.state.DownNodes[n.ref()] = true
+		if err := l.save(); err != nil {
+			errs = append(errs, err)
+		}
+		if err := errors.Join(errs...); err != nil {
+			return err
+		}
+		fmt.Fprintf(l.opts.Out, "node %s down: agent and pods stopped, underlay veth down, its pods marked not ready\n", n.ref())
+		return nil
+	})
+}
+
+// NodeUp reverses NodeDown and waits for the agent to be ready.
+func NodeUp(ctx context.Context, opts Options, node string) error {
+	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
+		if err := l.setLinkState(n, true); err != nil {
+			return err
+		}
+		for _, p := range n.pods {
+			if l.state.StoppedPods[p.ref()] {
+				continue
+			}
+			if !l.state.Procs[echoKey(p)].Alive() {
+				if err := l.startEcho(p); err != nil {
+					return err
+				}
+			}
+			if err := writePodFile(p, true); err != nil {
+				return err
+			}
+		}
+		if !l.state.Procs[agentKey(n)].Alive() {
+			if err := l.startAgent(n); err != nil {
+				return err
+			}
+		}
+		delete(l.state.DownNodes, n.ref())
+		if err := l.save(); err != nil {
+			return err
+		}
+		if err := l.waitAgents(ctx, []*nodeLayout{n}, time.Minute); err != nil {
+			return err
+		}
+		fmt.Fprintf(l.opts.Out, "node %s up: agent ready, pods running\n", n.ref())
+		return l.save()
+	})
+}
+
+func withNode(opts Options, node string, fn func(*lab, *nodeLayout) error) error {
+	if err := requireRoot(); err != nil {
+		return err
+	}
+	l, err := open(opts, true)
+	if err != nil {
+		return err
+	}
+	defer l.close()
+	n, err := l.lay.node(node)
+	if err != nil {
+		return err
+	}
+	return fn(l, n)
+}

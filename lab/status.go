@@ -1,0 +1,294 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"sync"
+	"text/tabwriter"
+)
+
+// Report is a lab as `lab up` and `lab status` show it.
+type Report struct {
+	Name         string          `json:"name"`
+	Dir          string          `json:"dir"`
+	Phase        string          `json:"phase"`
+	UpTook       string          `json:"upTook,omitempty"`
+	Underlay     string          `json:"underlay"`
+	BridgeNS     string          `json:"bridgeNamespace"`
+	Datapath     bool            `json:"datapath"`
+	DatapathNote string          `json:"datapathNote,omitempty"`
+	Clusters     []ClusterReport `json:"clusters"`
+	Nodes        []NodeReport    `json:"nodes"`
+	Pods         []PodReport     `json:"pods"`
+	Services     []ServiceReport `json:"services"`
+	Healthy      bool            `json:"healthy"`
+	Problems     []string        `json:"problems,omitempty"`
+}
+
+// ClusterReport is one cluster's API server.
+type ClusterReport struct {
+	Name      string `json:"name"`
+	ID        uint32 `json:"id"`
+	Region    string `json:"region,omitempty"`
+	PodCIDR   string `json:"podCIDR"`
+	Namespace string `json:"namespace"`
+	APIServer string `json:"apiServer"`
+	StateDir  string `json:"stateDir"`
+	PID       int    `json:"pid,omitempty"`
+	Running   bool   `json:"running"`
+	Ready     bool   `json:"ready"`
+	Error     string `json:"error,omitempty"`
+}
+
+// NodeReport is one node and its agent.
+type NodeReport struct {
+	Cluster       string   `json:"cluster"`
+	Name          string   `json:"name"`
+	Namespace     string   `json:"namespace"`
+	UnderlayIP    string   `json:"underlayIP"`
+	PodCIDR       string   `json:"podCIDR"`
+	Cgroup        string   `json:"cgroup"`
+	StatusSocket  string   `json:"statusSocket"`
+	PID           int      `json:"pid,omitempty"`
+	Running       bool     `json:"running"`
+	Down          bool     `json:"down,omitempty"`
+	ReadyClusters []string `json:"readyClusters,omitempty"`
+	Ready         bool     `json:"ready"`
+	DatapathError string   `json:"datapathError,omitempty"`
+	Error         string   `json:"error,omitempty"`
+}
+
+// PodReport is one pod.
+type PodReport struct {
+	Cluster   string `json:"cluster"`
+	Node      string `json:"node"`
+	Name      string `json:"name"`
+	Namespace string `json:"namespace"`
+	IP        string `json:"ip"`
+	NetNS     string `json:"netns"`
+	Echo      bool   `json:"echo"`
+	PID       int    `json:"pid,omitempty"`
+	Running   bool   `json:"running"`
+	Stopped   bool   `json:"stopped,omitempty"`
+	NodeDown  bool   `json:"nodeDown,omitempty"`
+}
+
+// ServiceReport is one registered service.
+type ServiceReport struct {
+	Cluster     string            `json:"cluster"`
+	Service     string            `json:"service"`
+	VIP         string            `json:"vip"`
+	Ports       []string          `json:"ports"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// Status reports the lab's processes and health.
+func Status(ctx context.Context, opts Options) (*Report, error) {
+	l, err := open(opts, false)
+	if err != nil {
+		return nil, err
+	}
+	defer l.close()
+	return l.report(ctx), nil
+}
+
+// report checks every process and asks every API server and agent.
+func (l *lab) report(ctx context.Context) *Report {
+	st := l.state
+	r := &Report{
+		Name: l.opts.Name, Dir: l.dir, Phase: st.Phase, Underlay: l.lay.underlay.String(), BridgeNS: l.lay.bridgeNS,
+		Datapath: st.Datapath, DatapathNote: st.DatapathNote, Healthy: true,
+	}
+	problem := func(format string, args ...any) {
+		r.Healthy = false
+		r.Problems = append(r.Problems, fmt.Sprintf(format, args...))
+	}
+	r.Clusters = make([]ClusterReport, len(l.lay.clusters))
+	var wg sync.WaitGroup
+	for i, c := range l.lay.clusters {
+		p := st.Procs[apiKey(c)]
+		cr := ClusterReport{
+			Name: c.Name, ID: c.ID, Region: c.Region, PodCIDR: c.PodCIDR, Namespace: c.ns,
+			APIServer: c.registryURL(), StateDir: c.stateDir, Running: p.Alive(),
+		}
+		if p != nil {
+			cr.PID = p.PID
+		}
+		r.Clusters[i] = cr
+		if cr.Running {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := l.apiReady(ctx, c); err != nil {
+					r.Clusters[i].Error = err.Error()
+				} else {
+					r.Clusters[i].Ready = true
+				}
+			}()
+		}
+		for _, s := range c.Services {
+			sr := ServiceReport{Cluster: c.Name, Service: s.Namespace + "/" + s.Name, VIP: s.VIP, Annotations: s.Annotations}
+			for _, p := range s.Ports {
+				sr.Ports = append(sr.Ports, fmt.Sprintf("%d/%s→%d", p.Port, p.Protocol, p.TargetPort))
+			}
+			r.Services = append(r.Services, sr)
+		}
+	}
+	nodes := l.lay.allNodes()
+	r.Nodes = make([]NodeReport, len(nodes))
+	for i, n := range nodes {
+		p := st.Procs[agentKey(n)]
+		nr := NodeReport{
+			Cluster: n.cluster.Name, Name: n.Name, Namespace: n.ns, UnderlayIP: n.ip.String(), PodCIDR: n.PodCIDR,
+			Cgroup: n.cgroup, StatusSocket: n.socket, Running: p.Alive(), Down: st.DownNodes[n.ref()],
+		}
+		if p != nil {
+			nr.PID = p.PID
+		}
+		r.Nodes[i] = nr
+		if nr.Running {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				as, err := l.agentReady(ctx, n)
+				for _, c := range as.Clusters {
+					if c.Ready {
+						r.Nodes[i].ReadyClusters = append(r.Nodes[i].ReadyClusters, c.Name)
+					}
+				}
+				r.Nodes[i].DatapathError = as.DatapathError
+				if err != nil {
+					r.Nodes[i].Error = err.Error()
+				} else {
+					r.Nodes[i].Ready = true
+				}
+			}()
+		}
+		for _, pod := range n.pods {
+			pp := st.Procs[echoKey(pod)]
+			pr := PodReport{
+				Cluster: n.cluster.Name, Node: n.Name, Name: pod.Name, Namespace: pod.Namespace, IP: pod.ip.String(),
+				NetNS: pod.ns, Echo: pod.Echo, Running: pp.Alive(), Stopped: st.StoppedPods[pod.ref()], NodeDown: nr.Down,
+			}
+			if pp != nil {
+				pr.PID = pp.PID
+			}
+			r.Pods = append(r.Pods, pr)
+		}
+	}
+	wg.Wait()
+	for _, c := range r.Clusters {
+		switch {
+		case !c.Running:
+			problem("API server of %s is not running", c.Name)
+		case !c.Ready:
+			problem("API server of %s is not ready: %s", c.Name, c.Error)
+		}
+	}
+	for _, n := range r.Nodes {
+		switch {
+		case n.Down:
+		case !n.Running:
+			problem("agent of %s/%s is not running", n.Cluster, n.Name)
+		case !n.Ready:
+			problem("agent of %s/%s: %s", n.Cluster, n.Name, n.Error)
+		}
+		if n.DatapathError != "" {
+			problem("agent of %s/%s: datapath: %s", n.Cluster, n.Name, n.DatapathError)
+		}
+	}
+	for _, p := range r.Pods {
+		if p.Echo && !p.Running && !p.Stopped && !p.NodeDown {
+			problem("echo server of %s/%s is not running", p.Cluster, p.Name)
+		}
+	}
+	return r
+}
+
+// PrintReport writes r as tables.
+func PrintReport(w io.Writer, r *Report) {
+	dp := "on (eBPF socket LB + VXLAN)"
+	if !r.Datapath {
+		dp = "off (" + r.DatapathNote + ")"
+	}
+	fmt.Fprintf(w, "Lab %s (%s), state in %s", r.Name, r.Phase, r.Dir)
+	if r.UpTook != "" {
+		fmt.Fprintf(w, ", up in %s", r.UpTook)
+	}
+	fmt.Fprintf(w, "\nUnderlay %s on bridge namespace %s; datapath %s\n\n", r.Underlay, r.BridgeNS, dp)
+
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLUSTER\tID\tREGION\tPOD CIDR\tAPI SERVER\tNAMESPACE\tPID\tREADY")
+	for _, c := range r.Clusters {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", c.Name, c.ID, c.Region, c.PodCIDR, c.APIServer, c.Namespace, pid(c.PID, c.Running), readyWord(c.Running, c.Ready))
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tUNDERLAY\tPOD CIDR\tNAMESPACE\tAGENT PID\tCLUSTERS READY\tSTATE")
+	for _, n := range r.Nodes {
+		state := readyWord(n.Running, n.Ready)
+		if n.Down {
+			state = "down"
+		}
+		if n.DatapathError != "" {
+			state += " (datapath error)"
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Cluster, n.Name, n.UnderlayIP, n.PodCIDR, n.Namespace, pid(n.PID, n.Running), strings.Join(n.ReadyClusters, ","), state)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "POD\tNODE\tIP\tNAMESPACE\tROLE\tPID\tSTATE")
+	for _, p := range r.Pods {
+		role, state := "client", "-"
+		if p.Echo {
+			role = fmt.Sprintf("echo :%d", EchoPort)
+			state = readyWord(p.Running, p.Running)
+			if p.Stopped {
+				state = "stopped"
+			}
+		}
+		if p.NodeDown {
+			state = "node down"
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Cluster, p.Name, p.Node, p.IP, p.NetNS, role, pid(p.PID, p.Running), state)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tCLUSTER\tVIP\tPORTS\tANNOTATIONS")
+	for _, s := range r.Services {
+		var ann []string
+		for _, k := range sortedKeys(s.Annotations) {
+			ann = append(ann, k+"="+s.Annotations[k])
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Service, s.Cluster, s.VIP, strings.Join(s.Ports, ", "), strings.Join(ann, ","))
+	}
+	tw.Flush()
+	if len(r.Problems) > 0 {
+		fmt.Fprintln(w, "\nProblems:")
+		for _, p := range r.Problems {
+			fmt.Fprintln(w, "  -", p)
+		}
+	}
+}
+
+func pid(p int, running bool) string {
+	if !running {
+		return "-"
+	}
+	return fmt.Sprint(p)
+}
+
+func readyWord(running, ready bool) string {
+	switch {
+	case !running:
+		return "not running"
+	case ready:
+		return "ready"
+	}
+	return "not ready"
+}
