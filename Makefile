@@ -18,7 +18,7 @@ build:
 
 ## demo: build trellis and run the lab demo (needs root; uses sudo when it exists).
 demo: build
-	./hack/as-root.sh ./$(BIN) lab demo
+	./hack/as-root.sh ./$(BIN) lab demo --log-level warn
 
 ## test: go vet, every test (privileged ones too when root), and a short fuzz run.
 test: vet unit fuzz

@@ -1,0 +1,95 @@
+package agent
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+// PrintStatus renders an agent's status as `trellis status` shows it.
+func PrintStatus(w io.Writer, st Status) {
+	fmt.Fprintf(w, "Node %s in cluster %s, snapshot v%d", st.Node, st.Cluster, st.SnapshotVersion)
+	if st.DatapathDisabled {
+		fmt.Fprint(w, " (datapath disabled)")
+	} else {
+		fmt.Fprintf(w, ", datapath at v%d", st.AppliedVersion)
+	}
+	fmt.Fprintln(w)
+	if st.DatapathError != "" {
+		fmt.Fprintf(w, "Datapath error (%s ago): %s\n", time.Since(st.DatapathErrorAt).Round(time.Second), st.DatapathError)
+	}
+	if st.ConfigDirError != "" {
+		fmt.Fprintf(w, "Config dir error: %s\n", st.ConfigDirError)
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CLUSTER\tID\tREGION\tCONNECTED\tREADY\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tREJECTED\tLAST ERROR")
+	for _, c := range st.Clusters {
+		name := c.Name
+		if c.Local {
+			name += " (local)"
+		}
+		id := "-"
+		if c.ClusterID != 0 {
+			id = fmt.Sprint(c.ClusterID)
+		}
+		synced := strings.Join(c.SyncedKinds, ",")
+		if len(c.SyncedKinds) == 4 {
+			synced = "all"
+		} else if synced == "" {
+			synced = "-"
+		}
+		var rejected []string
+		for reason, n := range c.Rejected {
+			rejected = append(rejected, fmt.Sprintf("%s=%d", reason, n))
+		}
+		slices.Sort(rejected)
+		rej := strings.Join(rejected, ",")
+		if rej == "" {
+			rej = "0"
+		}
+		lastErr := "-"
+		if c.LastError != "" {
+			lastErr = fmt.Sprintf("%s (%s ago)", c.LastError, time.Since(c.LastErrorAt).Round(time.Second))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\t%s\n", name, id, orDash(c.Region), yesNo(c.Connected), yesNo(c.Ready), synced,
+			c.Entries["nodes"], c.Entries["endpoints"], c.Entries["identities"], c.Entries["services"], rej, lastErr)
+	}
+	tw.Flush()
+	if len(st.Services) == 0 {
+		return
+	}
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tGLOBAL\tAFFINITY\tFRONTENDS\tACTIVE BACKENDS BY CLUSTER")
+	for _, s := range st.Services {
+		var by []string
+		for cluster, ips := range s.Active {
+			by = append(by, fmt.Sprintf("%s: %s", cluster, strings.Join(ips, " ")))
+		}
+		slices.Sort(by)
+		active := strings.Join(by, "; ")
+		if active == "" {
+			active = "none"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Service, yesNo(s.Global), s.Affinity, orDash(strings.Join(s.Frontend, ",")), active)
+	}
+	tw.Flush()
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
