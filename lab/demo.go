@@ -7,9 +7,9 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"syscall"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
