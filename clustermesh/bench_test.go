@@ -12,16 +12,12 @@ package clustermesh
 import (
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -30,78 +26,12 @@ import (
 	"go.uber.org/zap"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	"github.com/trellis-mesh/trellis/kvstore"
-)
-
-const (
-	envBenchEtcds = "TRELLIS_BENCH_ETCD_ADDRS"
-	envBenchDir   = "TRELLIS_BENCH_ETCD_DIR"
+	"github.com/trellis-mesh/trellis/internal/etcdchild"
 )
 
 func TestMain(m *testing.M) {
-	if addrs := os.Getenv(envBenchEtcds); addrs != "" {
-		serveBenchEtcds(os.Getenv(envBenchDir), strings.Split(addrs, ","))
-		return
-	}
+	etcdchild.ServeIfChild()
 	os.Exit(m.Run())
-}
-
-// serveBenchEtcds is the child: one embedded etcd per address, until stdin
-// closes.
-func serveBenchEtcds(dir string, addrs []string) {
-	var all []*kvstore.Embedded
-	for i, a := range addrs {
-		e, err := kvstore.StartEmbedded(context.Background(), kvstore.EmbeddedConfig{Dir: filepath.Join(dir, strconv.Itoa(i)), ClientAddr: a})
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		all = append(all, e)
-	}
-	fmt.Println("ready")
-	var b [1]byte
-	os.Stdin.Read(b[:])
-	for _, e := range all {
-		e.Close()
-	}
-}
-
-func startBenchEtcds(b *testing.B, n int) []string {
-	b.Helper()
-	var addrs, urls []string
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			b.Fatal(err)
-		}
-		addrs = append(addrs, l.Addr().String())
-		urls = append(urls, "http://"+l.Addr().String())
-		l.Close()
-	}
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), envBenchEtcds+"="+strings.Join(addrs, ","), envBenchDir+"="+b.TempDir())
-	stdin, _ := cmd.StdinPipe()
-	stdout, _ := cmd.StdoutPipe()
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		stdin.Close()
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
-	buf := make([]byte, 6)
-	if _, err := stdout.Read(buf); err != nil || string(buf) != "ready\n" {
-		b.Fatalf("bench etcds did not start: %q %v", buf, err)
-	}
-	return urls
 }
 
 type benchSize struct{ nodes, endpoints, services int }
@@ -173,7 +103,7 @@ func BenchmarkMeshSync16(b *testing.B) {
 	if s := os.Getenv("TRELLIS_BENCH_CLUSTERS"); s != "" {
 		clusters, _ = strconv.Atoi(s)
 	}
-	urls := startBenchEtcds(b, clusters)
+	urls := etcdchild.Start(b, clusters)
 	clients := make([]*clientv3.Client, clusters)
 	var wg sync.WaitGroup
 	for i, u := range urls {

@@ -17,10 +17,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"runtime"
 	"slices"
 	"strconv"
@@ -31,77 +29,18 @@ import (
 	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/internal/etcdchild"
 	"github.com/trellis-mesh/trellis/kvstore"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-const (
-	envEtcdDir  = "TRELLIS_BENCH_ETCD_DIR"
-	envEtcdAddr = "TRELLIS_BENCH_ETCD_ADDR"
-)
-
 func TestMain(m *testing.M) {
-	if dir := os.Getenv(envEtcdDir); dir != "" {
-		serveEtcdUntilStdinCloses(dir, os.Getenv(envEtcdAddr))
-		return
-	}
+	etcdchild.ServeIfChild()
 	os.Exit(m.Run())
 }
 
-// serveEtcdUntilStdinCloses is the child process: an embedded etcd that
-// exits when its parent goes away (its stdin pipe closes).
-func serveEtcdUntilStdinCloses(dir, addr string) {
-	e, err := kvstore.StartEmbedded(context.Background(), kvstore.EmbeddedConfig{Dir: dir, ClientAddr: addr})
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "bench etcd:", err)
-		os.Exit(1)
-	}
-	fmt.Println("ready")
-	var buf [1]byte
-	os.Stdin.Read(buf[:])
-	e.Close()
-}
-
 // startEtcdProcess runs etcd in a child process for the benchmark.
-func startEtcdProcess(b *testing.B) string {
-	b.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), envEtcdDir+"="+b.TempDir(), envEtcdAddr+"="+addr)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		b.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		stdin.Close()
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
-	line := make([]byte, 6)
-	if _, err := stdout.Read(line); err != nil || string(line) != "ready\n" {
-		b.Fatalf("bench etcd did not start: %q %v", line, err)
-	}
-	return "http://" + addr
-}
+func startEtcdProcess(b *testing.B) string { return etcdchild.Start(b, 1)[0] }
 
 func benchClient(b *testing.B, endpoint string) *kvstore.Client {
 	b.Helper()
