@@ -40,7 +40,10 @@ type Config struct {
 	PodCIDRs          []netip.Prefix
 
 	MaxConnectedClusters int
-	Logger               *slog.Logger
+	// InitialSyncTimeout bounds how long a starting agent waits for every
+	// cluster to sync before it first programs the datapath; default 60s.
+	InitialSyncTimeout time.Duration
+	Logger             *slog.Logger
 }
 
 // Validate names each missing or inconsistent setting.
@@ -104,6 +107,9 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.InitialSyncTimeout == 0 {
+		cfg.InitialSyncTimeout = time.Minute
 	}
 	log := cfg.Logger.With("node", cfg.NodeName)
 	mesh, err := clustermesh.New(clustermesh.Config{
@@ -176,6 +182,9 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) reconcile(ctx context.Context) {
 	changed, unsubscribe := a.mesh.Subscribe()
 	defer unsubscribe()
+	if !a.waitMeshReady(ctx) {
+		return
+	}
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
 	for {
@@ -200,6 +209,30 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 		a.mu.Unlock()
 	}
+}
+
+// waitMeshReady holds the first datapath apply until every cluster is
+// synced, or InitialSyncTimeout passes (a cluster that cannot be reached
+// must not keep the others off the node forever). The datapath an earlier
+// agent pinned keeps serving meanwhile: applying an early, partial
+// snapshot would remove services and routes for a moment on every restart.
+func (a *Agent) waitMeshReady(ctx context.Context) bool {
+	deadline := time.Now().Add(a.cfg.InitialSyncTimeout)
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !a.mesh.Ready() {
+		if time.Now().After(deadline) {
+			a.log.Warn("not every cluster synced in time; programming the datapath with what is known", "timeout", a.cfg.InitialSyncTimeout)
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-t.C:
+		}
+	}
+	a.log.Info("every cluster synced; programming the datapath")
+	return true
 }
 
 // listenUnix removes a stale socket left by a crashed agent, then listens.

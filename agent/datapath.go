@@ -43,6 +43,8 @@ type KernelDatapath struct {
 	// lastFullSync is when the LB last read its maps back; between such
 	// syncs it plans against what it wrote (see bpf.LB.Update).
 	lastFullSync time.Time
+	// lastNodes is what the tunnel was last set to.
+	lastNodes []tunnel.Node
 }
 
 // FullSyncInterval is how often the socket LB reads its maps back to
@@ -83,10 +85,16 @@ func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
 
 // Apply converges the kernel onto the snapshot.
 func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) error {
+	// Routes to new nodes go in before services may point at their pods,
+	// and routes to departed nodes go only after the services stop
+	// pointing there: tunnel to the union, services, tunnel to the new set.
 	var errs []error
+	nodes := tunnelNodes(snap)
 	if d.tun != nil {
-		if err := d.tun.Set(ctx, tunnelNodes(snap)); err != nil {
-			errs = append(errs, fmt.Errorf("tunnel: %w", err))
+		// The union can conflict (a departed node's pod CIDR handed to a
+		// new node); then skip the intermediate step rather than stall.
+		if err := d.tun.Set(ctx, unionNodes(d.lastNodes, nodes)); err != nil {
+			d.log.Debug("tunnel: intermediate union not applied", "err", err)
 		}
 	}
 	if d.lb != nil {
@@ -101,7 +109,29 @@ func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) 
 			d.lastFullSync = time.Now()
 		}
 	}
+	if d.tun != nil {
+		if err := d.tun.Set(ctx, nodes); err != nil {
+			errs = append(errs, fmt.Errorf("tunnel: %w", err))
+		} else {
+			d.lastNodes = nodes
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// unionNodes is old plus new, new winning for a node in both.
+func unionNodes(old, cur []tunnel.Node) []tunnel.Node {
+	seen := make(map[string]bool, len(cur))
+	out := append([]tunnel.Node(nil), cur...)
+	for _, n := range cur {
+		seen[n.Name] = true
+	}
+	for _, n := range old {
+		if !seen[n.Name] {
+			out = append(out, n)
+		}
+	}
+	return out
 }
 
 // Close releases the agent's handles and leaves the kernel state in place.

@@ -45,6 +45,7 @@ type Mesh struct {
 	remotes map[string]*remote
 	files   map[string]loadedFile
 	dirErr  error
+	scanned bool                        // the config dir was read at least once
 	claims  map[string]v1.ClusterConfig // admitted clusters' configs
 }
 
@@ -166,6 +167,7 @@ func (m *Mesh) syncDir(ctx context.Context) {
 		go r.run(rctx)
 	}
 	m.files = files
+	m.scanned = true
 	m.mu.Unlock()
 
 	for _, r := range stop {
@@ -255,6 +257,33 @@ func (m *Mesh) release(name string) {
 	m.mu.Lock()
 	delete(m.claims, name)
 	m.mu.Unlock()
+}
+
+// Ready reports whether the config dir has been read and every cluster in
+// it is synced (clusters whose file is unreadable are not waited for). A
+// freshly started agent waits for this before it touches the datapath, so
+// the first snapshots, still missing whole clusters, never remove state an
+// earlier agent left (synced before delete).
+func (m *Mesh) Ready() bool {
+	m.mu.Lock()
+	if !m.scanned {
+		m.mu.Unlock()
+		return false
+	}
+	remotes := make([]*remote, 0, len(m.remotes))
+	for _, r := range m.remotes {
+		remotes = append(remotes, r)
+	}
+	m.mu.Unlock()
+	for _, r := range remotes {
+		r.mu.Lock()
+		ready := r.stores.ready()
+		r.mu.Unlock()
+		if !ready {
+			return false
+		}
+	}
+	return true
 }
 
 // ClusterStatus is one cluster as `trellis status` shows it.

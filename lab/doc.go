@@ -77,6 +77,36 @@
 // agent --help` lists them, and run without them (status only, a warning
 // and a note in the state) when it does not.
 //
+// # Changing a running lab
+//
+// Besides annotate, pod stop/start and node down/up, the mesh verbs
+// (mesh.go, addcluster.go) each hold the lab's lock and return only once
+// the agents agree:
+//
+//   - RestartAgent and RestartAPIServer stop the one recorded process
+//     (SIGTERM; SIGKILL only after a grace period, 20 s for an API server,
+//     whose embedded etcd waits for open watch streams as it closes) and
+//     start it again with its recorded argv, in the same namespace and
+//     cgroup, recording the new PID. Pods keep running; an API server
+//     keeps its state dir (etcd data, CA, credentials, registry).
+//   - DisconnectClusters and ConnectClusters run `trellis disconnect` /
+//     `trellis connect` on two API servers' state dirs inside the first
+//     one's namespace and record the separated pairs in the state
+//     (Disconnected). "Ready" then means: every agent reports ready and
+//     connected every cluster joined with its own, and no longer watches
+//     the ones disconnected from it. Verify turns the pod-to-pod checks
+//     between separated clusters around (Check.Isolated: they pass when
+//     nothing answers), since each side drained the other's nodes and so
+//     its tunnels.
+//   - AddCluster appends a StandardCluster to the topology, so it takes
+//     the next cluster index of the address plan above (API server
+//     .10+i, nodes .100+10i+j+1) and no running name or address changes
+//     (a name that would switch the bridge ports to their short form is
+//     refused); it gives every existing pod routes to the new pod CIDR
+//     and VIP, and joins the new cluster with each existing one pairwise,
+//     so separated pairs stay separated. A failed AddCluster removes what
+//     it built of the new cluster again.
+//
 // # Teardown
 //
 // Down removes, in order: processes (recorded ones, then any other inside

@@ -232,9 +232,7 @@ func (l *lab) setupPod(p *podLayout) error {
 		return fmt.Errorf("lab: pod %s: gateway route: %w", p.ref(), err)
 	}
 	for _, dst := range l.lay.podRoutes {
-		if err := ph.RouteReplace(&netlink.Route{
-			LinkIndex: podLink.Attrs().Index, Dst: ipNet(dst), Gw: podGateway.AsSlice(), Src: p.ip.AsSlice(),
-		}); err != nil {
+		if err := ph.RouteReplace(podRoute(p, podLink, dst)); err != nil {
 			return fmt.Errorf("lab: pod %s: route %s: %w", p.ref(), dst, err)
 		}
 	}
@@ -251,6 +249,38 @@ func (l *lab) setupPod(p *podLayout) error {
 		return fmt.Errorf("lab: pod %s: host route: %w", p.ref(), err)
 	}
 	return nil
+}
+
+// podRoute is pod p's route to dst: via the gateway, from the pod's IP.
+func podRoute(p *podLayout, podLink netlink.Link, dst netip.Prefix) *netlink.Route {
+	return &netlink.Route{LinkIndex: podLink.Attrs().Index, Dst: ipNet(dst), Gw: podGateway.AsSlice(), Src: p.ip.AsSlice()}
+}
+
+// setPodRoutes adds pod p's routes to dsts (a cluster that joined the lab
+// later), or with del removes them.
+func setPodRoutes(p *podLayout, dsts []netip.Prefix, del bool) error {
+	ph, err := openHandle(p.ns)
+	if err != nil {
+		return err
+	}
+	defer ph.Close()
+	podLink, err := ph.LinkByName(podDevice)
+	if err != nil {
+		return fmt.Errorf("lab: find %s in %s: %w", podDevice, p.ns, err)
+	}
+	var errs []error
+	for _, dst := range dsts {
+		if del {
+			if err := ph.RouteDel(podRoute(p, podLink, dst)); err != nil && !errors.Is(err, unix.ESRCH) {
+				errs = append(errs, fmt.Errorf("lab: pod %s: remove route %s: %w", p.ref(), dst, err))
+			}
+			continue
+		}
+		if err := ph.RouteReplace(podRoute(p, podLink, dst)); err != nil {
+			errs = append(errs, fmt.Errorf("lab: pod %s: route %s: %w", p.ref(), dst, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // setLinkState sets a node's underlay veth (both ends) up or down.

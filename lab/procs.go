@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -100,24 +101,23 @@ func (l *lab) probeDatapathFlags(ctx context.Context) (ok bool, note string) {
 	return true, ""
 }
 
-func (l *lab) startAPIServer(c *clusterLayout) error {
-	argv := l.apiArgs(c)
-	cmd, err := procSpec{ns: c.ns, cgroup: c.cgroup, argv: argv, log: c.log, daemon: true}.start()
+// startDaemon starts spec as a daemon and records it under key.
+func (l *lab) startDaemon(key string, spec procSpec) error {
+	spec.daemon = true
+	cmd, err := spec.start()
 	if err != nil {
 		return err
 	}
 	go cmd.Wait() // reap it if it exits while this process lives
-	return l.recordProc(apiKey(c), cmd.Process.Pid, argv, c.log)
+	return l.recordProc(key, cmd.Process.Pid, spec.argv, spec.log)
+}
+
+func (l *lab) startAPIServer(c *clusterLayout) error {
+	return l.startDaemon(apiKey(c), procSpec{ns: c.ns, cgroup: c.cgroup, argv: l.apiArgs(c), log: c.log})
 }
 
 func (l *lab) startAgent(n *nodeLayout) error {
-	argv := l.agentArgs(n, l.state.Datapath)
-	cmd, err := procSpec{ns: n.ns, cgroup: n.cgroup, argv: argv, log: n.log, daemon: true}.start()
-	if err != nil {
-		return err
-	}
-	go cmd.Wait()
-	return l.recordProc(agentKey(n), cmd.Process.Pid, argv, n.log)
+	return l.startDaemon(agentKey(n), procSpec{ns: n.ns, cgroup: n.cgroup, argv: l.agentArgs(n, l.state.Datapath), log: n.log})
 }
 
 func (l *lab) echoArgs(p *podLayout) []string {
@@ -130,22 +130,26 @@ func (l *lab) startEcho(p *podLayout) error {
 	if !p.Echo {
 		return nil
 	}
-	argv := l.echoArgs(p)
-	cmd, err := procSpec{ns: p.ns, cgroup: p.cgroup, argv: argv, log: p.log, daemon: true}.start()
-	if err != nil {
-		return err
-	}
-	go cmd.Wait()
-	return l.recordProc(echoKey(p), cmd.Process.Pid, argv, p.log)
+	return l.startDaemon(echoKey(p), procSpec{ns: p.ns, cgroup: p.cgroup, argv: l.echoArgs(p), log: p.log})
 }
 
-// stopProc stops the recorded process key, if it runs.
+// apiStopGrace is how long an API server gets to exit after SIGTERM
+// before SIGKILL: its embedded etcd waits up to its request timeout (7 s
+// by default) for the agents' open watch streams while it closes.
+const apiStopGrace = 20 * time.Second
+
+// stopProc stops the recorded process key (SIGTERM; SIGKILL after a
+// grace period), if it runs.
 func (l *lab) stopProc(key string) error {
 	p := l.state.Procs[key]
 	if p == nil {
 		return nil
 	}
-	if left := stopProcs(map[int]uint64{p.PID: p.Start}, 5*time.Second); len(left) > 0 {
+	grace := 5 * time.Second
+	if strings.HasPrefix(key, "apiserver/") {
+		grace = apiStopGrace
+	}
+	if left := stopProcs(map[int]uint64{p.PID: p.Start}, grace); len(left) > 0 {
 		return fmt.Errorf("lab: %s (pid %d) does not die", key, p.PID)
 	}
 	delete(l.state.Procs, key)
@@ -174,23 +178,31 @@ func writePodFile(p *podLayout, ready bool) error {
 // setupCA creates the lab's one CA and gives it to every API server before
 // its first start, so `trellis connect` finds matching CAs.
 func (l *lab) setupCA() error {
-	caDir := filepath.Join(l.dir, "ca")
-	if _, _, err := pki.LoadOrCreateCA(caDir, "lab"); err != nil {
+	if _, _, err := pki.LoadOrCreateCA(filepath.Join(l.dir, "ca"), "lab"); err != nil {
 		return fmt.Errorf("lab: CA: %w", err)
 	}
 	for _, c := range l.lay.clusters {
-		dst := filepath.Join(c.stateDir, "pki")
-		if err := os.MkdirAll(dst, 0o700); err != nil {
+		if err := l.giveCA(c); err != nil {
 			return err
 		}
-		for _, f := range []string{pki.CACertFile, pki.CAKeyFile} {
-			data, err := os.ReadFile(filepath.Join(caDir, f))
-			if err != nil {
-				return fmt.Errorf("lab: CA: %w", err)
-			}
-			if err := os.WriteFile(filepath.Join(dst, f), data, 0o600); err != nil {
-				return fmt.Errorf("lab: CA: %w", err)
-			}
+	}
+	return nil
+}
+
+// giveCA copies the lab's CA into c's API server state dir.
+func (l *lab) giveCA(c *clusterLayout) error {
+	caDir := filepath.Join(l.dir, "ca")
+	dst := filepath.Join(c.stateDir, "pki")
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return err
+	}
+	for _, f := range []string{pki.CACertFile, pki.CAKeyFile} {
+		data, err := os.ReadFile(filepath.Join(caDir, f))
+		if err != nil {
+			return fmt.Errorf("lab: CA: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, f), data, 0o600); err != nil {
+			return fmt.Errorf("lab: CA: %w", err)
 		}
 	}
 	return nil
@@ -268,11 +280,11 @@ func (l *lab) apiReady(ctx context.Context, c *clusterLayout) error {
 	return nil
 }
 
-// waitAPIServers waits until every API server is ready, failing early
-// when one exits.
-func (l *lab) waitAPIServers(ctx context.Context, timeout time.Duration) error {
+// waitAPIServers waits until the API servers of clusters are ready,
+// failing early when one exits.
+func (l *lab) waitAPIServers(ctx context.Context, clusters []*clusterLayout, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
-	pending := slices.Clone(l.lay.clusters)
+	pending := slices.Clone(clusters)
 	for len(pending) > 0 {
 		var next []*clusterLayout
 		var lastErr error
@@ -306,9 +318,9 @@ func (l *lab) waitAPIServers(ctx context.Context, timeout time.Duration) error {
 	return nil
 }
 
-// registerServices PUTs every cluster's services into its registry.
-func (l *lab) registerServices(ctx context.Context) error {
-	for _, c := range l.lay.clusters {
+// registerServices PUTs the clusters' services into their registries.
+func (l *lab) registerServices(ctx context.Context, clusters []*clusterLayout) error {
+	for _, c := range clusters {
 		for _, s := range c.Services {
 			req := registry.ServiceRequest{
 				Namespace: s.Namespace, Name: s.Name, Ports: s.Ports,
@@ -343,19 +355,41 @@ func (l *lab) connect(ctx context.Context) error {
 	for _, c := range l.lay.clusters {
 		argv = append(argv, c.stateDir)
 	}
-	var out bytes.Buffer
-	cmd, err := procSpec{ns: first.ns, cgroup: first.cgroup, argv: argv, stdout: &out, stderr: &out}.start()
+	out, err := l.runTrellisIn(ctx, first, argv)
 	if err != nil {
 		return err
 	}
-	if err := cmd.Wait(); err != nil {
-		return fmt.Errorf("lab: trellis connect --mesh: %w\n%s", err, strings.TrimSpace(out.String()))
-	}
-	l.log.Debug("clusters connected", "output", strings.TrimSpace(out.String()))
+	l.log.Debug("clusters connected", "output", out)
 	return nil
 }
 
-// agentReady says whether n's agent reports every lab cluster ready.
+// runTrellisIn runs argv (a trellis command that dials the API servers,
+// such as connect) inside c's API server namespace and cgroup, from where
+// every API server is reachable over the bridge, and returns its output.
+func (l *lab) runTrellisIn(ctx context.Context, c *clusterLayout, argv []string) (string, error) {
+	var out bytes.Buffer
+	cmd, err := procSpec{ns: c.ns, cgroup: c.cgroup, argv: argv, stdout: &out, stderr: &out}.start()
+	if err != nil {
+		return "", err
+	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+			cmd.Process.Kill()
+		case <-done:
+		}
+	}()
+	if err := cmd.Wait(); err != nil {
+		return "", fmt.Errorf("lab: trellis %s: %w\n%s", strings.Join(argv[1:], " "), err, strings.TrimSpace(out.String()))
+	}
+	return strings.TrimSpace(out.String()), nil
+}
+
+// agentReady says whether n's agent reports ready and connected every lab
+// cluster joined with its own, and none of the clusters disconnected
+// from it (those it must have drained).
 func (l *lab) agentReady(ctx context.Context, n *nodeLayout) (agent.Status, error) {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
@@ -363,23 +397,52 @@ func (l *lab) agentReady(ctx context.Context, n *nodeLayout) (agent.Status, erro
 	if err != nil {
 		return st, err
 	}
-	ready := map[string]bool{}
+	seen := map[string]clustermesh.ClusterStatus{}
 	for _, c := range st.Clusters {
-		ready[c.Name] = c.Ready
+		seen[c.Name] = c
 	}
-	var notReady []string
+	var notReady, notConnected, notDrained []string
 	for _, c := range l.lay.clusters {
-		if !ready[c.Name] {
+		cs, ok := seen[c.Name]
+		switch {
+		case !l.state.joined(n.cluster.Name, c.Name):
+			if ok {
+				notDrained = append(notDrained, c.Name)
+			}
+		case !cs.Ready:
 			notReady = append(notReady, c.Name)
+		case !cs.Connected:
+			notConnected = append(notConnected, c.Name)
 		}
 	}
+	var problems []string
 	if len(notReady) > 0 {
-		return st, fmt.Errorf("clusters not ready: %s", strings.Join(notReady, ", "))
+		problems = append(problems, "clusters not ready: "+strings.Join(notReady, ", "))
+	}
+	if len(notConnected) > 0 {
+		problems = append(problems, "clusters not connected: "+strings.Join(notConnected, ", "))
+	}
+	if len(notDrained) > 0 {
+		problems = append(problems, "disconnected clusters still watched: "+strings.Join(notDrained, ", "))
+	}
+	if len(problems) > 0 {
+		return st, errors.New(strings.Join(problems, "; "))
 	}
 	return st, nil
 }
 
-// waitAgents waits until every running agent reports every cluster ready.
+// liveNodes are the nodes that are not down (their agents should run).
+func (l *lab) liveNodes() []*nodeLayout {
+	var out []*nodeLayout
+	for _, n := range l.lay.allNodes() {
+		if !l.state.DownNodes[n.ref()] {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// waitAgents waits until the agents of nodes report ready (agentReady).
 // An agent that exits because it does not know a datapath flag makes the
 // lab fall back to agents without datapath.
 func (l *lab) waitAgents(ctx context.Context, nodes []*nodeLayout, timeout time.Duration) error {

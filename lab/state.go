@@ -40,6 +40,23 @@ type State struct {
 	// with `lab pod stop` and `lab node down`.
 	StoppedPods map[string]bool `json:"stoppedPods,omitempty"`
 	DownNodes   map[string]bool `json:"downNodes,omitempty"`
+	// Disconnected are the pairs of clusters separated with `lab
+	// disconnect` ("eu/us", names in order); every other pair is joined.
+	Disconnected map[string]bool `json:"disconnected,omitempty"`
+}
+
+// pairKey names a pair of clusters in State.Disconnected.
+func pairKey(a, b string) string {
+	if b < a {
+		a, b = b, a
+	}
+	return a + "/" + b
+}
+
+// joined says whether clusters a and b are connected (a cluster always
+// is to itself).
+func (st *State) joined(a, b string) bool {
+	return a == b || !st.Disconnected[pairKey(a, b)]
 }
 
 // Proc is a process the lab started.

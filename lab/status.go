@@ -23,8 +23,11 @@ type Report struct {
 	Nodes        []NodeReport    `json:"nodes"`
 	Pods         []PodReport     `json:"pods"`
 	Services     []ServiceReport `json:"services"`
-	Healthy      bool            `json:"healthy"`
-	Problems     []string        `json:"problems,omitempty"`
+	// Disconnected are the pairs of clusters separated with `lab
+	// disconnect` ("eu/us").
+	Disconnected []string `json:"disconnected,omitempty"`
+	Healthy      bool     `json:"healthy"`
+	Problems     []string `json:"problems,omitempty"`
 }
 
 // ClusterReport is one cluster's API server.
@@ -100,6 +103,7 @@ func (l *lab) report(ctx context.Context) *Report {
 	r := &Report{
 		Name: l.opts.Name, Dir: l.dir, Phase: st.Phase, Underlay: l.lay.underlay.String(), BridgeNS: l.lay.bridgeNS,
 		Datapath: st.Datapath, DatapathNote: st.DatapathNote, Healthy: true,
+		Disconnected: sortedKeys(st.Disconnected),
 	}
 	problem := func(format string, args ...any) {
 		r.Healthy = false
@@ -217,7 +221,11 @@ func PrintReport(w io.Writer, r *Report) {
 	if r.UpTook != "" {
 		fmt.Fprintf(w, ", up in %s", r.UpTook)
 	}
-	fmt.Fprintf(w, "\nUnderlay %s on bridge namespace %s; datapath %s\n\n", r.Underlay, r.BridgeNS, dp)
+	fmt.Fprintf(w, "\nUnderlay %s on bridge namespace %s; datapath %s\n", r.Underlay, r.BridgeNS, dp)
+	if len(r.Disconnected) > 0 {
+		fmt.Fprintf(w, "Disconnected (every other pair is joined): %s\n", strings.Join(r.Disconnected, ", "))
+	}
+	fmt.Fprintln(w)
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "CLUSTER\tID\tREGION\tPOD CIDR\tAPI SERVER\tNAMESPACE\tPID\tREADY")

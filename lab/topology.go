@@ -87,27 +87,38 @@ func DefaultTopology() Topology {
 		name string
 		id   uint32
 	}{{"eu", 1}, {"us", 2}} {
-		cl := Cluster{Name: c.name, ID: c.id, Region: c.name, PodCIDR: fmt.Sprintf("10.%d.0.0/16", c.id)}
-		for n := 1; n <= 2; n++ {
-			node := Node{Name: fmt.Sprintf("n%d", n), PodCIDR: fmt.Sprintf("10.%d.%d.0/24", c.id, n)}
-			node.Pods = append(node.Pods, Pod{Name: fmt.Sprintf("echo-n%d", n), Labels: map[string]string{"app": "echo"}, Echo: true})
-			if n == 1 {
-				node.Pods = append(node.Pods, Pod{Name: "client", Labels: map[string]string{"app": "client"}})
-			}
-			cl.Nodes = append(cl.Nodes, node)
-		}
-		cl.Services = []Service{{
-			Namespace: DefaultNamespace, Name: "echo", VIP: fmt.Sprintf("10.96.%d.10", c.id),
-			Ports: []v1.ServicePort{
-				{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: EchoPort},
-				{Name: "udp", Protocol: v1.ProtocolUDP, Port: 80, TargetPort: EchoPort},
-			},
-			Selector:    map[string]string{"app": "echo"},
-			Annotations: map[string]string{"trellis.io/global": "true"},
-		}}
-		t.Clusters = append(t.Clusters, cl)
+		t.Clusters = append(t.Clusters, StandardCluster(c.name, c.id, c.name, 2))
 	}
 	return t
+}
+
+// StandardCluster is a cluster shaped like those of DefaultTopology, the
+// shape `lab add-cluster` adds: pod CIDR 10.<id>.0.0/16, nodes n1…n<nodes>
+// with pod CIDRs 10.<id>.<n>.0/24, an echo pod per node (echo-n<n>, label
+// app=echo), a client pod on n1, and the global service default/echo
+// (port 80 → 8080, TCP and UDP) at VIP 10.96.<id>.10. id must be 1-255
+// (and not 96, whose pod CIDR would hold the VIPs) for the addresses to
+// exist; Validate says so.
+func StandardCluster(name string, id uint32, region string, nodes int) Cluster {
+	cl := Cluster{Name: name, ID: id, Region: region, PodCIDR: fmt.Sprintf("10.%d.0.0/16", id)}
+	for n := 1; n <= nodes; n++ {
+		node := Node{Name: fmt.Sprintf("n%d", n), PodCIDR: fmt.Sprintf("10.%d.%d.0/24", id, n)}
+		node.Pods = append(node.Pods, Pod{Name: fmt.Sprintf("echo-n%d", n), Labels: map[string]string{"app": "echo"}, Echo: true})
+		if n == 1 {
+			node.Pods = append(node.Pods, Pod{Name: "client", Labels: map[string]string{"app": "client"}})
+		}
+		cl.Nodes = append(cl.Nodes, node)
+	}
+	cl.Services = []Service{{
+		Namespace: DefaultNamespace, Name: "echo", VIP: fmt.Sprintf("10.96.%d.10", id),
+		Ports: []v1.ServicePort{
+			{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: EchoPort},
+			{Name: "udp", Protocol: v1.ProtocolUDP, Port: 80, TargetPort: EchoPort},
+		},
+		Selector:    map[string]string{"app": "echo"},
+		Annotations: map[string]string{"trellis.io/global": "true"},
+	}}
+	return cl
 }
 
 // LoadTopology reads a topology file (YAML or JSON). Unknown keys are an

@@ -110,3 +110,49 @@ func TestValidateName(t *testing.T) {
 		}
 	}
 }
+
+// TestExtendLayout: a cluster added to a running lab (`lab add-cluster`)
+// takes the next free addresses and changes no name or address of the
+// running ones; one that would rename the bridge ports is refused.
+func TestExtendLayout(t *testing.T) {
+	old := DefaultTopology()
+	if err := old.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	oldLay, err := newLayout("lab", BaseDir, "/sys/fs/cgroup", &old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	topo, lay, err := extendLayout("lab", BaseDir, "/sys/fs/cgroup", old, oldLay, StandardCluster("ap", 3, "ap", 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(old.Clusters) != 2 || len(topo.Clusters) != 3 {
+		t.Fatalf("clusters: old %d, new %d; want 2 and 3", len(old.Clusters), len(topo.Clusters))
+	}
+	ap, _ := lay.cluster("ap")
+	n1, _ := lay.node("ap/n1")
+	client, _ := lay.pod("ap/client")
+	got := strings.Join([]string{ap.ns, ap.ip.String(), ap.bridgePort, n1.ns, n1.ip.String(), n1.bridgePort, n1.PodCIDR, client.ip.String(), ap.Services[0].VIP}, " ")
+	want := "tl-lab-ap-api 192.168.100.12 ap-api tl-lab-ap-n1 192.168.100.121 ap-n1 10.3.1.0/24 10.3.1.11 10.96.3.10"
+	if got != want {
+		t.Errorf("ap: got %q, want %q", got, want)
+	}
+	if eu, _ := lay.node("eu/n2"); eu.ip.String() != "192.168.100.102" || eu.bridgePort != "eu-n2" {
+		t.Errorf("eu/n2 moved: %s %s", eu.ip, eu.bridgePort)
+	}
+	if len(lay.podRoutes) != 6 || len(clusterRoutes(ap)) != 2 {
+		t.Errorf("pod routes %v, routes to ap %v", lay.podRoutes, clusterRoutes(ap))
+	}
+
+	for name, c := range map[string]Cluster{
+		"taken id":         StandardCluster("ap", 2, "ap", 1),
+		"taken name":       StandardCluster("us", 3, "us", 1),
+		"renames ports":    StandardCluster("asiapacific1", 3, "ap", 1),
+		"vip in pod cidrs": StandardCluster("ap", 96, "ap", 1),
+	} {
+		if _, _, err := extendLayout("lab", BaseDir, "/sys/fs/cgroup", old, oldLay, c); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}

@@ -161,10 +161,10 @@ func (l *lab) build(ctx context.Context, opts UpOptions) error {
 	}
 	l.step("nodes and pods wired: %d nodes, %d pods", len(l.lay.allNodes()), len(l.lay.allPods()))
 
-	if err := l.waitAPIServers(ctx, opts.ReadyTimeout); err != nil {
+	if err := l.waitAPIServers(ctx, l.lay.clusters, opts.ReadyTimeout); err != nil {
 		return err
 	}
-	if err := l.registerServices(ctx); err != nil {
+	if err := l.registerServices(ctx, l.lay.clusters); err != nil {
 		return err
 	}
 	if err := l.connect(ctx); err != nil {

@@ -28,7 +28,10 @@ type Check struct {
 	Target  string `json:"target"`
 	OK      bool   `json:"ok"`
 	Skipped string `json:"skipped,omitempty"`
-	Detail  string `json:"detail,omitempty"`
+	// Isolated marks a pod-to-pod check between clusters separated with
+	// `lab disconnect`: it passes when no request is answered.
+	Isolated bool   `json:"isolated,omitempty"`
+	Detail   string `json:"detail,omitempty"`
 }
 
 // VerifyReport is the connectivity matrix.
@@ -45,7 +48,10 @@ type VerifyReport struct {
 // IP (HTTP :8080, across every pair of nodes and clusters), and from every
 // client pod to each service of its cluster at its VIP (TCP and UDP), each
 // request from a process in the pod's namespace and cgroup. Pods that are
-// stopped and nodes that are down are skipped.
+// stopped and nodes that are down are skipped. Between clusters separated
+// with `lab disconnect` the pod-to-pod checks are turned around: their
+// agents have drained each other (tunnels included), so a check passes
+// when the request is not answered.
 func Verify(ctx context.Context, opts Options, vo VerifyOptions) (*VerifyReport, error) {
 	if err := requireRoot(); err != nil {
 		return nil, err
@@ -98,7 +104,8 @@ func Verify(ctx context.Context, opts Options, vo VerifyOptions) (*VerifyReport,
 		for _, to := range pods {
 			if to.Echo {
 				target := "http://" + netip.AddrPortFrom(to.ip, EchoPort).String() + "/"
-				add(Check{Kind: "pod-to-pod", From: from.ref(), To: to.ref()}, j, target, down(from)+down(to))
+				isolated := !st.joined(from.node.cluster.Name, to.node.cluster.Name)
+				add(Check{Kind: "pod-to-pod", From: from.ref(), To: to.ref(), Isolated: isolated}, j, target, down(from)+down(to))
 			}
 		}
 		jobs = append(jobs, j)
@@ -163,6 +170,10 @@ func Verify(ctx context.Context, opts Options, vo VerifyOptions) (*VerifyReport,
 // judge fills c from its probes: all must succeed, and a pod-to-pod probe
 // must be answered by the pod it was sent to.
 func judge(c *Check, probes []Probe, err error) {
+	if c.Isolated {
+		judgeIsolated(c, probes, err)
+		return
+	}
 	if len(probes) == 0 {
 		c.Detail = "no answer"
 		if err != nil {
@@ -200,6 +211,26 @@ func judge(c *Check, probes []Probe, err error) {
 	c.OK = true
 }
 
+// judgeIsolated fills an isolated check: it passes when every probe ran
+// and none was answered.
+func judgeIsolated(c *Check, probes []Probe, err error) {
+	if len(probes) == 0 {
+		c.Detail = "no probe ran"
+		if err != nil {
+			c.Detail = err.Error()
+		}
+		return
+	}
+	for _, p := range probes {
+		if p.OK {
+			c.Detail = "answered by " + p.From.String() + " although the clusters are disconnected"
+			return
+		}
+	}
+	c.OK = true
+	c.Detail = "no answer (clusters disconnected): " + probes[0].Error
+}
+
 // PrintVerify writes the pod-to-pod matrix and the service checks.
 func PrintVerify(w io.Writer, r *VerifyReport) {
 	var rows, cols []string
@@ -218,6 +249,9 @@ func PrintVerify(w io.Writer, r *VerifyReport) {
 			cols = append(cols, c.To)
 		}
 		cell[c.From+"→"+c.To] = verdict(c)
+		if c.Isolated && c.OK {
+			cell[c.From+"→"+c.To] = "cut"
+		}
 	}
 	fmt.Fprintf(w, "Pod → pod (HTTP to each echo pod's IP:%d)\n", EchoPort)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -260,11 +294,24 @@ func PrintVerify(w io.Writer, r *VerifyReport) {
 			fmt.Fprintf(w, "  %s → %s: %s\n", c.From, c.To, c.Detail)
 		}
 	}
+	if isolated := countIsolated(r.Checks); isolated > 0 {
+		fmt.Fprintf(w, "\ncut: no answer, as it should be between disconnected clusters (%d checks)\n", isolated)
+	}
 	fmt.Fprintf(w, "\n%d passed, %d failed, %d skipped", r.Passed, r.Failed, r.Skipped)
 	if !r.Datapath {
 		fmt.Fprintf(w, " (datapath off: %s)", r.DatapathNote)
 	}
 	fmt.Fprintln(w)
+}
+
+func countIsolated(checks []Check) int {
+	n := 0
+	for _, c := range checks {
+		if c.Isolated {
+			n++
+		}
+	}
+	return n
 }
 
 func verdict(c Check) string {

@@ -26,6 +26,13 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
   trellis lab up                       build the default lab (clusters eu and us)
   trellis lab verify                   pod→pod and pod→service connectivity matrix
   trellis lab curl eu/client echo      which cluster answers the global service
+  trellis lab annotate eu echo trellis.io/affinity=local
+  trellis lab pod stop eu/echo-n1      take a backend out (pod start brings it back)
+  trellis lab node down us/n2          take a node out (node up brings it back)
+  trellis lab restart agent eu/n1      restart a node's agent; its pods keep running
+  trellis lab restart apiserver us     restart a cluster's mesh API server
+  trellis lab disconnect eu us         separate two clusters (connect joins them again)
+  trellis lab add-cluster ap --id 3    a third cluster joins the running mesh
   trellis lab down                     remove everything the lab made`,
 	}
 	cmd.PersistentFlags().StringVar(&name, "name", lab.DefaultName, "the lab's name (1-12 lowercase letters and digits)")
@@ -51,7 +58,8 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 	})
 	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
 		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts),
-		newLabVerifyCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
+		newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
+		newLabAddClusterCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
 	return cmd
 }
 
@@ -319,6 +327,113 @@ func newLabNodeCmd(opts labOpts) *cobra.Command {
 			return lab.NodeUp(cmd.Context(), o, args[0])
 		},
 	})
+	return cmd
+}
+
+func newLabRestartCmd(opts labOpts) *cobra.Command {
+	cmd := &cobra.Command{Use: "restart", Short: "Restart a node's agent or a cluster's mesh API server"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "agent CLUSTER/NODE",
+		Short: "Stop the node's agent (SIGTERM) and start it again; waits until it is ready",
+		Long: `Stop only the node's agent (SIGTERM, then wait for it to exit) and start it
+again with the same arguments, in the same namespace and cgroup; the new PID
+goes into the lab's state. The node's pods keep running, and the eBPF socket
+load balancer and tunnel the agent pinned keep working while it is away.
+Returns once the new agent reports every cluster ready.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.RestartAgent(cmd.Context(), o, args[0])
+		},
+	}, &cobra.Command{
+		Use:   "apiserver CLUSTER",
+		Short: "Stop the cluster's mesh API server (SIGTERM) and start it again; waits for it and the agents",
+		Long: `Stop the cluster's mesh API server (SIGTERM, then wait for it to exit) and
+start it again with the same arguments and state dir, so it keeps its etcd
+data, CA, credentials and registry. Returns once it is ready and every agent
+reports every cluster ready and connected again.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.RestartAPIServer(cmd.Context(), o, args[0])
+		},
+	})
+	return cmd
+}
+
+func newLabConnectCmd(opts labOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "connect CLUSTER_A CLUSTER_B",
+		Short: "Join two clusters of the lab again ('trellis connect' on their API servers)",
+		Long: `Run 'trellis connect' on the two clusters' API server state dirs, from inside
+the first one's namespace, and wait until every agent of both clusters
+reports both ready. 'lab up' joins every pair; this undoes 'lab disconnect'.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.ConnectClusters(cmd.Context(), o, args[0], args[1])
+		},
+	}
+}
+
+func newLabDisconnectCmd(opts labOpts) *cobra.Command {
+	return &cobra.Command{
+		Use:   "disconnect CLUSTER_A CLUSTER_B",
+		Short: "Separate two clusters of the lab ('trellis disconnect' on their API servers)",
+		Long: `Run 'trellis disconnect' on the two clusters' API server state dirs, from
+inside the first one's namespace: each side's agents drop the other cluster
+and drain its nodes, endpoints and services (tunnels to its nodes included),
+and each side revokes the other's credentials. Waits until every agent of
+both clusters has drained the other. From then on pods of the two clusters
+cannot reach each other, and 'lab verify' checks that they cannot.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.DisconnectClusters(cmd.Context(), o, args[0], args[1])
+		},
+	}
+}
+
+func newLabAddClusterCmd(opts labOpts) *cobra.Command {
+	var ao lab.AddClusterOptions
+	cmd := &cobra.Command{
+		Use:   "add-cluster NAME --id N",
+		Short: "Build one more cluster and join it to the running mesh",
+		Long: `Build one more cluster into the running lab, shaped like the default ones:
+its mesh API server, --nodes nodes (n1, n2, …) with an agent and an echo pod
+each, a client pod on n1, and the global service default/echo at VIP
+10.96.<id>.10; pod CIDR 10.<id>.0.0/16, the next free underlay addresses.
+Every existing pod gets routes to its pod CIDR and VIP, and it is joined with
+every existing cluster ('trellis connect', pairwise). Returns once every
+agent, old and new, reports every cluster ready. 'lab down' removes it with
+the rest; a failed add-cluster removes what it built.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			ao.Options, ao.Cluster = o, args[0]
+			return lab.AddCluster(cmd.Context(), ao)
+		},
+	}
+	cmd.Flags().Uint32Var(&ao.ID, "id", 0, "cluster ID, 1-255 (not 96): pod CIDR 10.<id>.0.0/16, VIP 10.96.<id>.10")
+	cmd.Flags().StringVar(&ao.Region, "region", "", "region (default: the cluster's name)")
+	cmd.Flags().IntVar(&ao.Nodes, "nodes", 1, "number of nodes")
+	cmd.Flags().DurationVar(&ao.ReadyTimeout, "timeout", 2*time.Minute, "how long to wait for the API server and the agents to be ready")
+	cmd.MarkFlagRequired("id")
 	return cmd
 }
 
