@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -64,6 +65,17 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 }
 
 type labOpts func(cmd *cobra.Command, out io.Writer) (lab.Options, error)
+
+// run1 is the RunE of a verb that takes one argument and only acts.
+func (opts labOpts) run1(verb func(context.Context, lab.Options, string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		o, err := opts(cmd, cmd.OutOrStdout())
+		if err != nil {
+			return err
+		}
+		return verb(cmd.Context(), o, args[0])
+	}
+}
 
 func checkOutput(output string) error {
 	if output != "table" && output != "json" {
@@ -280,24 +292,12 @@ func newLabPodCmd(opts labOpts) *cobra.Command {
 		Use:   "stop CLUSTER/POD",
 		Short: "Kill the pod's echo server and mark the pod not ready",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.PodStop(cmd.Context(), o, args[0])
-		},
+		RunE:  opts.run1(lab.PodStop),
 	}, &cobra.Command{
 		Use:   "start CLUSTER/POD",
 		Short: "Restart the pod's echo server and mark the pod ready",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.PodStart(cmd.Context(), o, args[0])
-		},
+		RunE:  opts.run1(lab.PodStart),
 	})
 	return cmd
 }
@@ -308,24 +308,12 @@ func newLabNodeCmd(opts labOpts) *cobra.Command {
 		Use:   "down CLUSTER/NODE",
 		Short: "Kill the node's agent and pods, set its veth down, mark its pods not ready",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.NodeDown(cmd.Context(), o, args[0])
-		},
+		RunE:  opts.run1(lab.NodeDown),
 	}, &cobra.Command{
 		Use:   "up CLUSTER/NODE",
 		Short: "Bring a node back: veth up, pods and agent restarted; waits for the agent",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.NodeUp(cmd.Context(), o, args[0])
-		},
+		RunE:  opts.run1(lab.NodeUp),
 	})
 	return cmd
 }
@@ -341,13 +329,7 @@ goes into the lab's state. The node's pods keep running, and the eBPF socket
 load balancer and tunnel the agent pinned keep working while it is away.
 Returns once the new agent reports every cluster ready.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.RestartAgent(cmd.Context(), o, args[0])
-		},
+		RunE: opts.run1(lab.RestartAgent),
 	}, &cobra.Command{
 		Use:   "apiserver CLUSTER",
 		Short: "Stop the cluster's mesh API server (SIGTERM) and start it again; waits for it and the agents",
@@ -356,13 +338,7 @@ start it again with the same arguments and state dir, so it keeps its etcd
 data, CA, credentials and registry. Returns once it is ready and every agent
 reports every cluster ready and connected again.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			o, err := opts(cmd, cmd.OutOrStdout())
-			if err != nil {
-				return err
-			}
-			return lab.RestartAPIServer(cmd.Context(), o, args[0])
-		},
+		RunE: opts.run1(lab.RestartAPIServer),
 	})
 	return cmd
 }
