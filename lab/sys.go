@@ -1,22 +1,21 @@
 package lab
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/trellis-mesh/trellis/bpf"
+	"github.com/trellis-mesh/trellis/internal/nsthread"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,72 +34,19 @@ const netnsDir = "/var/run/netns"
 
 func nsPath(name string) string { return filepath.Join(netnsDir, name) }
 
-// errThreadTainted: a thread could not return to its namespace; it stays
-// locked so that the runtime discards it with its goroutine.
-type errThreadTainted struct{ err error }
-
-func (e errThreadTainted) Error() string { return "restore thread netns: " + e.err.Error() }
-
-// onLockedThread runs fn on a locked OS thread of its own; the thread is
-// unlocked afterwards unless fn tainted it.
-func onLockedThread(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		err := fn()
-		var tainted errThreadTainted
-		if !errors.As(err, &tainted) {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
-
 // inNetNS runs fn on a thread inside the named namespace. Sockets fn opens
 // stay in that namespace; processes fn starts are born in it.
 func inNetNS(name string, fn func() error) error {
-	return onLockedThread(func() error {
-		target, err := netns.GetFromPath(nsPath(name))
-		if err != nil {
-			return fmt.Errorf("open netns %s: %w", name, err)
-		}
-		defer target.Close()
-		orig, err := netns.Get()
-		if err != nil {
-			return fmt.Errorf("get current netns: %w", err)
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			return fmt.Errorf("enter netns %s: %w", name, err)
-		}
-		fnErr := fn()
-		if err := netns.Set(orig); err != nil {
-			return errors.Join(fnErr, errThreadTainted{err})
-		}
-		return fnErr
-	})
+	if err := nsthread.DoPath(nsPath(name), fn); err != nil {
+		return fmt.Errorf("in netns %s: %w", name, err)
+	}
+	return nil
 }
 
 // createNetNS creates a named namespace (as `ip netns add` does) and
 // brings its loopback up.
 func createNetNS(name string) error {
-	err := onLockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return fmt.Errorf("get current netns: %w", err)
-		}
-		defer orig.Close()
-		ns, err := netns.NewNamed(name)
-		if err == nil {
-			ns.Close()
-		}
-		if setErr := netns.Set(orig); setErr != nil {
-			return errors.Join(err, errThreadTainted{setErr})
-		}
-		return err
-	})
-	if err != nil {
+	if err := nsthread.CreateNamed(name); err != nil {
 		return fmt.Errorf("lab: create netns %s: %w", name, err)
 	}
 	return nil
@@ -168,24 +114,13 @@ func dialIn(ctx context.Context, ns, network, addr string) (net.Conn, error) {
 	return conn, err
 }
 
-// cgroup2Root finds the cgroup v2 mount point from /proc/self/mounts.
+// cgroup2Root finds the cgroup v2 mount point.
 func cgroup2Root() (string, error) {
-	f, err := os.Open("/proc/self/mounts")
+	root, err := bpf.CgroupV2Root()
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("lab: %w (the eBPF socket LB needs cgroup v2)", err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return fields[1], nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("lab: no cgroup2 filesystem is mounted (the eBPF socket LB needs cgroup v2)")
+	return root, nil
 }
 
 // cgroupPIDs lists the processes in path and every cgroup below it.

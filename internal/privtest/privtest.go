@@ -8,12 +8,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"github.com/trellis-mesh/trellis/internal/nsthread"
 	"io"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -66,21 +66,13 @@ func UniqueName(prefix string) string {
 func NewNetNS(t testing.TB) (netns.NsHandle, string) {
 	t.Helper()
 	name := UniqueName("trellis-test")
-	var ns netns.NsHandle
-	err := lockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return fmt.Errorf("get current netns: %w", err)
-		}
-		defer orig.Close()
-		ns, err = netns.NewNamed(name)
-		if setErr := netns.Set(orig); setErr != nil {
-			return errThreadTainted{setErr}
-		}
-		return err
-	})
-	if err != nil {
+	if err := nsthread.CreateNamed(name); err != nil {
 		t.Fatalf("create netns %s: %v", name, err)
+	}
+	ns, err := netns.GetFromName(name)
+	if err != nil {
+		netns.DeleteNamed(name)
+		t.Fatalf("open netns %s: %v", name, err)
 	}
 	t.Cleanup(func() {
 		ns.Close()
@@ -139,49 +131,10 @@ func AddVeth(t testing.TB, ns netns.NsHandle, name string, addrs ...netip.Prefix
 	}
 }
 
-// errThreadTainted means an OS thread could not be moved back to its
-// namespace; the thread stays locked so that it exits with its goroutine.
-type errThreadTainted struct{ err error }
-
-func (e errThreadTainted) Error() string { return "restore thread netns: " + e.err.Error() }
-
-// lockedThread runs fn on a locked OS thread. If fn returns
-// errThreadTainted (or wraps it), the thread is never unlocked and so is
-// discarded by the runtime when the goroutine ends.
-func lockedThread(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		err := fn()
-		var tainted errThreadTainted
-		if !errors.As(err, &tainted) {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
-}
-
 // InNetNS runs fn on an OS thread that has entered ns. Sockets fn creates
 // belong to ns for their whole life, whichever thread later uses them;
 // goroutines fn starts do not run in ns.
-func InNetNS(ns netns.NsHandle, fn func() error) error {
-	return lockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return fmt.Errorf("get current netns: %w", err)
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			return fmt.Errorf("enter netns: %w", err)
-		}
-		fnErr := fn()
-		if err := netns.Set(orig); err != nil {
-			return errors.Join(fnErr, errThreadTainted{err})
-		}
-		return fnErr
-	})
-}
+func InNetNS(ns netns.NsHandle, fn func() error) error { return nsthread.Do(ns, fn) }
 
 // CgroupV2Root returns the cgroup v2 mount point from /proc/self/mounts
 // (/sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a unified
