@@ -38,10 +38,7 @@ func RestartAgent(ctx context.Context, opts Options, node string) error {
 // returns once the API server is ready and every agent reports every
 // joined cluster ready and connected again.
 func RestartAPIServer(ctx context.Context, opts Options, cluster string) error {
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	l, err := open(opts, true)
+	l, err := openForChange(opts)
 	if err != nil {
 		return err
 	}
@@ -109,10 +106,7 @@ func (l *lab) clusterPair(a, b string) (*clusterLayout, *clusterLayout, error) {
 }
 
 func withLab(opts Options, fn func(*lab) error) error {
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	l, err := open(opts, true)
+	l, err := openForChange(opts)
 	if err != nil {
 		return err
 	}

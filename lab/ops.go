@@ -118,10 +118,7 @@ func PodStart(ctx context.Context, opts Options, pod string) error {
 }
 
 func withPod(opts Options, pod string, fn func(*lab, *podLayout) error) error {
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	l, err := open(opts, true)
+	l, err := openForChange(opts)
 	if err != nil {
 		return err
 	}
@@ -213,10 +210,7 @@ func NodeUp(ctx context.Context, opts Options, node string) error {
 }
 
 func withNode(opts Options, node string, fn func(*lab, *nodeLayout) error) error {
-	if err := requireRoot(); err != nil {
-		return err
-	}
-	l, err := open(opts, true)
+	l, err := openForChange(opts)
 	if err != nil {
 		return err
 	}

@@ -157,6 +157,15 @@ func lockLab(opts Options) (*os.File, error) {
 	return f, nil
 }
 
+// openForChange is open for the verbs that change a lab: they need root
+// and the lab's lock.
+func openForChange(opts Options) (*lab, error) {
+	if err := requireRoot(); err != nil {
+		return nil, err
+	}
+	return open(opts, true)
+}
+
 // open loads an existing lab. With lock it holds the lab's lock until
 // close.
 func open(opts Options, lock bool) (*lab, error) {
