@@ -210,9 +210,9 @@ func (d *demo) run(ctx context.Context) error {
 			return err
 		}
 	}
-	if _, err = d.waitFor(ctx, "eu to answer everything again", 60*time.Second, func() bool {
-		r, _ = d.curl(ctx, 5)
-		return onlyFrom(r, "eu")
+	if _, err = d.waitFor(ctx, "both eu pods to answer everything again", 60*time.Second, func() bool {
+		r, _ = d.curl(ctx, 20)
+		return onlyFrom(r, "eu") && len(r.PerPod) == 2
 	}); err != nil {
 		return err
 	}
