@@ -38,21 +38,18 @@ func RestartAgent(ctx context.Context, opts Options, node string) error {
 // returns once the API server is ready and every agent reports every
 // joined cluster ready and connected again.
 func RestartAPIServer(ctx context.Context, opts Options, cluster string) error {
-	l, err := openForChange(opts)
-	if err != nil {
-		return err
-	}
-	defer l.close()
-	c, err := l.lay.cluster(cluster)
-	if err != nil {
-		return err
-	}
-	spec := procSpec{ns: c.ns, cgroup: c.cgroup, argv: l.apiArgs(c), log: c.log}
-	return l.restart(ctx, apiKey(c), spec, func() error {
-		if err := l.waitAPIServers(ctx, []*clusterLayout{c}, restartTimeout); err != nil {
+	return withLab(opts, func(l *lab) error {
+		c, err := l.lay.cluster(cluster)
+		if err != nil {
 			return err
 		}
-		return l.waitAgents(ctx, l.liveNodes(), restartTimeout)
+		spec := procSpec{ns: c.ns, cgroup: c.cgroup, argv: l.apiArgs(c), log: c.log}
+		return l.restart(ctx, apiKey(c), spec, func() error {
+			if err := l.waitAPIServers(ctx, []*clusterLayout{c}, restartTimeout); err != nil {
+				return err
+			}
+			return l.waitAgents(ctx, l.liveNodes(), restartTimeout)
+		})
 	})
 }
 

@@ -118,16 +118,13 @@ func PodStart(ctx context.Context, opts Options, pod string) error {
 }
 
 func withPod(opts Options, pod string, fn func(*lab, *podLayout) error) error {
-	l, err := openForChange(opts)
-	if err != nil {
-		return err
-	}
-	defer l.close()
-	p, err := l.lay.pod(pod)
-	if err != nil {
-		return err
-	}
-	return fn(l, p)
+	return withLab(opts, func(l *lab) error {
+		p, err := l.lay.pod(pod)
+		if err != nil {
+			return err
+		}
+		return fn(l, p)
+	})
 }
 
 // NodeDown takes a node out: its agent and echo servers are killed, its
@@ -210,14 +207,11 @@ func NodeUp(ctx context.Context, opts Options, node string) error {
 }
 
 func withNode(opts Options, node string, fn func(*lab, *nodeLayout) error) error {
-	l, err := openForChange(opts)
-	if err != nil {
-		return err
-	}
-	defer l.close()
-	n, err := l.lay.node(node)
-	if err != nil {
-		return err
-	}
-	return fn(l, n)
+	return withLab(opts, func(l *lab) error {
+		n, err := l.lay.node(node)
+		if err != nil {
+			return err
+		}
+		return fn(l, n)
+	})
 }

@@ -90,6 +90,15 @@ func printJSON(w io.Writer, v any) error {
 	return enc.Encode(v)
 }
 
+// render writes v as indented JSON for --output json, else with table.
+func render(w io.Writer, output string, v any, table func(io.Writer)) error {
+	if output == "json" {
+		return printJSON(w, v)
+	}
+	table(w)
+	return nil
+}
+
 func newLabUpCmd(opts labOpts) *cobra.Command {
 	var (
 		file, output string
@@ -185,11 +194,7 @@ func newLabStatusCmd(opts labOpts) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				err = printJSON(cmd.OutOrStdout(), rep)
-			} else {
-				lab.PrintReport(cmd.OutOrStdout(), rep)
-			}
+			err = render(cmd.OutOrStdout(), output, rep, func(w io.Writer) { lab.PrintReport(w, rep) })
 			if err == nil && !rep.Healthy {
 				err = fmt.Errorf("lab %s is not healthy: %d problems", rep.Name, len(rep.Problems))
 			}
@@ -250,11 +255,7 @@ pod answered each one, with a count per cluster. Exits 1 if any failed.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				err = printJSON(cmd.OutOrStdout(), res)
-			} else {
-				lab.PrintCurl(cmd.OutOrStdout(), res)
-			}
+			err = render(cmd.OutOrStdout(), output, res, func(w io.Writer) { lab.PrintCurl(w, res) })
 			if err == nil && res.Failed > 0 {
 				err = fmt.Errorf("%d of %d requests failed", res.Failed, len(res.Probes))
 			}
@@ -438,11 +439,7 @@ Prints a pass/fail matrix; exits 1 when a check fails.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				err = printJSON(cmd.OutOrStdout(), rep)
-			} else {
-				lab.PrintVerify(cmd.OutOrStdout(), rep)
-			}
+			err = render(cmd.OutOrStdout(), output, rep, func(w io.Writer) { lab.PrintVerify(w, rep) })
 			if err == nil && rep.Failed > 0 {
 				err = fmt.Errorf("verify: %d of %d checks failed", rep.Failed, rep.Passed+rep.Failed)
 			}

@@ -1,8 +1,8 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
+	"io"
 
 	"github.com/spf13/cobra"
 
@@ -20,21 +20,15 @@ reason and the last error; per global service the backends carrying traffic,
 by cluster. Exits 1 when a cluster is not ready.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(output); err != nil {
+				return err
+			}
 			st, err := agent.FetchStatus(cmd.Context(), socket)
 			if err != nil {
 				return err
 			}
-			switch output {
-			case "json":
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(st); err != nil {
-					return err
-				}
-			case "", "table":
-				agent.PrintStatus(cmd.OutOrStdout(), st)
-			default:
-				return fmt.Errorf("--output %q: want table or json", output)
+			if err := render(cmd.OutOrStdout(), output, st, func(w io.Writer) { agent.PrintStatus(w, st) }); err != nil {
+				return err
 			}
 			for _, c := range st.Clusters {
 				if !c.Ready {
