@@ -11,10 +11,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
+	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/clustermesh"
 )
@@ -155,17 +155,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		srv.Shutdown(shutdown)
 	})
 	if a.cfg.RegistryURL != "" {
-		token, err := os.ReadFile(a.cfg.RegistryTokenFile)
+		reg, err := a.newRegistrar()
 		if err != nil {
 			cancel()
 			wg.Wait()
-			return fmt.Errorf("agent: --registry-token-file: %w", err)
-		}
-		reg := &registrar{
-			url: a.cfg.RegistryURL, token: strings.TrimSpace(string(token)),
-			node: a.cfg.NodeName, nodeIP: a.cfg.NodeIP, podCIDRs: a.cfg.PodCIDRs,
-			podsDir: filepath.Join(a.cfg.StateDir, "pods"), log: a.log,
-			client: &http.Client{Timeout: 10 * time.Second}, registered: make(map[string]PodFile),
+			return err
 		}
 		goRun(func() { reg.run(ctx, 500*time.Millisecond) })
 	}
@@ -175,6 +169,24 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Wait()
 	os.Remove(a.cfg.StatusSocket)
 	return nil
+}
+
+// newRegistrar connects to the local registry (standalone mode).
+func (a *Agent) newRegistrar() (*registrar, error) {
+	token, err := client.ReadToken(a.cfg.RegistryTokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("agent: --registry-token-file: %w", err)
+	}
+	api, err := client.New(client.Config{URL: a.cfg.RegistryURL, Token: token, HTTPClient: &http.Client{Timeout: 10 * time.Second}})
+	if err != nil {
+		return nil, fmt.Errorf("agent: --registry-url: %w", err)
+	}
+	return &registrar{
+		api:  api,
+		node: a.cfg.NodeName, nodeIP: a.cfg.NodeIP, podCIDRs: a.cfg.PodCIDRs,
+		podsDir: filepath.Join(a.cfg.StateDir, "pods"), log: a.log,
+		registered: make(map[string]PodFile),
+	}, nil
 }
 
 // reconcile hands every new snapshot to the datapath; a failed apply is

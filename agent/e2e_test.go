@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
-	"github.com/trellis-mesh/trellis/apiserver"
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/clustermesh"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
@@ -41,7 +41,7 @@ func startAPIServer(t *testing.T, bin, name string, id int) *cluster {
 	return c
 }
 
-func (c *cluster) tokenFile() string { return filepath.Join(c.stateDir, apiserver.AdminTokenFile) }
+func (c *cluster) tokenFile() string { return filepath.Join(c.stateDir, v1.StateAdminTokenFile) }
 
 func (c *cluster) call(t *testing.T, method, path, body string) string {
 	t.Helper()
@@ -61,7 +61,7 @@ func (c *cluster) call(t *testing.T, method, path, body string) string {
 }
 
 func (c *cluster) fileFor(t *testing.T, reader string) clustermesh.ClusterFile {
-	var creds apiserver.RemoteCredentials
+	var creds v1.RemoteCredentials
 	if err := json.Unmarshal([]byte(c.call(t, "POST", "/admin/v1/remotes/"+reader, "")), &creds); err != nil {
 		t.Fatal(err)
 	}

@@ -1,19 +1,19 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/trellis-mesh/trellis/api/client"
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
 // PodFile is what the node's CNI step (the lab's, in standalone mode)
@@ -31,58 +31,29 @@ type PodFile struct {
 // registrar keeps the node and its pods registered with the local
 // cluster's registry API.
 type registrar struct {
-	url, token string
-	node       string
-	nodeIP     netip.Addr
-	podCIDRs   []netip.Prefix
-	wgKey      string
-	podsDir    string
-	log        *slog.Logger
-	client     *http.Client
+	api      *client.Client
+	node     string
+	nodeIP   netip.Addr
+	podCIDRs []netip.Prefix
+	wgKey    string
+	podsDir  string
+	log      *slog.Logger
 
 	registered map[string]PodFile // file name → what was registered
 }
 
-func (r *registrar) do(ctx context.Context, method, path string, body any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(r.url, "/")+path, rd)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+r.token)
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := r.client.Do(req)
-	if err != nil {
-		return fmt.Errorf("%s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode == http.StatusNotFound && method == http.MethodDelete {
-		return nil
-	}
-	if resp.StatusCode >= 300 {
-		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, strings.TrimSpace(string(msg)))
-	}
-	return nil
-}
-
 // registerNode announces this node; retried by run until it works.
 func (r *registrar) registerNode(ctx context.Context) error {
-	body := map[string]any{"ips": []netip.Addr{r.nodeIP}}
-	if len(r.podCIDRs) > 0 {
-		body["podCIDRs"] = r.podCIDRs
+	return r.api.PutNode(ctx, v1.NodeRequest{Name: r.node, IPs: []netip.Addr{r.nodeIP}, PodCIDRs: r.podCIDRs, WireGuardPublicKey: r.wgKey})
+}
+
+// withdraw deletes an endpoint; one the registry no longer has is gone
+// already.
+func (r *registrar) withdraw(ctx context.Context, ip netip.Addr) error {
+	if err := r.api.DeleteEndpoint(ctx, ip); err != nil && !errors.Is(err, client.ErrNotFound) {
+		return err
 	}
-	if r.wgKey != "" {
-		body["wireGuardPublicKey"] = r.wgKey
-	}
-	return r.do(ctx, http.MethodPut, "/v1/nodes/"+r.node, body)
+	return nil
 }
 
 // syncPods makes the registry's endpoints of this node match the pods
@@ -117,14 +88,14 @@ func (r *registrar) syncPods(ctx context.Context) error {
 			continue
 		}
 		if old, ok := r.registered[name]; ok && old.IP != pod.IP {
-			if err := r.do(ctx, http.MethodDelete, "/v1/endpoints/"+old.IP.String(), nil); err != nil {
+			if err := r.withdraw(ctx, old.IP); err != nil {
 				errs = append(errs, err)
 				continue
 			}
 		}
-		err = r.do(ctx, http.MethodPut, "/v1/endpoints/"+pod.IP.String(), map[string]any{
-			"namespace": pod.Namespace, "pod": pod.Name, "node": r.node, "nodeIP": r.nodeIP,
-			"ready": pod.Ready, "labels": pod.Labels,
+		err = r.api.PutEndpoint(ctx, v1.EndpointRequest{
+			IP: pod.IP, Namespace: pod.Namespace, Pod: pod.Name, Node: r.node, NodeIP: r.nodeIP,
+			Ready: &pod.Ready, Labels: pod.Labels,
 		})
 		if err != nil {
 			errs = append(errs, err)
@@ -137,7 +108,7 @@ func (r *registrar) syncPods(ctx context.Context) error {
 		if seen[name] {
 			continue
 		}
-		if err := r.do(ctx, http.MethodDelete, "/v1/endpoints/"+pod.IP.String(), nil); err != nil {
+		if err := r.withdraw(ctx, pod.IP); err != nil {
 			errs = append(errs, err)
 			continue
 		}

@@ -22,7 +22,6 @@ import (
 	"go.uber.org/zap"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	"github.com/trellis-mesh/trellis/apiserver"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -53,7 +52,7 @@ func (a *apiServerProcess) start(t *testing.T) {
 
 func (a *apiServerProcess) token(t *testing.T) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(a.stateDir, apiserver.AdminTokenFile))
+	b, err := os.ReadFile(filepath.Join(a.stateDir, v1.StateAdminTokenFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +86,7 @@ func (a *apiServerProcess) mustCall(t *testing.T, method, path, body string) str
 }
 
 // remoteClient connects to the API server's etcd as remote cluster "us".
-func remoteClient(t *testing.T, creds apiserver.RemoteCredentials) *clientv3.Client {
+func remoteClient(t *testing.T, creds v1.RemoteCredentials) *clientv3.Client {
 	t.Helper()
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM([]byte(creds.CAPEM)) {
@@ -146,7 +145,7 @@ func TestAPIServerProcess(t *testing.T) {
 		t.Fatalf("write without token: %v %v, want 401", resp.StatusCode, err)
 	}
 
-	var creds apiserver.RemoteCredentials
+	var creds v1.RemoteCredentials
 	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/remotes/us", "")), &creds); err != nil {
 		t.Fatal(err)
 	}

@@ -94,7 +94,7 @@ func permName(p clientv3.PermissionType) string {
 // converges the roles' permissions. On first start cli may be any client
 // (auth is off); once auth is on, cli must authenticate as RootUser,
 // i.e. use a client certificate with CN "root".
-func EnsureEtcdAuth(ctx context.Context, cli *clientv3.Client) error {
+func EnsureEtcdAuth(ctx context.Context, cli clientv3.Auth) error {
 	st, err := cli.AuthStatus(ctx)
 	if err != nil {
 		return fmt.Errorf("apiserver: etcd auth status: %w", err)
@@ -130,7 +130,7 @@ func EnsureEtcdAuth(ctx context.Context, cli *clientv3.Client) error {
 // it authenticates with a client certificate whose CN is the returned
 // name) and makes RemoteReaderRole its only role. cli must be root once
 // auth is enabled. Run EnsureEtcdAuth first: the role must exist.
-func EnsureRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster string) (user string, err error) {
+func EnsureRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) (user string, err error) {
 	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
 		return "", fmt.Errorf("apiserver: etcd user for remote cluster: %w", err)
 	}
@@ -150,7 +150,7 @@ func EnsureRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster s
 // but etcd checks a watch's permission only when it is created: watches
 // already open keep delivering events until the remote reconnects. Revoke
 // the certificate's trust (a new CA) or restart etcd to cut them.
-func RemoveRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster string) error {
+func RemoveRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) error {
 	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
 		return fmt.Errorf("apiserver: remove etcd user for remote cluster: %w", err)
 	}
@@ -164,7 +164,7 @@ func RemoveRemoteUser(ctx context.Context, cli *clientv3.Client, remoteCluster s
 // listUsers returns the existing users. Listing needs admin rights once
 // auth is on, so it doubles as the check that cli is root, giving a clear
 // error instead of a confusing one from a later step.
-func listUsers(ctx context.Context, cli *clientv3.Client, authEnabled bool) ([]string, error) {
+func listUsers(ctx context.Context, cli clientv3.Auth, authEnabled bool) ([]string, error) {
 	resp, err := cli.UserList(ctx)
 	if err != nil {
 		if authEnabled {
@@ -188,7 +188,7 @@ func adminHint(err error) error {
 
 // ensureUser creates user (no password) when it is not in users and makes
 // role its only role.
-func ensureUser(ctx context.Context, cli *clientv3.Client, users []string, user, role string) error {
+func ensureUser(ctx context.Context, cli clientv3.Auth, users []string, user, role string) error {
 	if !slices.Contains(users, user) {
 		_, err := cli.UserAddWithOptions(ctx, user, "", &clientv3.UserAddOptions{NoPassword: true})
 		if err != nil && !errors.Is(err, rpctypes.ErrUserAlreadyExist) {
@@ -217,7 +217,7 @@ func ensureUser(ctx context.Context, cli *clientv3.Client, users []string, user,
 }
 
 // ensureRole creates role when missing and makes want its only permission.
-func ensureRole(ctx context.Context, cli *clientv3.Client, role string, want rolePermission) error {
+func ensureRole(ctx context.Context, cli clientv3.Auth, role string, want rolePermission) error {
 	resp, err := cli.RoleGet(ctx, role)
 	if errors.Is(err, rpctypes.ErrRoleNotFound) {
 		if _, err := cli.RoleAdd(ctx, role); err != nil && !errors.Is(err, rpctypes.ErrRoleAlreadyExist) {

@@ -13,22 +13,6 @@ import (
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
-// RemoteCredentials is what a remote cluster needs to read this cluster's
-// store: where etcd is, the CA that signed its certificate, and a client
-// certificate whose CN is the remote's read-only etcd user.
-type RemoteCredentials struct {
-	// Cluster and ClusterID name the cluster that issued the credentials.
-	Cluster   string   `json:"cluster"`
-	ClusterID uint32   `json:"clusterID"`
-	Endpoints []string `json:"endpoints"`
-	// For is the remote cluster the credentials were minted for.
-	For     string `json:"for"`
-	User    string `json:"user"`
-	CAPEM   string `json:"caPEM"`
-	CertPEM string `json:"certPEM"`
-	KeyPEM  string `json:"keyPEM"`
-}
-
 // RemoteCertValidity is how long a remote cluster's client certificate lasts.
 const RemoteCertValidity = 365 * 24 * time.Hour
 
@@ -54,28 +38,17 @@ func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if subtle.ConstantTimeCompare([]byte(got), []byte(s.token)) != 1 {
-			http.Error(w, "admin API needs Authorization: Bearer <token from <state-dir>/"+AdminTokenFile+">", http.StatusUnauthorized)
+			http.Error(w, "admin API needs Authorization: Bearer <token from <state-dir>/"+v1.StateAdminTokenFile+">", http.StatusUnauthorized)
 			return
 		}
 		h(w, r)
 	}
 }
 
-// ClusterInfo is what `trellis connect` checks before joining clusters.
-type ClusterInfo struct {
-	Cluster   string   `json:"cluster"`
-	ClusterID uint32   `json:"clusterID"`
-	PodCIDRs  []string `json:"podCIDRs"`
-	Region    string   `json:"region,omitempty"`
-	Endpoints []string `json:"endpoints"`
-	CAPEM     string   `json:"caPEM"`
-	// MaxConnectedClusters must match across the mesh.
-	MaxConnectedClusters int `json:"maxConnectedClusters"`
-}
-
 func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {
-	info := ClusterInfo{
-		Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID, PodCIDRs: s.cfg.PodCIDRs, Region: s.cfg.Region,
+	cc := s.cfg.ClusterConfig()
+	info := v1.ClusterInfo{
+		Name: cc.Name, ID: cc.ID, PodCIDRs: cc.PodCIDRs, Region: cc.Region,
 		Endpoints: []string{s.cfg.advertisedEtcdEndpoint()}, MaxConnectedClusters: s.cfg.MaxConnectedClusters,
 	}
 	if s.ca != nil {
@@ -109,7 +82,7 @@ func (s *Server) handleRevokeRemote(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "remote users are managed only with the embedded etcd", http.StatusConflict)
 		return
 	}
-	if err := RemoveRemoteUser(r.Context(), s.admin.Etcd(), r.PathValue("name")); err != nil {
+	if err := RemoveRemoteUser(r.Context(), s.admin.Auth(), r.PathValue("name")); err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
 	}
@@ -118,21 +91,21 @@ func (s *Server) handleRevokeRemote(w http.ResponseWriter, r *http.Request) {
 
 // IssueRemote creates the etcd user of remote cluster name and returns its
 // credentials.
-func (s *Server) IssueRemote(r *http.Request, name string) (RemoteCredentials, error) {
+func (s *Server) IssueRemote(r *http.Request, name string) (v1.RemoteCredentials, error) {
 	if s.admin == nil {
-		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: only possible with the embedded etcd; with --etcd-endpoints create the user and certificate with your etcd's own tools", name)
+		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: only possible with the embedded etcd; with --etcd-endpoints create the user and certificate with your etcd's own tools", name)
 	}
-	user, err := EnsureRemoteUser(r.Context(), s.admin.Etcd(), name)
+	user, err := EnsureRemoteUser(r.Context(), s.admin.Auth(), name)
 	if err != nil {
-		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
+		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
 	}
 	certPEM, keyPEM, err := s.ca.IssueClient(user, RemoteCertValidity)
 	if err != nil {
-		return RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
+		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
 	}
 	s.log.Info("issued remote cluster credentials", "remote", name, "user", user)
-	return RemoteCredentials{
-		Cluster: s.cfg.ClusterName, ClusterID: s.cfg.ClusterID,
+	return v1.RemoteCredentials{
+		Cluster: s.cfg.ClusterName, ClusterID: v1.ClusterID(s.cfg.ClusterID),
 		Endpoints: []string{s.cfg.advertisedEtcdEndpoint()},
 		For:       name, User: user,
 		CAPEM: string(s.ca.CertPEM), CertPEM: string(certPEM), KeyPEM: string(keyPEM),

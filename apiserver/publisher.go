@@ -208,7 +208,7 @@ func (p *Publisher) writeIdentityCanary(ctx context.Context) {
 	key := v1.SyncedKey(p.cluster.Name, v1.KindIdentities)
 	for delay := 100 * time.Millisecond; ; delay = min(2*delay, 5*time.Second) {
 		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err := p.client.Etcd().Put(rctx, key, string(v1.EncodeTimestamp(time.Now())))
+		err := p.client.Put(rctx, key, v1.EncodeTimestamp(time.Now()))
 		cancel()
 		if err == nil {
 			p.mu.Lock()

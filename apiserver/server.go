@@ -28,14 +28,6 @@ import (
 // HeartbeatInterval is how often the heartbeat key is rewritten.
 const HeartbeatInterval = 10 * time.Second
 
-// HTTPAddrFile is the file in the state dir holding the URL the HTTP API
-// listens on.
-const HTTPAddrFile = "http.addr"
-
-// AdminTokenFile is the file in the state dir holding the bearer token for
-// registry writes and the admin API.
-const AdminTokenFile = "admin.token"
-
 // Server is one cluster's mesh API server.
 type Server struct {
 	cfg Config
@@ -130,9 +122,9 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	s.httpLn = ln
 	// Tools that find the server from its state dir (trellis connect,
 	// issue-remote) read where it listens from here.
-	if err := os.WriteFile(s.cfg.path(HTTPAddrFile), []byte("http://"+ln.Addr().String()+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(s.cfg.path(v1.StateHTTPAddrFile), []byte("http://"+ln.Addr().String()+"\n"), 0o600); err != nil {
 		ln.Close()
-		return fmt.Errorf("apiserver: write %s: %w", HTTPAddrFile, err)
+		return fmt.Errorf("apiserver: write %s: %w", v1.StateHTTPAddrFile, err)
 	}
 	close(s.ready)
 
@@ -207,7 +199,7 @@ func (s *Server) setupState() error {
 	if created {
 		s.log.Info("created cluster CA", "dir", s.pkiDir)
 	}
-	token, err := loadOrCreateToken(s.cfg.path(AdminTokenFile))
+	token, err := loadOrCreateToken(s.cfg.path(v1.StateAdminTokenFile))
 	if err != nil {
 		return err
 	}
@@ -304,7 +296,7 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	}
 	authCtx, cancel2 := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel2()
-	if err := EnsureEtcdAuth(authCtx, s.admin.Etcd()); err != nil {
+	if err := EnsureEtcdAuth(authCtx, s.admin.Auth()); err != nil {
 		return fmt.Errorf("apiserver: etcd users and roles: %w", err)
 	}
 	return nil
@@ -353,16 +345,16 @@ func (s *Server) publishClusterConfig(ctx context.Context) error {
 	key := v1.ClusterConfigKey(cc.Name)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := s.writer.Etcd().Get(ctx, key)
+	old, _, err := s.writer.Get(ctx, key)
 	if err != nil {
 		return fmt.Errorf("apiserver: read %s (is etcd reachable and are the credentials right?): %w", key, err)
 	}
-	if len(resp.Kvs) > 0 {
-		if old, err := v1.DecodeClusterConfig(resp.Kvs[0].Value); err == nil && old.ID != cc.ID {
-			s.log.Warn("cluster ID changed; connected clusters will drain this cluster's old entries", "old", old.ID, "new", cc.ID)
+	if old != nil {
+		if prev, err := v1.DecodeClusterConfig(old.Value); err == nil && prev.ID != cc.ID {
+			s.log.Warn("cluster ID changed; connected clusters will drain this cluster's old entries", "old", prev.ID, "new", cc.ID)
 		}
 	}
-	if _, err := s.writer.Etcd().Put(ctx, key, string(data)); err != nil {
+	if err := s.writer.Put(ctx, key, data); err != nil {
 		return fmt.Errorf("apiserver: write %s: %w", key, err)
 	}
 	return nil
@@ -375,7 +367,7 @@ func (s *Server) heartbeat(ctx context.Context) error {
 	defer t.Stop()
 	for {
 		rctx, cancel := context.WithTimeout(ctx, HeartbeatInterval)
-		_, err := s.writer.Etcd().Put(rctx, key, string(v1.EncodeTimestamp(time.Now())))
+		err := s.writer.Put(rctx, key, v1.EncodeTimestamp(time.Now()))
 		cancel()
 		if err != nil && ctx.Err() == nil {
 			s.log.Warn("heartbeat write failed", "err", err)
@@ -396,7 +388,7 @@ func (s *Server) buildSource(ctx context.Context, mux *http.ServeMux, pub *Publi
 	switch s.cfg.Source {
 	case SourceRegistry:
 		reg, err := registry.New(registry.Config{
-			Cluster: s.cfg.ClusterConfig(), Etcd: s.writer.Etcd(), Sink: pub, Identities: ids, Logger: s.log,
+			Cluster: s.cfg.ClusterConfig(), Client: s.writer, Sink: pub, Identities: ids, Logger: s.log,
 		})
 		if err != nil {
 			return nil, err

@@ -1,21 +1,17 @@
 package clustermesh
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
-	"net/netip"
 	"net/url"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
@@ -25,33 +21,13 @@ import (
 // cluster files) is a Peer, so a Kubernetes flavour (kubeconfig contexts,
 // Secrets) can plug in beside the state-dir one.
 
-// ClusterInfo is what a cluster says about itself before joining.
-type ClusterInfo struct {
-	Name                 string   `json:"cluster"`
-	ID                   uint32   `json:"clusterID"`
-	PodCIDRs             []string `json:"podCIDRs"`
-	Region               string   `json:"region,omitempty"`
-	Endpoints            []string `json:"endpoints"`
-	CAPEM                string   `json:"caPEM"`
-	MaxConnectedClusters int      `json:"maxConnectedClusters"`
-}
-
-// Credentials let one cluster's agents read another cluster's store.
-type Credentials struct {
-	Endpoints []string `json:"endpoints"`
-	User      string   `json:"user"`
-	CAPEM     string   `json:"caPEM"`
-	CertPEM   string   `json:"certPEM"`
-	KeyPEM    string   `json:"keyPEM"`
-}
-
 // Peer is one cluster as `connect` reaches it.
 type Peer interface {
 	// Describe names the peer in messages (a URL, a state dir).
 	Describe() string
-	Info(ctx context.Context) (ClusterInfo, error)
+	Info(ctx context.Context) (v1.ClusterInfo, error)
 	// Issue mints read-only credentials for cluster forCluster's agents.
-	Issue(ctx context.Context, forCluster string) (Credentials, error)
+	Issue(ctx context.Context, forCluster string) (v1.RemoteCredentials, error)
 	// Revoke removes forCluster's access.
 	Revoke(ctx context.Context, forCluster string) error
 	// WriteClusterFile and RemoveClusterFile change what this cluster's
@@ -83,7 +59,7 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 	if opts.DialTimeout == 0 {
 		opts.DialTimeout = 3 * time.Second
 	}
-	infos := make([]ClusterInfo, len(peers))
+	infos := make([]v1.ClusterInfo, len(peers))
 	for i, p := range peers {
 		info, err := p.Info(ctx)
 		if err != nil {
@@ -113,7 +89,7 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 }
 
 // link makes reader's agents connect to target.
-func link(ctx context.Context, reader Peer, readerInfo ClusterInfo, target Peer, targetInfo ClusterInfo, bundle string, mixed bool) error {
+func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Peer, targetInfo v1.ClusterInfo, bundle string, mixed bool) error {
 	creds, err := target.Issue(ctx, readerInfo.Name)
 	if err != nil {
 		return fmt.Errorf("connect: %s issuing credentials for %s: %w", targetInfo.Name, readerInfo.Name, err)
@@ -130,7 +106,7 @@ func link(ctx context.Context, reader Peer, readerInfo ClusterInfo, target Peer,
 }
 
 // checkMesh refuses what would not work, saying what to change.
-func checkMesh(infos []ClusterInfo, opts ConnectOptions) error {
+func checkMesh(infos []v1.ClusterInfo, opts ConnectOptions) error {
 	var errs []error
 	for i := range infos {
 		for j := i + 1; j < len(infos); j++ {
@@ -142,7 +118,7 @@ func checkMesh(infos []ClusterInfo, opts ConnectOptions) error {
 			if a.ID == b.ID {
 				errs = append(errs, fmt.Errorf("clusters %s and %s both use cluster ID %d: restart one with a unique --cluster-id (1-%d)", a.Name, b.Name, a.ID, v1.MaxClusterID))
 			}
-			if pa, pb, ok := v1.PrefixesOverlap(prefixes(a.PodCIDRs), prefixes(b.PodCIDRs)); ok {
+			if pa, pb, ok := v1.PrefixesOverlap(a.PodCIDRs, b.PodCIDRs); ok {
 				errs = append(errs, fmt.Errorf("pod CIDR %s of %s overlaps %s of %s: clusters in a mesh need disjoint --pod-cidrs", pa, a.Name, pb, b.Name))
 			}
 			if a.MaxConnectedClusters != b.MaxConnectedClusters {
@@ -156,19 +132,9 @@ func checkMesh(infos []ClusterInfo, opts ConnectOptions) error {
 	return errors.Join(errs...)
 }
 
-func prefixes(cidrs []string) []netip.Prefix {
-	var out []netip.Prefix
-	for _, c := range cidrs {
-		if p, err := netip.ParsePrefix(c); err == nil {
-			out = append(out, p)
-		}
-	}
-	return out
-}
-
 // checkReachable dials every etcd endpoint a cluster advertises, so a
 // wrong --advertise-address is caught now rather than by every agent.
-func checkReachable(ctx context.Context, info ClusterInfo, timeout time.Duration) error {
+func checkReachable(ctx context.Context, info v1.ClusterInfo, timeout time.Duration) error {
 	for _, e := range info.Endpoints {
 		u, err := url.Parse(e)
 		if err != nil {
@@ -185,7 +151,7 @@ func checkReachable(ctx context.Context, info ClusterInfo, timeout time.Duration
 }
 
 // caBundle concatenates the distinct CAs of the clusters.
-func caBundle(infos []ClusterInfo) string {
+func caBundle(infos []v1.ClusterInfo) string {
 	seen := map[string]bool{}
 	var b strings.Builder
 	for _, info := range infos {
@@ -238,17 +204,13 @@ type StateDirPeer struct {
 	Dir string
 	// ConfigDir overrides <Dir>/clusters.
 	ConfigDir string
-	Client    *http.Client
+	// Client carries the requests (the lab's dials inside a namespace);
+	// a default client when nil.
+	Client *http.Client
 }
 
-// The file names the API server writes into its state dir.
-const (
-	stateAdminToken = "admin.token"
-	stateHTTPAddr   = "http.addr"
-)
-
 // ClustersDir is the default config dir under an API server's state dir.
-func ClustersDir(stateDir string) string { return filepath.Join(stateDir, "clusters") }
+func ClustersDir(stateDir string) string { return filepath.Join(stateDir, v1.StateClustersDir) }
 
 func (p *StateDirPeer) Describe() string { return p.Dir }
 
@@ -259,53 +221,34 @@ func (p *StateDirPeer) configDir() string {
 	return ClustersDir(p.Dir)
 }
 
-func (p *StateDirPeer) do(ctx context.Context, method, path string, out any) error {
-	token, err := os.ReadFile(filepath.Join(p.Dir, stateAdminToken))
-	if err != nil {
-		return fmt.Errorf("read the admin token (is %s an API server's state dir?): %w", p.Dir, err)
-	}
-	addr, err := os.ReadFile(filepath.Join(p.Dir, stateHTTPAddr))
-	if err != nil {
-		return fmt.Errorf("read the API server's address (has it started?): %w", err)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSpace(string(addr))+path, nil)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-	client := p.Client
-	if client == nil {
-		client = &http.Client{Timeout: 30 * time.Second}
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if resp.StatusCode >= 300 {
-		return fmt.Errorf("%s %s: %s: %s", method, path, resp.Status, bytes.TrimSpace(body))
-	}
-	if out != nil {
-		return json.Unmarshal(body, out)
-	}
-	return nil
+// client finds the API server from its state dir, every time: a
+// restarted server may listen elsewhere.
+func (p *StateDirPeer) client() (*client.Client, error) {
+	return client.FromStateDir(p.Dir, p.Client)
 }
 
-func (p *StateDirPeer) Info(ctx context.Context) (ClusterInfo, error) {
-	var info ClusterInfo
-	err := p.do(ctx, http.MethodGet, "/admin/v1/info", &info)
-	return info, err
+func (p *StateDirPeer) Info(ctx context.Context) (v1.ClusterInfo, error) {
+	c, err := p.client()
+	if err != nil {
+		return v1.ClusterInfo{}, err
+	}
+	return c.Info(ctx)
 }
 
-func (p *StateDirPeer) Issue(ctx context.Context, forCluster string) (Credentials, error) {
-	var c Credentials
-	err := p.do(ctx, http.MethodPost, "/admin/v1/remotes/"+forCluster, &c)
-	return c, err
+func (p *StateDirPeer) Issue(ctx context.Context, forCluster string) (v1.RemoteCredentials, error) {
+	c, err := p.client()
+	if err != nil {
+		return v1.RemoteCredentials{}, err
+	}
+	return c.IssueRemote(ctx, forCluster)
 }
 
 func (p *StateDirPeer) Revoke(ctx context.Context, forCluster string) error {
-	return p.do(ctx, http.MethodDelete, "/admin/v1/remotes/"+forCluster, nil)
+	c, err := p.client()
+	if err != nil {
+		return err
+	}
+	return c.RevokeRemote(ctx, forCluster)
 }
 
 func (p *StateDirPeer) WriteClusterFile(_ context.Context, f ClusterFile) error {

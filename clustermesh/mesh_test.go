@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver"
 	"github.com/trellis-mesh/trellis/apiserver/pki"
 	"github.com/trellis-mesh/trellis/internal/testutil"
@@ -83,7 +84,7 @@ func (c *testCluster) url(path string) string {
 
 func (c *testCluster) call(t *testing.T, method, path, body string) string {
 	t.Helper()
-	token, err := os.ReadFile(filepath.Join(c.stateDir, apiserver.AdminTokenFile))
+	token, err := os.ReadFile(filepath.Join(c.stateDir, v1.StateAdminTokenFile))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +124,7 @@ func (c *testCluster) service(t *testing.T, affinity string) {
 
 // clusterFile mints credentials on c for cluster reader.
 func (c *testCluster) clusterFile(t *testing.T, reader string) ClusterFile {
-	var creds apiserver.RemoteCredentials
+	var creds v1.RemoteCredentials
 	if err := json.Unmarshal([]byte(c.call(t, "POST", "/admin/v1/remotes/"+reader, "")), &creds); err != nil {
 		t.Fatal(err)
 	}

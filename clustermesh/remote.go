@@ -12,8 +12,6 @@ import (
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/kvstore"
 )
@@ -104,7 +102,7 @@ func (r *remote) session(ctx context.Context) error {
 	}
 	defer client.Close()
 
-	cfg, rev, err := r.fetchConfig(ctx, client, tlsCfg)
+	cfg, err := r.fetchConfig(ctx, client, tlsCfg)
 	if err != nil {
 		return err
 	}
@@ -146,31 +144,31 @@ func (r *remote) session(ctx context.Context) error {
 	}
 	defer wg.Wait()
 	defer cancel()
-	return r.watchConfig(ctx, client, cfg, rev)
+	return r.watchConfig(ctx, client, cfg)
 }
 
 // fetchConfig reads and validates the cluster's published config. When
 // etcd cannot be reached it probes TLS directly, because etcd's client
 // hides a handshake failure behind a timeout.
-func (r *remote) fetchConfig(ctx context.Context, client *kvstore.Client, tlsCfg *tls.Config) (v1.ClusterConfig, int64, error) {
+func (r *remote) fetchConfig(ctx context.Context, client *kvstore.Client, tlsCfg *tls.Config) (v1.ClusterConfig, error) {
 	key := v1.ClusterConfigKey(r.name)
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	resp, err := client.Etcd().Get(rctx, key)
+	kv, _, err := client.Get(rctx, key)
 	cancel()
 	if err != nil {
 		if probe := probeTLS(ctx, r.file.Endpoints, tlsCfg); probe != nil {
-			return v1.ClusterConfig{}, 0, probe
+			return v1.ClusterConfig{}, probe
 		}
-		return v1.ClusterConfig{}, 0, fmt.Errorf("read %s from %v: %w", key, r.file.Endpoints, err)
+		return v1.ClusterConfig{}, fmt.Errorf("read %s from %v: %w", key, r.file.Endpoints, err)
 	}
-	if len(resp.Kvs) == 0 {
-		return v1.ClusterConfig{}, 0, fmt.Errorf("cluster %s has not published %s: is its mesh API server running against this etcd?", r.name, key)
+	if kv == nil {
+		return v1.ClusterConfig{}, fmt.Errorf("cluster %s has not published %s: is its mesh API server running against this etcd?", r.name, key)
 	}
-	cfg, err := v1.DecodeClusterConfigEntry(key, resp.Kvs[0].Value)
+	cfg, err := v1.DecodeClusterConfigEntry(key, kv.Value)
 	if err != nil {
-		return cfg, 0, fmt.Errorf("cluster-config of %s: %w", r.name, err)
+		return cfg, fmt.Errorf("cluster-config of %s: %w", r.name, err)
 	}
-	return cfg, resp.Header.Revision, nil
+	return cfg, nil
 }
 
 // probeTLS dials the first endpoint and returns a TLS handshake error, or
@@ -261,49 +259,25 @@ func (r *remote) newStores(client *kvstore.Client, cfg v1.ClusterConfig) (*store
 }
 
 // watchConfig returns errConfigChanged when the published cluster-config
-// changes in a way that needs re-validation, and nil when ctx ends.
-func (r *remote) watchConfig(ctx context.Context, client *kvstore.Client, cfg v1.ClusterConfig, rev int64) error {
+// changes in a way that needs re-validation, and nil when ctx ends. The
+// config vanishing, or turning malformed, is not a reason to drop state:
+// the session goes on with the config it validated.
+func (r *remote) watchConfig(ctx context.Context, client *kvstore.Client, cfg v1.ClusterConfig) error {
 	key := v1.ClusterConfigKey(r.name)
-	for ctx.Err() == nil {
-		wch := client.Etcd().Watch(ctx, key, clientv3.WithRev(rev+1))
-		for resp := range wch {
-			if err := resp.Err(); err != nil {
-				break // compacted or cancelled: re-read below
-			}
-			for _, ev := range resp.Events {
-				rev = ev.Kv.ModRevision
-				if ev.Type == clientv3.EventTypeDelete {
-					continue // the config vanishing is not a reason to drop state
-				}
-				next, err := v1.DecodeClusterConfigEntry(key, ev.Kv.Value)
-				if err != nil {
-					r.log.Warn("ignoring malformed cluster-config update", "err", err)
-					continue
-				}
-				if configDiffers(cfg, next) {
-					return errConfigChanged
-				}
-			}
-		}
-		if ctx.Err() != nil {
+	return client.WatchKey(ctx, key, kvstore.WatchKeyConfig{MaxBackoff: time.Second}, func(kv *kvstore.KeyValue) error {
+		if kv == nil {
 			return nil
 		}
-		// Re-read the config after a broken watch, then watch again.
-		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		resp, err := client.Etcd().Get(rctx, key)
-		cancel()
+		next, err := v1.DecodeClusterConfigEntry(key, kv.Value)
 		if err != nil {
-			time.Sleep(time.Second)
-			continue
+			r.log.Warn("ignoring malformed cluster-config update", "err", err)
+			return nil
 		}
-		rev = resp.Header.Revision
-		if len(resp.Kvs) > 0 {
-			if next, err := v1.DecodeClusterConfigEntry(key, resp.Kvs[0].Value); err == nil && configDiffers(cfg, next) {
-				return errConfigChanged
-			}
+		if configDiffers(cfg, next) {
+			return errConfigChanged
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // configDiffers reports changes that need the cluster re-validated or its

@@ -130,13 +130,15 @@ func NewClient(cfg Config) (*Client, error) {
 		c.limiter = rate.NewLimiter(rate.Limit(cfg.QPS), cfg.BootstrapBurst)
 		c.stopBootstrap = time.AfterFunc(cfg.BootstrapWindow, c.BootstrapDone)
 	}
-	c.leases = newLeaseManager(etcd, cfg.LeaseTTL, cfg.MaxKeysPerLease, cfg.Logger)
+	c.leases = newLeaseManager(c, cfg.LeaseTTL, cfg.MaxKeysPerLease, cfg.Logger)
 	return c, nil
 }
 
-// Etcd is the underlying client, for callers (and tests) that need a raw
-// operation this package does not wrap.
-func (c *Client) Etcd() *clientv3.Client { return c.etcd }
+// Auth is etcd's user and role API on this connection, for the code that
+// manages etcd users and roles (the mesh API server's). It is the only raw
+// etcd surface the package hands out: every key read and write goes
+// through the methods and stores of this package.
+func (c *Client) Auth() clientv3.Auth { return c.etcd }
 
 // Endpoints are the URLs this client dials.
 func (c *Client) Endpoints() []string { return c.cfg.Endpoints }

@@ -2,49 +2,42 @@ package kvstore
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"log/slog"
 	"strings"
 	"sync"
 	"time"
-
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-// leaseManager hands out etcd leases for lease-bound keys, at most limit
-// keys per lease, keeps them alive, and tells the owners of a lost lease's
-// keys so they can publish them again.
-//
-// A lease is lost when etcd revokes it (it expired while this process could
-// not renew it, or someone revoked it) or when renewal has not succeeded for
-// a whole TTL. Either way the keys attached to it are gone (or about to be)
-// and must be re-put under a fresh lease.
+// leaseManager spreads lease-bound keys over Sessions, at most limit keys
+// per session (etcd's put cost grows with the keys on a lease), and tells
+// the owners of a lost session's keys so they can publish them again.
 type leaseManager struct {
-	etcd  *clientv3.Client
-	ttl   time.Duration
-	limit int
-	log   *slog.Logger
+	client *Client
+	ttl    time.Duration
+	limit  int
+	log    *slog.Logger
 
-	ctx    context.Context
+	ctx    context.Context // cancelled by close: stops the loss watchers
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	grantMu sync.Mutex // serialises grants so concurrent acquirers share one new lease
+	grantMu sync.Mutex // serialises grants so concurrent acquirers share one new session
 
 	mu        sync.Mutex
-	current   clientv3.LeaseID
-	leases    map[clientv3.LeaseID]map[string]struct{}
-	keyLease  map[string]clientv3.LeaseID
+	current   *Session
+	leases    map[*Session]map[string]struct{}
+	keyLease  map[string]*Session
 	observers map[string]func(keys []string) // key prefix → owner
 }
 
-func newLeaseManager(etcd *clientv3.Client, ttl time.Duration, limit int, log *slog.Logger) *leaseManager {
+func newLeaseManager(client *Client, ttl time.Duration, limit int, log *slog.Logger) *leaseManager {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &leaseManager{
-		etcd: etcd, ttl: ttl, limit: limit, log: log,
+		client: client, ttl: ttl, limit: limit, log: log,
 		ctx: ctx, cancel: cancel,
-		leases:    make(map[clientv3.LeaseID]map[string]struct{}),
-		keyLease:  make(map[string]clientv3.LeaseID),
+		leases:    make(map[*Session]map[string]struct{}),
+		keyLease:  make(map[string]*Session),
 		observers: make(map[string]func([]string)),
 	}
 }
@@ -62,84 +55,82 @@ func (m *leaseManager) observe(prefix string, fn func(keys []string)) (remove fu
 	}
 }
 
-// acquire returns the lease key should be attached to, granting a new lease
+// acquire returns the session key should be put with, granting a new one
 // when the current one is full.
-func (m *leaseManager) acquire(ctx context.Context, key string) (clientv3.LeaseID, error) {
+func (m *leaseManager) acquire(ctx context.Context, key string) (*Session, error) {
 	m.mu.Lock()
-	if id, ok := m.keyLease[key]; ok {
+	if s, ok := m.keyLease[key]; ok {
 		m.mu.Unlock()
-		return id, nil
+		return s, nil
 	}
-	if id := m.current; id != 0 && len(m.leases[id]) < m.limit {
-		m.attachLocked(key, id)
+	if s := m.current; s != nil && len(m.leases[s]) < m.limit {
+		m.attachLocked(key, s)
 		m.mu.Unlock()
-		return id, nil
+		return s, nil
 	}
 	m.mu.Unlock()
 
 	m.grantMu.Lock()
 	defer m.grantMu.Unlock()
-	// Another acquirer may have granted a lease while we waited.
+	// Another acquirer may have granted a session while we waited.
 	m.mu.Lock()
-	if id := m.current; id != 0 && len(m.leases[id]) < m.limit {
-		m.attachLocked(key, id)
+	if s := m.current; s != nil && len(m.leases[s]) < m.limit {
+		m.attachLocked(key, s)
 		m.mu.Unlock()
-		return id, nil
+		return s, nil
 	}
 	m.mu.Unlock()
 
-	resp, err := m.etcd.Grant(ctx, int64(m.ttl/time.Second))
+	s, err := m.client.NewSession(ctx, m.ttl)
 	if err != nil {
-		return 0, fmt.Errorf("grant lease (ttl %s): %w", m.ttl, err)
+		return nil, err
 	}
-	id := resp.ID
 	m.mu.Lock()
-	m.leases[id] = make(map[string]struct{})
-	m.current = id
-	m.attachLocked(key, id)
+	m.leases[s] = make(map[string]struct{})
+	m.current = s
+	m.attachLocked(key, s)
 	m.mu.Unlock()
 
 	m.wg.Add(1)
-	go m.keepAlive(id)
-	m.log.Debug("granted lease", "lease", fmt.Sprintf("%x", int64(id)), "ttl", m.ttl)
-	return id, nil
+	go m.watch(s)
+	return s, nil
 }
 
-func (m *leaseManager) attachLocked(key string, id clientv3.LeaseID) {
-	m.leases[id][key] = struct{}{}
-	m.keyLease[key] = id
+func (m *leaseManager) attachLocked(key string, s *Session) {
+	m.leases[s][key] = struct{}{}
+	m.keyLease[key] = s
 }
 
 // release forgets key (it was deleted).
 func (m *leaseManager) release(key string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if id, ok := m.keyLease[key]; ok {
-		delete(m.leases[id], key)
+	if s, ok := m.keyLease[key]; ok {
+		delete(m.leases[s], key)
 		delete(m.keyLease, key)
 	}
 }
 
-// live reports whether id is a lease this manager holds.
-func (m *leaseManager) live(id clientv3.LeaseID) bool {
+// live reports whether s is a session this manager holds.
+func (m *leaseManager) live(s *Session) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	_, ok := m.leases[id]
+	_, ok := m.leases[s]
 	return ok
 }
 
-// lost drops lease id and tells the owners of its keys. Called when renewal
-// stops or when etcd says the lease does not exist.
-func (m *leaseManager) lost(id clientv3.LeaseID) {
+// lost drops session s and tells the owners of its keys. Called when the
+// session ends and when a write says its lease does not exist.
+func (m *leaseManager) lost(s *Session) {
 	m.mu.Lock()
-	keys, ok := m.leases[id]
+	keys, ok := m.leases[s]
 	if !ok {
 		m.mu.Unlock()
 		return
 	}
-	delete(m.leases, id)
-	if m.current == id {
-		m.current = 0
+	delete(m.leases, s)
+	if m.current == s {
+		m.current = nil
 	}
 	byOwner := make(map[string][]string)
 	for key := range keys {
@@ -157,27 +148,27 @@ func (m *leaseManager) lost(id clientv3.LeaseID) {
 	}
 	m.mu.Unlock()
 
-	m.log.Warn("etcd lease lost; re-publishing its keys", "lease", fmt.Sprintf("%x", int64(id)), "keys", len(keys))
+	// Stop renewing a lease that a failed write found missing; a no-op
+	// for one that already ended.
+	s.cancel()
+	m.log.Warn("etcd lease lost; re-publishing its keys", "lease", s.String(), "keys", len(keys))
 	for prefix, fn := range notify {
 		fn(byOwner[prefix])
 	}
 }
 
-func (m *leaseManager) keepAlive(id clientv3.LeaseID) {
+// watch waits for s to end. A session that was lost takes its keys with
+// it; one closed by close (or with the client) needs nothing more.
+func (m *leaseManager) watch(s *Session) {
 	defer m.wg.Done()
-	ch, err := m.etcd.KeepAlive(m.ctx, id)
-	if err == nil {
-		for range ch {
-			// Draining keeps clientv3 from logging a full channel; the
-			// responses carry nothing we need.
-		}
-	}
-	if m.ctx.Err() != nil {
+	select {
+	case <-s.Done():
+	case <-m.ctx.Done():
 		return
 	}
-	// The channel closes when etcd reports the lease gone or when no renewal
-	// succeeded for a whole TTL: either way the keys must be re-put.
-	m.lost(id)
+	if errors.Is(s.Err(), ErrSessionLost) {
+		m.lost(s)
+	}
 }
 
 // close stops renewals. Leases are left to expire rather than revoked, so a
@@ -185,4 +176,13 @@ func (m *leaseManager) keepAlive(id clientv3.LeaseID) {
 func (m *leaseManager) close() {
 	m.cancel()
 	m.wg.Wait()
+	m.mu.Lock()
+	sessions := make([]*Session, 0, len(m.leases))
+	for s := range m.leases {
+		sessions = append(sessions, s)
+	}
+	m.mu.Unlock()
+	for _, s := range sessions {
+		s.Close()
+	}
 }

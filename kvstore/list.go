@@ -17,13 +17,24 @@ type clientv3KV = mvccpb.KeyValue
 // ~3 MB response, well under the gRPC limit.
 const defaultPageSize = 10000
 
-// listPages reads every key under prefix at one revision, page by page, and
-// hands each page to fn in key order. It fetches the next page while fn
+// listRequest is one listing of a prefix.
+type listRequest struct {
+	scope, prefix string
+	// pageSize <= 0 reads everything in one request.
+	pageSize int
+	// rev is the revision to read at; 0 reads the current one.
+	rev      int64
+	keysOnly bool
+}
+
+// listPages reads every key under the prefix at one revision, page by page,
+// and hands each page to fn in key order. It fetches the next page while fn
 // decodes the current one, which on a multi-core machine hides most of the
-// decode cost behind etcd's range time. pageSize <= 0 reads everything in
-// one request. fn also gets the number of keys from this page on (etcd's
-// count), so a caller can size its map once. It returns the revision the listing represents.
-func listPages(ctx context.Context, c *Client, scope, prefix string, pageSize int, fn func(kvs []*clientv3KV, remaining int64)) (int64, error) {
+// decode cost behind etcd's range time. fn also gets the number of keys
+// from this page on (etcd's count), so a caller can size its map once. It
+// returns the revision the listing represents.
+func listPages(ctx context.Context, c *Client, req listRequest, fn func(kvs []*clientv3KV, remaining int64)) (int64, error) {
+	scope, prefix, pageSize := req.scope, req.prefix, req.pageSize
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -38,11 +49,14 @@ func listPages(ctx context.Context, c *Client, scope, prefix string, pageSize in
 		defer close(pages)
 		end := clientv3.GetPrefixRangeEnd(prefix)
 		key := prefix
-		var rev int64
+		rev := req.rev
 		for {
 			opts := []clientv3.OpOption{clientv3.WithRange(end)}
 			if pageSize > 0 {
 				opts = append(opts, clientv3.WithLimit(int64(pageSize)))
+			}
+			if req.keysOnly {
+				opts = append(opts, clientv3.WithKeysOnly())
 			}
 			if rev != 0 {
 				// Every page after the first reads the first page's

@@ -67,7 +67,7 @@ func newWatchStore(t testing.TB, c *Client, obs Observer[string], mod func(*Watc
 func TestSyncStoreRestartWithStaleKeys(t *testing.T) {
 	e := startEtcd(t)
 	c := newTestClient(t, e.Endpoints(), nil)
-	raw := c.Etcd()
+	raw := c.etcd
 	put(t, raw, testPrefix+"stale", "old")
 	put(t, raw, testPrefix+"same", "v1")
 	put(t, raw, testPrefix+"changed", "v1")
@@ -153,14 +153,14 @@ func TestSyncStoreCoalescesAndSkipsNoops(t *testing.T) {
 	if err := s.WaitSynced(ctx); err != nil {
 		t.Fatal(err)
 	}
-	resp, _ := c.Etcd().Get(ctx, testPrefix+"k")
+	resp, _ := c.etcd.Get(ctx, testPrefix+"k")
 	if string(resp.Kvs[0].Value) != "99" || resp.Kvs[0].Version != 1 {
 		t.Fatalf("got %q version %d, want \"99\" written once", resp.Kvs[0].Value, resp.Kvs[0].Version)
 	}
 	s.Upsert(testPrefix+"k", []byte("99"))
 	s.Upsert(testPrefix+"k2", []byte("x")) // a marker that the queue was drained
-	eventually(t, "marker written", func() bool { _, ok := get(t, c.Etcd(), testPrefix+"k2"); return ok })
-	resp, _ = c.Etcd().Get(ctx, testPrefix+"k")
+	eventually(t, "marker written", func() bool { _, ok := get(t, c.etcd, testPrefix+"k2"); return ok })
+	resp, _ = c.etcd.Get(ctx, testPrefix+"k")
 	if resp.Kvs[0].Version != 1 {
 		t.Errorf("no-op upsert rewrote the key (version %d)", resp.Kvs[0].Version)
 	}
@@ -221,9 +221,9 @@ func TestWatchStoreReconnectAfterEtcdRestart(t *testing.T) {
 	p := newProxy(t, e.Endpoints()[0])
 	reader := newTestClient(t, []string{p.endpoint()}, nil)
 	for i := range 10 {
-		put(t, writer.Etcd(), fmt.Sprintf("%sk%d", testPrefix, i), "v1")
+		put(t, writer.etcd, fmt.Sprintf("%sk%d", testPrefix, i), "v1")
 	}
-	put(t, writer.Etcd(), testCanary, "now")
+	put(t, writer.etcd, testCanary, "now")
 
 	rec := newRecorder()
 	w := newWatchStore(t, reader, rec, nil)
@@ -237,12 +237,12 @@ func TestWatchStoreReconnectAfterEtcdRestart(t *testing.T) {
 
 	p.cut()
 	for i := range 3 {
-		if _, err := writer.Etcd().Delete(ctx, fmt.Sprintf("%sk%d", testPrefix, i)); err != nil {
+		if _, err := writer.etcd.Delete(ctx, fmt.Sprintf("%sk%d", testPrefix, i)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	put(t, writer.Etcd(), testPrefix+"k4", "v2")
-	put(t, writer.Etcd(), testPrefix+"k5", "v1") // rewritten, same value: no event
+	put(t, writer.etcd, testPrefix+"k4", "v2")
+	put(t, writer.etcd, testPrefix+"k5", "v1") // rewritten, same value: no event
 	e = restartEtcd(t, e)
 	if v, ok := w.Get(testPrefix + "k0"); !ok || v != "v1" {
 		t.Errorf("while disconnected the cache lost k0 (%q, %v)", v, ok)
@@ -271,7 +271,7 @@ func TestWatchStoreCompactionWhileDisconnected(t *testing.T) {
 	p := newProxy(t, e.Endpoints()[0])
 	reader := newTestClient(t, []string{p.endpoint()}, nil)
 	for i := range 20 {
-		put(t, writer.Etcd(), fmt.Sprintf("%sk%02d", testPrefix, i), "v1")
+		put(t, writer.etcd, fmt.Sprintf("%sk%02d", testPrefix, i), "v1")
 	}
 	rec := newRecorder()
 	w := newWatchStore(t, reader, rec, func(cfg *WatchStoreConfig[string]) { cfg.SyncedKey = ""; cfg.PageSize = 7 })
@@ -287,14 +287,14 @@ func TestWatchStoreCompactionWhileDisconnected(t *testing.T) {
 
 	p.cut()
 	for _, k := range []string{"k03", "k07", "k15"} {
-		if _, err := writer.Etcd().Delete(ctx, testPrefix+k); err != nil {
+		if _, err := writer.etcd.Delete(ctx, testPrefix+k); err != nil {
 			t.Fatal(err)
 		}
 	}
-	put(t, writer.Etcd(), testPrefix+"k10", "v2")
-	put(t, writer.Etcd(), testPrefix+"new", "v1")
-	resp := must(writer.Etcd().Put(ctx, "trellis/unrelated", "x"))
-	if _, err := writer.Etcd().Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
+	put(t, writer.etcd, testPrefix+"k10", "v2")
+	put(t, writer.etcd, testPrefix+"new", "v1")
+	resp := must(writer.etcd.Put(ctx, "trellis/unrelated", "x"))
+	if _, err := writer.etcd.Compact(ctx, resp.Header.Revision, clientv3.WithCompactPhysical()); err != nil {
 		t.Fatal(err)
 	}
 	p.restore()
@@ -312,7 +312,7 @@ func TestWatchStoreCompactionWhileDisconnected(t *testing.T) {
 	}
 
 	// And the watch works again after the relist.
-	put(t, writer.Etcd(), testPrefix+"after", "v1")
+	put(t, writer.etcd, testPrefix+"after", "v1")
 	eventually(t, "event after relist", func() bool { _, ok := w.Get(testPrefix + "after"); return ok })
 }
 
@@ -328,7 +328,7 @@ func must[T any](v T, err error) T {
 // than the TTL and etcd expires it.
 func TestSyncStoreLeaseLossRepublishes(t *testing.T) {
 	e := startEtcd(t)
-	admin := newTestClient(t, e.Endpoints(), nil).Etcd()
+	admin := newTestClient(t, e.Endpoints(), nil).etcd
 	p := newProxy(t, e.Endpoints()[0])
 	c := newTestClient(t, []string{p.endpoint()}, func(cfg *Config) { cfg.LeaseTTL = 2 * time.Second; cfg.MaxKeysPerLease = 3 })
 	s := newSyncStore(t, c, func(cfg *SyncStoreConfig) { cfg.WithLease = true })
@@ -388,7 +388,7 @@ func TestSyncStoreLeaseLossRepublishes(t *testing.T) {
 func TestWatchStoreCountsMalformedValues(t *testing.T) {
 	e := startEtcd(t)
 	c := newTestClient(t, e.Endpoints(), nil)
-	raw := c.Etcd()
+	raw := c.etcd
 	put(t, raw, testPrefix+"good", "v1")
 	put(t, raw, testPrefix+"bad1", "bad value")
 	put(t, raw, testPrefix+"bad2", "bad value")
@@ -446,7 +446,7 @@ func TestPublishAndSync100k(t *testing.T) {
 		t.Fatal(err)
 	}
 	var leases = map[int64]int{}
-	resp := must(c.Etcd().Get(ctx, testPrefix, clientv3.WithPrefix()))
+	resp := must(c.etcd.Get(ctx, testPrefix, clientv3.WithPrefix()))
 	for _, kv := range resp.Kvs {
 		leases[kv.Lease]++
 	}

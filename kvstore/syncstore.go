@@ -77,7 +77,7 @@ type SyncStore struct {
 
 type writtenEntry struct {
 	value []byte
-	lease clientv3.LeaseID
+	lease *Session // nil: not lease-bound, or found by the listing
 	// stale marks keys found at start-up and not (yet) desired again.
 	fromListing bool
 }
@@ -316,9 +316,11 @@ func (s *SyncStore) republish(keys []string) {
 // values are not rewritten and leftovers of an earlier run can be deleted.
 func (s *SyncStore) listExisting(ctx context.Context) error {
 	existing := make(map[string]writtenEntry)
-	_, err := listPages(ctx, s.client, s.cfg.Name, s.cfg.Prefix, defaultPageSize, func(kvs []*clientv3KV, _ int64) {
+	_, err := listPages(ctx, s.client, listRequest{scope: s.cfg.Name, prefix: s.cfg.Prefix, pageSize: defaultPageSize}, func(kvs []*clientv3KV, _ int64) {
 		for _, kv := range kvs {
-			existing[string(kv.Key)] = writtenEntry{value: kv.Value, lease: clientv3.LeaseID(kv.Lease), fromListing: true}
+			// A listed key's lease is not one of this process's sessions,
+			// so a lease-bound store re-puts it under its own.
+			existing[string(kv.Key)] = writtenEntry{value: kv.Value, fromListing: true}
 		}
 	})
 	if err != nil {
@@ -423,7 +425,7 @@ func (s *SyncStore) takeBatch() []pendingOp {
 // write commits one batch in a single transaction.
 func (s *SyncStore) write(ctx context.Context, batch []pendingOp) error {
 	ops := make([]clientv3.Op, 0, len(batch))
-	leases := make([]clientv3.LeaseID, len(batch))
+	leases := make([]*Session, len(batch))
 	for i, op := range batch {
 		if op.value == nil {
 			ops = append(ops, clientv3.OpDelete(op.key))
@@ -433,13 +435,13 @@ func (s *SyncStore) write(ctx context.Context, batch []pendingOp) error {
 			ops = append(ops, clientv3.OpPut(op.key, string(op.value)))
 			continue
 		}
-		id, err := s.client.leases.acquire(ctx, op.key)
+		sess, err := s.client.leases.acquire(ctx, op.key)
 		if err != nil {
 			s.requeue(batch)
 			return fmt.Errorf("kvstore: %s: %w", s.cfg.Name, err)
 		}
-		leases[i] = id
-		ops = append(ops, clientv3.OpPut(op.key, string(op.value), clientv3.WithLease(id)))
+		leases[i] = sess
+		ops = append(ops, clientv3.OpPut(op.key, string(op.value), clientv3.WithLease(sess.id)))
 	}
 	if err := s.client.wait(ctx); err != nil {
 		s.requeue(batch)
@@ -455,9 +457,9 @@ func (s *SyncStore) write(ctx context.Context, batch []pendingOp) error {
 		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
 			// Which of the batch's leases is gone etcd does not say; drop
 			// them all so every affected key is re-put on a fresh one.
-			for _, id := range leases {
-				if id != 0 {
-					s.client.leases.lost(id)
+			for _, l := range leases {
+				if l != nil {
+					s.client.leases.lost(l)
 				}
 			}
 		}

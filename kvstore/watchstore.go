@@ -271,7 +271,7 @@ func (s *WatchStore[T]) list(ctx context.Context) (int64, error) {
 		seen = make(map[string]struct{}, s.Len())
 	}
 	var events []event[T]
-	rev, err := listPages(ctx, s.client, s.cfg.Name, s.cfg.Prefix, s.cfg.PageSize, func(kvs []*clientv3KV, remaining int64) {
+	rev, err := listPages(ctx, s.client, listRequest{scope: s.cfg.Name, prefix: s.cfg.Prefix, pageSize: s.cfg.PageSize}, func(kvs []*clientv3KV, remaining int64) {
 		events = events[:0]
 		s.mu.Lock()
 		if !relist && len(s.cache) == 0 && remaining > 0 {

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/trellis-mesh/trellis/apiserver/registry"
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
 // Verbs that change a running lab. Each holds the lab's lock.
@@ -39,11 +39,11 @@ func Annotate(ctx context.Context, opts Options, cluster, service string, kvs []
 	if !ok {
 		ns, name = DefaultNamespace, service
 	}
-	var svcs []registry.ServiceRequest
+	var svcs []v1.ServiceRequest
 	if err := l.regCall(ctx, c, http.MethodGet, "/v1/services", nil, &svcs); err != nil {
 		return err
 	}
-	i := slices.IndexFunc(svcs, func(s registry.ServiceRequest) bool { return s.Namespace == ns && s.Name == name })
+	i := slices.IndexFunc(svcs, func(s v1.ServiceRequest) bool { return s.Namespace == ns && s.Name == name })
 	if i < 0 {
 		return fmt.Errorf("lab annotate: cluster %s has no service %s/%s", cluster, ns, name)
 	}
@@ -145,7 +145,7 @@ func NodeDown(ctx context.Context, opts Options, node string) error {
 				errs = append(errs, err)
 			}
 			ready := false
-			err := l.regCall(ctx, n.cluster, http.MethodPut, "/v1/endpoints/"+p.ip.String(), registry.EndpointRequest{
+			err := l.regCall(ctx, n.cluster, http.MethodPut, "/v1/endpoints/"+p.ip.String(), v1.EndpointRequest{
 				Namespace: p.Namespace, Pod: p.Name, Node: n.Name, NodeIP: n.ip, Ready: &ready, Labels: p.Labels,
 			}, nil)
 			if err != nil {

@@ -19,9 +19,8 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
-	"github.com/trellis-mesh/trellis/apiserver"
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/pki"
-	"github.com/trellis-mesh/trellis/apiserver/registry"
 	"github.com/trellis-mesh/trellis/clustermesh"
 )
 
@@ -60,7 +59,7 @@ func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 		"--state-dir", n.stateDir,
 		"--status-socket", n.socket,
 		"--registry-url", c.registryURL(),
-		"--registry-token-file", filepath.Join(c.stateDir, apiserver.AdminTokenFile),
+		"--registry-token-file", filepath.Join(c.stateDir, v1.StateAdminTokenFile),
 		"--node-ip", n.ip.String(),
 		"--pod-cidrs", n.PodCIDR,
 	}
@@ -236,7 +235,7 @@ func (l *lab) regCall(ctx context.Context, c *clusterLayout, method, path string
 		return err
 	}
 	if method != http.MethodGet {
-		token, err := os.ReadFile(filepath.Join(c.stateDir, apiserver.AdminTokenFile))
+		token, err := os.ReadFile(filepath.Join(c.stateDir, v1.StateAdminTokenFile))
 		if err != nil {
 			return fmt.Errorf("lab: %s's admin token: %w", c.Name, err)
 		}
@@ -292,8 +291,8 @@ func (l *lab) waitAPIServers(ctx context.Context, clusters []*clusterLayout, tim
 			if !l.state.Procs[apiKey(c)].Alive() {
 				return fmt.Errorf("lab: %s's API server exited:\n%s", c.Name, tailFile(c.log, 20))
 			}
-			if _, err := os.Stat(filepath.Join(c.stateDir, apiserver.HTTPAddrFile)); err != nil {
-				lastErr = fmt.Errorf("%s: no %s yet", c.Name, apiserver.HTTPAddrFile)
+			if _, err := os.Stat(filepath.Join(c.stateDir, v1.StateHTTPAddrFile)); err != nil {
+				lastErr = fmt.Errorf("%s: no %s yet", c.Name, v1.StateHTTPAddrFile)
 				next = append(next, c)
 				continue
 			}
@@ -322,7 +321,7 @@ func (l *lab) waitAPIServers(ctx context.Context, clusters []*clusterLayout, tim
 func (l *lab) registerServices(ctx context.Context, clusters []*clusterLayout) error {
 	for _, c := range clusters {
 		for _, s := range c.Services {
-			req := registry.ServiceRequest{
+			req := v1.ServiceRequest{
 				Namespace: s.Namespace, Name: s.Name, Ports: s.Ports,
 				FrontendIPs: []netip.Addr{netip.MustParseAddr(s.VIP)},
 				Selector:    s.Selector, Annotations: s.Annotations,

@@ -85,11 +85,11 @@ package identity
 // a released identity (and so its number) for a while in case its pods
 // come back.
 //
-// Lease. The allocator grants its own lease and keeps it alive until Close.
-// It does not use the kvstore client's lease manager: that one is internal
-// to kvstore and re-publishes keys with plain puts, while a reference must
-// be re-published through the compare above. When the keepalive
-// channel closes (revoked, expired, or no renewal for a whole TTL) it
+// Lease. The allocator holds its own kvstore.Session (one lease, kept
+// alive until Close) rather than going through the client's lease manager:
+// that one re-publishes a SyncStore's keys with plain puts, while a
+// reference must be re-published through the compare above. When the
+// session is lost (revoked, expired, or no renewal for a whole TTL) it
 // re-publishes, with backoff, every reference that was on that lease. A
 // reference whose identity was collected meanwhile (the replica was cut
 // off for longer than the grace) is allocated again, preferring the same
@@ -111,7 +111,6 @@ import (
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/source"
 	"github.com/trellis-mesh/trellis/kvstore"
-	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
 // Defaults for [Config].
@@ -150,8 +149,8 @@ var _ source.IdentityAllocator = (*Allocator)(nil)
 // Config describes an Allocator. Client, Cluster, ClusterID and Replica are
 // required; the rest have useful zero values.
 type Config struct {
-	// Client is the etcd connection. The allocator uses its raw client
-	// (Etcd) and never closes it; it must stay open until Close.
+	// Client is the etcd connection. The allocator never closes it; it
+	// must stay open until Close.
 	Client *kvstore.Client
 	// Cluster is the local cluster's name, the <cluster> segment of keys.
 	Cluster string
@@ -213,7 +212,7 @@ func (c *Config) setDefaults() {
 }
 
 func (c *Config) validate() error {
-	if c.Client == nil || c.Client.Etcd() == nil {
+	if c.Client == nil {
 		return errors.New("identity: config: Client is required (an open kvstore.Client)")
 	}
 	if err := v1.ValidateClusterName(c.Cluster); err != nil {
@@ -257,9 +256,9 @@ func checkReplica(s string) string {
 // concurrent use, and for several replicas (each with its own Allocator and
 // Replica name) sharing one etcd.
 type Allocator struct {
-	cfg  Config
-	etcd *clientv3.Client
-	log  *slog.Logger
+	cfg    Config
+	client *kvstore.Client
+	log    *slog.Logger
 
 	idPrefix, indexPrefix, refsPrefix string
 
@@ -274,8 +273,8 @@ type Allocator struct {
 	mu      sync.Mutex
 	entries map[string]*entry // by canonical label set
 
-	leaseMu sync.Mutex
-	lease   clientv3.LeaseID // 0: none granted (or lost)
+	sessionMu sync.Mutex
+	session   *kvstore.Session // nil: none granted (or lost)
 
 	view idView
 
@@ -294,10 +293,10 @@ type entry struct {
 	users int
 
 	// mu serialises the etcd work for this label set.
-	mu    sync.Mutex
-	refs  int
-	id    v1.NumericIdentity
-	lease clientv3.LeaseID // the lease the ref key was put with
+	mu      sync.Mutex
+	refs    int
+	id      v1.NumericIdentity
+	session *kvstore.Session // the session the ref key was put with
 	// stale: refs is 0 but deleting the ref key failed; Run retries.
 	stale bool
 }
@@ -322,7 +321,7 @@ func New(cfg Config) (*Allocator, error) {
 	clusterAlloc := AllocPrefix + cfg.Cluster + "/"
 	a := &Allocator{
 		cfg:         cfg,
-		etcd:        cfg.Client.Etcd(),
+		client:      cfg.Client,
 		log:         cfg.Logger.With("component", "identity", "cluster", cfg.Cluster, "replica", cfg.Replica),
 		idPrefix:    v1.KindPrefix(v1.KindIdentities, cfg.Cluster),
 		indexPrefix: clusterAlloc + "labels/",
@@ -347,10 +346,10 @@ func (a *Allocator) Close() error {
 	a.closeOnce.Do(func() {
 		a.cancel()
 		// Barrier: a grant in progress finishes (and registers its
-		// keepalive with wg) before we wait; later ones see ctx done.
-		a.leaseMu.Lock()
-		a.lease = 0
-		a.leaseMu.Unlock()
+		// watcher with wg) before we wait; later ones see ctx done.
+		a.sessionMu.Lock()
+		a.session = nil
+		a.sessionMu.Unlock()
 		a.wg.Wait()
 	})
 	return nil
@@ -376,11 +375,11 @@ func (a *Allocator) Acquire(ctx context.Context, labels map[string]string) (v1.N
 		a.heldRefs.Add(1)
 		return e.id, nil
 	}
-	id, lease, err := a.publish(ctx, e.ls, 0)
+	id, session, err := a.publish(ctx, e.ls, 0)
 	if err != nil {
 		return 0, fmt.Errorf("identity: acquire %s in cluster %s: %w", ls, a.cfg.Cluster, err)
 	}
-	e.refs, e.id, e.lease, e.stale = 1, id, lease, false
+	e.refs, e.id, e.session, e.stale = 1, id, session, false
 	a.heldRefs.Add(1)
 	a.heldSets.Add(1)
 	return id, nil
@@ -427,10 +426,10 @@ func (a *Allocator) Release(ctx context.Context, labels map[string]string) error
 // sorted by ID. Entries that fail to decode are logged and skipped.
 func (a *Allocator) Identities(ctx context.Context) ([]v1.Identity, error) {
 	var out []v1.Identity
-	_, err := a.list(ctx, a.idPrefix, 0, false, func(key string, value []byte, _ int64) {
-		id, err := v1.DecodeIdentityEntry(key, value)
+	_, err := a.list(ctx, a.idPrefix, 0, false, func(kv kvstore.KeyValue) {
+		id, err := v1.DecodeIdentityEntry(kv.Key, kv.Value)
 		if err != nil {
-			a.log.Warn("skipping undecodable identity", "key", key, "err", err)
+			a.log.Warn("skipping undecodable identity", "key", kv.Key, "err", err)
 			return
 		}
 		out = append(out, id)

@@ -83,7 +83,7 @@ func TestAcquireOneIdentityPerLabelSet(t *testing.T) {
 	}
 
 	for labels, id := range map[*map[string]string]v1.NumericIdentity{&web: id1, &db: id3} {
-		st := stateOf(t, a.etcd, a, *labels)
+		st := stateOf(t, a.client, a, *labels)
 		if st.indexID != id {
 			t.Errorf("index of %v names %d, want %d", *labels, st.indexID, id)
 		}
@@ -98,11 +98,12 @@ func TestAcquireOneIdentityPerLabelSet(t *testing.T) {
 		}
 	}
 	// The ref is lease-bound, the identity is not.
-	resp, err := a.etcd.Get(ctx, a.refKey(id1))
+	raw := rawEtcd(t, e)
+	resp, err := raw.Get(ctx, a.refKey(id1))
 	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease == 0 {
 		t.Fatalf("ref key %s: %v %v; want one lease-bound key", a.refKey(id1), resp, err)
 	}
-	resp, err = a.etcd.Get(ctx, a.idKey(id1))
+	resp, err = raw.Get(ctx, a.idKey(id1))
 	if err != nil || len(resp.Kvs) != 1 || resp.Kvs[0].Lease != 0 {
 		t.Fatalf("identity key %s: %v %v; want one key without lease", a.idKey(id1), resp, err)
 	}
@@ -136,7 +137,7 @@ func TestAcquireOneIdentityPerLabelSet(t *testing.T) {
 	if err := a.Release(ctx, web); !errors.Is(err, ErrNotAcquired) {
 		t.Errorf("third release of two acquisitions: %v, want ErrNotAcquired", err)
 	}
-	if st := stateOf(t, a.etcd, a, web); len(st.refs) != 0 || st.identity == nil {
+	if st := stateOf(t, a.client, a, web); len(st.refs) != 0 || st.identity == nil {
 		t.Errorf("after the last release: refs %v, identity %v; want no ref and the identity kept until GC", st.refs, st.identity)
 	}
 	if s := a.Stats(); s.LabelSets != 1 || s.References != 1 {
@@ -243,7 +244,7 @@ func TestTwoReplicasRace(t *testing.T) {
 			t.Errorf("sets %d and %d share identity %d", j, i, ids[0][i])
 		}
 		seen[ids[0][i]] = i
-		st := stateOf(t, a.etcd, a, sets[i])
+		st := stateOf(t, a.client, a, sets[i])
 		if st.indexID != ids[0][i] || st.identity == nil || !sameLabels(st.identity.Labels, sets[i]) {
 			t.Errorf("set %d: etcd has index %d, identity %+v; want %d with its labels", i, st.indexID, st.identity, ids[0][i])
 		}
@@ -251,10 +252,10 @@ func TestTwoReplicasRace(t *testing.T) {
 			t.Errorf("set %d: refs %v, want both replicas", i, st.refs)
 		}
 	}
-	if c := countPrefix(t, a.etcd, a.idPrefix); c != n {
+	if c := countPrefix(t, a.client, a.idPrefix); c != n {
 		t.Errorf("%d identity keys, want %d", c, n)
 	}
-	if c := countPrefix(t, a.etcd, a.indexPrefix); c != n {
+	if c := countPrefix(t, a.client, a.indexPrefix); c != n {
 		t.Errorf("%d index keys, want %d", c, n)
 	}
 	if got := a.Stats().Allocated + b.Stats().Allocated; got != n {
@@ -282,8 +283,8 @@ func TestReleasedWhenUnused(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the unused identity is collected", func() bool {
-		st := stateOf(t, a.etcd, a, web)
-		return st.indexID == 0 && countPrefix(t, a.etcd, a.idKey(id)) == 0
+		st := stateOf(t, a.client, a, web)
+		return st.indexID == 0 && countPrefix(t, a.client, a.idKey(id)) == 0
 	})
 	if got := a.Stats().Collected + b.Stats().Collected; got != 1 {
 		t.Errorf("collected %d identities, want 1", got)
@@ -304,14 +305,14 @@ func TestReleasedWhenUnused(t *testing.T) {
 	}
 	passes := a.Stats().GCPasses + b.Stats().GCPasses
 	eventually(t, "20 GC passes", func() bool { return a.Stats().GCPasses+b.Stats().GCPasses >= passes+20 })
-	if st := stateOf(t, a.etcd, a, db); st.indexID != idA || st.identity == nil || !slices.Equal(st.refs, []string{"apiserver-1"}) {
+	if st := stateOf(t, a.client, a, db); st.indexID != idA || st.identity == nil || !slices.Equal(st.refs, []string{"apiserver-1"}) {
 		t.Fatalf("identity held by B: index %d, identity %v, refs %v; want it kept with B's ref", st.indexID, st.identity, st.refs)
 	}
 	if err := b.Release(ctx, db); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "the identity is collected after B's release", func() bool {
-		return countPrefix(t, a.etcd, a.idKey(idA)) == 0 && stateOf(t, a.etcd, a, db).indexID == 0
+		return countPrefix(t, a.client, a.idKey(idA)) == 0 && stateOf(t, a.client, a, db).indexID == 0
 	})
 }
 
@@ -330,7 +331,7 @@ func TestGracePeriod(t *testing.T) {
 	}
 	passes := a.Stats().GCPasses
 	eventually(t, "20 GC passes", func() bool { return a.Stats().GCPasses >= passes+20 })
-	if countPrefix(t, a.etcd, a.idKey(id)) != 1 {
+	if countPrefix(t, a.client, a.idKey(id)) != 1 {
 		t.Fatal("identity collected before its grace period")
 	}
 	// Coming back within the grace period gives the same number.
@@ -374,7 +375,7 @@ func TestGCRacesWithAcquire(t *testing.T) {
 		if got != id {
 			t.Fatalf("B got %d, want %d", got, id)
 		}
-		if st := stateOf(t, a.etcd, a, web); st.indexID != id || st.identity == nil || !slices.Equal(st.refs, []string{"apiserver-1"}) {
+		if st := stateOf(t, a.client, a, web); st.indexID != id || st.identity == nil || !slices.Equal(st.refs, []string{"apiserver-1"}) {
 			t.Fatalf("after the race: index %d, identity %v, refs %v; want identity %d kept with B's ref", st.indexID, st.identity, st.refs, id)
 		}
 		// And it is never collected while B holds it.
@@ -411,7 +412,7 @@ func TestGCRacesWithAcquire(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		st := stateOf(t, a.etcd, a, web)
+		st := stateOf(t, a.client, a, web)
 		if st.indexID != got || st.identity == nil || st.identity.ID != got || !slices.Equal(st.refs, []string{"apiserver-1"}) {
 			t.Fatalf("B holds %d but etcd has index %d, identity %v, refs %v", got, st.indexID, st.identity, st.refs)
 		}
@@ -433,7 +434,7 @@ func TestGCNeverDeletesReferencedIdentity(t *testing.T) {
 	b := newAllocator(t, e, "apiserver-1", aggressive)
 	runGC(t, a)
 	runGC(t, b)
-	raw := newClient(t, e).Etcd()
+	obs := newClient(t, e)
 
 	iterations := 150
 	if testing.Short() {
@@ -451,7 +452,7 @@ func TestGCNeverDeletesReferencedIdentity(t *testing.T) {
 					return
 				}
 				for check := range 2 {
-					st := stateOf(t, raw, a, labels)
+					st := stateOf(t, obs, a, labels)
 					if st.indexID != id || st.identity == nil || st.identity.ID != id || !sameLabels(st.identity.Labels, labels) {
 						t.Errorf("worker %d iteration %d check %d: holding %d but etcd has index %d, identity %v", w, i, check, id, st.indexID, st.identity)
 						return
@@ -489,7 +490,7 @@ func TestLeaseLost(t *testing.T) {
 	b := newAllocator(t, e, "apiserver-1", cfg)
 	runGC(t, a)
 	runGC(t, b)
-	raw := newClient(t, e).Etcd()
+	raw, obs := rawEtcd(t, e), newClient(t, e)
 
 	web := podLabels("default", "web")
 	id, err := a.Acquire(ctx, web)
@@ -529,7 +530,7 @@ func TestLeaseLost(t *testing.T) {
 	// Both GCs ran all along; the identity is still there, and stays.
 	deadline := time.Now().Add(4 * time.Second)
 	for time.Now().Before(deadline) {
-		if st := stateOf(t, raw, a, web); st.indexID != id || st.identity == nil || len(st.refs) != 1 {
+		if st := stateOf(t, obs, a, web); st.indexID != id || st.identity == nil || len(st.refs) != 1 {
 			t.Fatalf("after the lease loss: index %d, identity %v, refs %v; want %d kept with A's ref", st.indexID, st.identity, st.refs, id)
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -545,7 +546,7 @@ func TestLeaseLostAndCollected(t *testing.T) {
 	e := startEtcd(t)
 	ctx := testCtx(t)
 	a := newAllocator(t, e, "apiserver-0", func(c *Config) { c.LeaseTTL = 3 * time.Second })
-	raw := newClient(t, e).Etcd()
+	raw, obs := rawEtcd(t, e), newClient(t, e)
 
 	web := podLabels("default", "web")
 	id, err := a.Acquire(ctx, web)
@@ -568,10 +569,10 @@ func TestLeaseLostAndCollected(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "the identity is allocated again", func() bool {
-		st := stateOf(t, raw, a, web)
+		st := stateOf(t, obs, a, web)
 		return st.indexID != 0 && st.identity != nil && len(st.refs) == 1
 	})
-	if st := stateOf(t, raw, a, web); st.indexID != id {
+	if st := stateOf(t, obs, a, web); st.indexID != id {
 		t.Fatalf("re-allocated as %d, want the old number %d", st.indexID, id)
 	}
 	if again, err := a.Acquire(ctx, web); err != nil || again != id {
@@ -610,7 +611,7 @@ func TestExhaustion(t *testing.T) {
 		}
 	}
 	runGC(t, a)
-	eventually(t, "the released identity is collected", func() bool { return countPrefix(t, a.etcd, a.idKey(freed)) == 0 })
+	eventually(t, "the released identity is collected", func() bool { return countPrefix(t, a.client, a.idKey(freed)) == 0 })
 	id, err := a.Acquire(ctx, extra)
 	if err != nil {
 		t.Fatal(err)
@@ -636,11 +637,11 @@ func TestReleaseRetried(t *testing.T) {
 	if err := a.Release(dead, web); err != nil {
 		t.Fatalf("release: %v", err)
 	}
-	if countPrefix(t, a.etcd, a.refKey(id)) != 1 {
+	if countPrefix(t, a.client, a.refKey(id)) != 1 {
 		t.Fatal("ref key deleted with a cancelled context?")
 	}
 	runGC(t, a)
-	eventually(t, "the ref key is deleted by Run", func() bool { return countPrefix(t, a.etcd, a.refKey(id)) == 0 })
+	eventually(t, "the ref key is deleted by Run", func() bool { return countPrefix(t, a.client, a.refKey(id)) == 0 })
 	eventually(t, "the entry is forgotten", func() bool {
 		a.mu.Lock()
 		defer a.mu.Unlock()
@@ -652,7 +653,7 @@ func TestReleaseRetried(t *testing.T) {
 func TestRepair(t *testing.T) {
 	e := startEtcd(t)
 	ctx := testCtx(t)
-	raw := newClient(t, e).Etcd()
+	c := newClient(t, e)
 
 	t.Run("identity key deleted", func(t *testing.T) {
 		a := newAllocator(t, e, "apiserver-0", func(c *Config) { c.Cluster = "repair-1" })
@@ -664,14 +665,14 @@ func TestRepair(t *testing.T) {
 		if err := a.Release(ctx, web); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := raw.Delete(ctx, a.idKey(id)); err != nil {
+		if err := c.Delete(ctx, a.idKey(id)); err != nil {
 			t.Fatal(err)
 		}
 		again, err := a.Acquire(ctx, web)
 		if err != nil || again != id {
 			t.Fatalf("acquire: %d, %v; want %d", again, err, id)
 		}
-		if st := stateOf(t, raw, a, web); st.identity == nil || !sameLabels(st.identity.Labels, web) {
+		if st := stateOf(t, c, a, web); st.identity == nil || !sameLabels(st.identity.Labels, web) {
 			t.Fatalf("identity key not re-created: %+v", st)
 		}
 	})
@@ -684,7 +685,7 @@ func TestRepair(t *testing.T) {
 			t.Fatal(err)
 		}
 		ls, _ := a.newLabelSet(db)
-		if _, err := raw.Put(ctx, a.indexKey(ls), idWeb.String()); err != nil {
+		if err := c.Put(ctx, a.indexKey(ls), []byte(idWeb.String())); err != nil {
 			t.Fatal(err)
 		}
 		idDB, err := a.Acquire(ctx, db)
@@ -694,7 +695,7 @@ func TestRepair(t *testing.T) {
 		if idDB == idWeb {
 			t.Fatalf("db got web's identity %d", idWeb)
 		}
-		if st := stateOf(t, raw, a, web); st.identity == nil || !sameLabels(st.identity.Labels, web) || !slices.Equal(st.refs, []string{"apiserver-0"}) {
+		if st := stateOf(t, c, a, web); st.identity == nil || !sameLabels(st.identity.Labels, web) || !slices.Equal(st.refs, []string{"apiserver-0"}) {
 			t.Fatalf("web's identity disturbed: %+v", st)
 		}
 	})
@@ -705,7 +706,7 @@ func TestRepair(t *testing.T) {
 		ls, _ := a.newLabelSet(web)
 		foreign := v1.MakeIdentity(testClusterID+1, 5)
 		for _, bad := range []string{"not a number", foreign.String()} {
-			if _, err := raw.Put(ctx, a.indexKey(ls), bad); err != nil {
+			if err := c.Put(ctx, a.indexKey(ls), []byte(bad)); err != nil {
 				t.Fatal(err)
 			}
 			id, err := a.Acquire(ctx, web)
@@ -753,7 +754,7 @@ func TestCloseAndNil(t *testing.T) {
 		t.Fatalf("Release after Close: %v, want ErrClosed", err)
 	}
 	// Close does not revoke: the ref outlives the allocator.
-	if c := countPrefix(t, newClient(t, e).Etcd(), a.refsPrefix); c != 1 {
+	if c := countPrefix(t, newClient(t, e), a.refsPrefix); c != 1 {
 		t.Fatalf("%d ref keys after Close, want 1", c)
 	}
 }
@@ -856,7 +857,7 @@ func TestClustersIsolated(t *testing.T) {
 	runGC(t, a)
 	passes := a.Stats().GCPasses
 	eventually(t, "10 GC passes", func() bool { return a.Stats().GCPasses >= passes+10 })
-	if countPrefix(t, a.etcd, other.idKey(idOther)) != 1 {
+	if countPrefix(t, a.client, other.idKey(idOther)) != 1 {
 		t.Fatal("cluster-a's GC deleted cluster-b's identity")
 	}
 	id, err := a.Acquire(ctx, podLabels("default", "web"))

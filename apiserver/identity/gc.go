@@ -8,7 +8,7 @@ import (
 	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	clientv3 "go.etcd.io/etcd/client/v3"
+	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // Run collects unused identities every GCInterval, and retries deleting
@@ -93,32 +93,32 @@ func (c gcCandidate) sameKeys(o gcCandidate) bool {
 // allocator.go for why that cannot remove an identity in use.
 func (a *Allocator) collect(ctx context.Context, st *gcState) (int, error) {
 	ids := make(map[v1.NumericIdentity]int64)
-	rev, err := a.list(ctx, a.idPrefix, 0, true, func(key string, _ []byte, modRev int64) {
-		id, err := a.parseID(key[len(a.idPrefix):])
+	rev, err := a.list(ctx, a.idPrefix, 0, true, func(kv kvstore.KeyValue) {
+		id, err := a.parseID(kv.Key[len(a.idPrefix):])
 		if err != nil {
-			a.log.Warn("identity key that this cluster cannot have allocated; leaving it", "key", cut(key), "err", err)
+			a.log.Warn("identity key that this cluster cannot have allocated; leaving it", "key", cut(kv.Key), "err", err)
 			return
 		}
-		ids[id] = modRev
+		ids[id] = kv.ModRevision
 	})
 	if err != nil {
 		return 0, fmt.Errorf("identity gc: %w", err)
 	}
 	index := make(map[v1.NumericIdentity][]revKey)
-	if _, err := a.list(ctx, a.indexPrefix, rev, false, func(key string, value []byte, modRev int64) {
-		id, err := a.parseID(string(value))
+	if _, err := a.list(ctx, a.indexPrefix, rev, false, func(kv kvstore.KeyValue) {
+		id, err := a.parseID(string(kv.Value))
 		if err != nil {
 			// Acquire of those labels deletes it; nothing to collect.
-			a.log.Warn("label index holds no usable identity", "key", key, "err", err)
+			a.log.Warn("label index holds no usable identity", "key", kv.Key, "err", err)
 			return
 		}
-		index[id] = append(index[id], revKey{key, modRev})
+		index[id] = append(index[id], revKey{kv.Key, kv.ModRevision})
 	}); err != nil {
 		return 0, fmt.Errorf("identity gc: %w", err)
 	}
 	referenced := make(map[v1.NumericIdentity]bool)
-	if _, err := a.list(ctx, a.refsPrefix, rev, true, func(key string, _ []byte, _ int64) {
-		s, ok := refSuffixID(key[len(a.refsPrefix):])
+	if _, err := a.list(ctx, a.refsPrefix, rev, true, func(kv kvstore.KeyValue) {
+		s, ok := refSuffixID(kv.Key[len(a.refsPrefix):])
 		if !ok {
 			return
 		}
@@ -185,18 +185,15 @@ func (a *Allocator) deleteIdentity(ctx context.Context, id v1.NumericIdentity, c
 		h(id)
 	}
 	idKey := a.idKey(id)
-	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(idKey), "=", c.idModRev)}
-	var ops []clientv3.Op
+	t := kvstore.Txn{If: []kvstore.Cmp{kvstore.CmpModRevision(idKey, c.idModRev)}}
 	if c.idModRev != 0 {
-		ops = append(ops, clientv3.OpDelete(idKey))
+		t.Then = append(t.Then, kvstore.OpDelete(idKey))
 	}
 	for _, ix := range c.index {
-		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(ix.key), "=", ix.modRev))
-		ops = append(ops, clientv3.OpDelete(ix.key))
+		t.If = append(t.If, kvstore.CmpModRevision(ix.key, ix.modRev))
+		t.Then = append(t.Then, kvstore.OpDelete(ix.key))
 	}
-	rctx, cancel := a.requestContext(ctx)
-	txn, err := a.etcd.Txn(rctx).If(cmps...).Then(ops...).Commit()
-	cancel()
+	txn, err := a.txn(ctx, t)
 	if err != nil {
 		return false, fmt.Errorf("delete identity %s: %w", idKey, err)
 	}

@@ -6,61 +6,72 @@ import (
 	"fmt"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
-	clientv3 "go.etcd.io/etcd/client/v3"
+	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // publish makes sure etcd holds an identity for ls and this replica's
-// reference on it, under the current lease, and returns both. prefer, when
-// nonzero, is the id to choose if a new identity has to be allocated (a
-// re-publication after the identity was collected).
-func (a *Allocator) publish(ctx context.Context, ls *labelSet, prefer v1.NumericIdentity) (v1.NumericIdentity, clientv3.LeaseID, error) {
+// reference on it, under the current session, and returns both. prefer,
+// when nonzero, is the id to choose if a new identity has to be allocated
+// (a re-publication after the identity was collected).
+func (a *Allocator) publish(ctx context.Context, ls *labelSet, prefer v1.NumericIdentity) (v1.NumericIdentity, *kvstore.Session, error) {
 	for range maxAttempts {
-		lease, err := a.currentLease(ctx)
+		session, err := a.currentSession(ctx)
 		if err != nil {
-			return 0, 0, err
+			return 0, nil, err
 		}
-		id, done, err := a.publishOnce(ctx, ls, lease, prefer)
-		if errors.Is(err, rpctypes.ErrLeaseNotFound) {
-			// Revoked or expired under us; the keepalive goroutine will
+		id, done, err := a.publishOnce(ctx, ls, session, prefer)
+		if errors.Is(err, kvstore.ErrSessionLost) {
+			// Revoked or expired under us; the session's watcher will
 			// notice too and re-publish what was on it.
-			a.forgetLease(lease)
+			a.forgetSession(session)
 			continue
 		}
 		if err != nil {
-			return 0, 0, err
+			return 0, nil, err
 		}
 		if done {
-			return id, lease, nil
+			return id, session, nil
 		}
 		if err := ctx.Err(); err != nil {
-			return 0, 0, err
+			return 0, nil, err
 		}
 	}
-	return 0, 0, fmt.Errorf("%w: gave up after %d compare-and-swap attempts", ErrContention, maxAttempts)
+	return 0, nil, fmt.Errorf("%w: gave up after %d compare-and-swap attempts", ErrContention, maxAttempts)
+}
+
+// get reads key within the allocator's request timeout.
+func (a *Allocator) get(ctx context.Context, key string) (*kvstore.KeyValue, error) {
+	rctx, cancel := a.requestContext(ctx)
+	defer cancel()
+	kv, _, err := a.client.Get(rctx, key)
+	return kv, err
+}
+
+// txn commits t within the allocator's request timeout.
+func (a *Allocator) txn(ctx context.Context, t kvstore.Txn) (kvstore.TxnResult, error) {
+	rctx, cancel := a.requestContext(ctx)
+	defer cancel()
+	return a.client.Txn(rctx, t)
 }
 
 // publishOnce is one round: read the index, then join the identity it
 // names or allocate one. done is false when a compare failed and the caller
 // should read again.
-func (a *Allocator) publishOnce(ctx context.Context, ls *labelSet, lease clientv3.LeaseID, prefer v1.NumericIdentity) (v1.NumericIdentity, bool, error) {
+func (a *Allocator) publishOnce(ctx context.Context, ls *labelSet, session *kvstore.Session, prefer v1.NumericIdentity) (v1.NumericIdentity, bool, error) {
 	indexKey := a.indexKey(ls)
-	rctx, cancel := a.requestContext(ctx)
-	resp, err := a.etcd.Get(rctx, indexKey)
-	cancel()
+	idx, err := a.get(ctx, indexKey)
 	if err != nil {
 		return 0, false, fmt.Errorf("read label index %s: %w", indexKey, err)
 	}
-	if len(resp.Kvs) == 0 {
-		return a.allocate(ctx, ls, lease, prefer)
+	if idx == nil {
+		return a.allocate(ctx, ls, session, prefer)
 	}
-	idx := resp.Kvs[0]
 	id, err := a.parseID(string(idx.Value))
 	if err != nil {
 		a.log.Error("label index holds no usable identity; deleting it", "key", indexKey, "labels", ls.String(), "err", err)
 		return 0, false, a.dropIndex(ctx, indexKey, idx.ModRevision)
 	}
-	return a.join(ctx, ls, id, idx.ModRevision, lease)
+	return a.join(ctx, ls, id, idx.ModRevision, session)
 }
 
 // join takes a reference on id, which the index (at ModRevision
@@ -68,18 +79,15 @@ func (a *Allocator) publishOnce(ctx context.Context, ls *labelSet, lease clientv
 // puts the ref and re-puts the index in one transaction that compares
 // both keys' ModRevisions. The index re-put is what GC compares against
 // (see the design notes).
-func (a *Allocator) join(ctx context.Context, ls *labelSet, id v1.NumericIdentity, indexRev int64, lease clientv3.LeaseID) (v1.NumericIdentity, bool, error) {
+func (a *Allocator) join(ctx context.Context, ls *labelSet, id v1.NumericIdentity, indexRev int64, session *kvstore.Session) (v1.NumericIdentity, bool, error) {
 	indexKey, idKey := a.indexKey(ls), a.idKey(id)
-	rctx, cancel := a.requestContext(ctx)
-	resp, err := a.etcd.Get(rctx, idKey)
-	cancel()
+	kv, err := a.get(ctx, idKey)
 	if err != nil {
 		return 0, false, fmt.Errorf("read identity %s: %w", idKey, err)
 	}
-	if len(resp.Kvs) == 0 {
-		return a.repair(ctx, ls, id, indexRev, lease)
+	if kv == nil {
+		return a.repair(ctx, ls, id, indexRev, session)
 	}
-	kv := resp.Kvs[0]
 	got, err := v1.DecodeIdentityEntry(idKey, kv.Value)
 	if err != nil {
 		// Perhaps written by a newer Trellis: neither use nor delete it.
@@ -93,15 +101,13 @@ func (a *Allocator) join(ctx context.Context, ls *labelSet, id v1.NumericIdentit
 	if h := a.hooks.beforeJoin; h != nil {
 		h(id)
 	}
-	rctx, cancel = a.requestContext(ctx)
-	txn, err := a.etcd.Txn(rctx).If(
-		clientv3.Compare(clientv3.ModRevision(indexKey), "=", indexRev),
-		clientv3.Compare(clientv3.ModRevision(idKey), "=", kv.ModRevision),
-	).Then(
-		clientv3.OpPut(indexKey, id.String()),
-		clientv3.OpPut(a.refKey(id), ls.hash, clientv3.WithLease(lease)),
-	).Commit()
-	cancel()
+	txn, err := a.txn(ctx, kvstore.Txn{
+		If: []kvstore.Cmp{kvstore.CmpModRevision(indexKey, indexRev), kvstore.CmpModRevision(idKey, kv.ModRevision)},
+		Then: []kvstore.Op{
+			kvstore.OpPut(indexKey, []byte(id.String())),
+			kvstore.OpPut(a.refKey(id), []byte(ls.hash)).WithSession(session),
+		},
+	})
 	if err != nil {
 		return 0, false, fmt.Errorf("reference identity %s: %w", idKey, err)
 	}
@@ -110,22 +116,20 @@ func (a *Allocator) join(ctx context.Context, ls *labelSet, id v1.NumericIdentit
 
 // repair re-creates a missing identity key from the index that still names
 // it (someone deleted the published key), with the reference.
-func (a *Allocator) repair(ctx context.Context, ls *labelSet, id v1.NumericIdentity, indexRev int64, lease clientv3.LeaseID) (v1.NumericIdentity, bool, error) {
+func (a *Allocator) repair(ctx context.Context, ls *labelSet, id v1.NumericIdentity, indexRev int64, session *kvstore.Session) (v1.NumericIdentity, bool, error) {
 	indexKey, idKey := a.indexKey(ls), a.idKey(id)
 	value, err := v1.Encode(v1.Identity{Cluster: a.cfg.Cluster, ID: id, Labels: ls.labels})
 	if err != nil {
 		return 0, false, err
 	}
-	rctx, cancel := a.requestContext(ctx)
-	txn, err := a.etcd.Txn(rctx).If(
-		clientv3.Compare(clientv3.ModRevision(indexKey), "=", indexRev),
-		clientv3.Compare(clientv3.CreateRevision(idKey), "=", 0),
-	).Then(
-		clientv3.OpPut(idKey, string(value)),
-		clientv3.OpPut(indexKey, id.String()),
-		clientv3.OpPut(a.refKey(id), ls.hash, clientv3.WithLease(lease)),
-	).Commit()
-	cancel()
+	txn, err := a.txn(ctx, kvstore.Txn{
+		If: []kvstore.Cmp{kvstore.CmpModRevision(indexKey, indexRev), kvstore.CmpAbsent(idKey)},
+		Then: []kvstore.Op{
+			kvstore.OpPut(idKey, value),
+			kvstore.OpPut(indexKey, []byte(id.String())),
+			kvstore.OpPut(a.refKey(id), []byte(ls.hash)).WithSession(session),
+		},
+	})
 	if err != nil {
 		return 0, false, fmt.Errorf("re-create identity %s: %w", idKey, err)
 	}
@@ -140,7 +144,7 @@ func (a *Allocator) repair(ctx context.Context, ls *labelSet, id v1.NumericIdent
 // provided nobody has indexed ls or taken the id meanwhile. done is false
 // when another replica indexed ls first: the caller reads the index again
 // and joins it.
-func (a *Allocator) allocate(ctx context.Context, ls *labelSet, lease clientv3.LeaseID, prefer v1.NumericIdentity) (v1.NumericIdentity, bool, error) {
+func (a *Allocator) allocate(ctx context.Context, ls *labelSet, session *kvstore.Session, prefer v1.NumericIdentity) (v1.NumericIdentity, bool, error) {
 	if !a.view.isLoaded() {
 		if err := a.loadView(ctx); err != nil {
 			return 0, false, err
@@ -174,18 +178,15 @@ func (a *Allocator) allocate(ctx context.Context, ls *labelSet, lease clientv3.L
 			a.view.unmark(local)
 			return 0, false, err
 		}
-		rctx, cancel := a.requestContext(ctx)
-		txn, err := a.etcd.Txn(rctx).If(
-			clientv3.Compare(clientv3.CreateRevision(indexKey), "=", 0),
-			clientv3.Compare(clientv3.CreateRevision(idKey), "=", 0),
-		).Then(
-			clientv3.OpPut(idKey, string(value)),
-			clientv3.OpPut(indexKey, id.String()),
-			clientv3.OpPut(a.refKey(id), ls.hash, clientv3.WithLease(lease)),
-		).Else(
-			clientv3.OpGet(indexKey, clientv3.WithCountOnly()),
-		).Commit()
-		cancel()
+		txn, err := a.txn(ctx, kvstore.Txn{
+			If: []kvstore.Cmp{kvstore.CmpAbsent(indexKey), kvstore.CmpAbsent(idKey)},
+			Then: []kvstore.Op{
+				kvstore.OpPut(idKey, value),
+				kvstore.OpPut(indexKey, []byte(id.String())),
+				kvstore.OpPut(a.refKey(id), []byte(ls.hash)).WithSession(session),
+			},
+			Else: []kvstore.Op{kvstore.OpCount(indexKey)},
+		})
 		if err != nil {
 			a.view.unmark(local)
 			return 0, false, fmt.Errorf("allocate identity %s: %w", idKey, err)
@@ -195,7 +196,7 @@ func (a *Allocator) allocate(ctx context.Context, ls *labelSet, lease clientv3.L
 			a.log.Info("allocated identity", "id", id, "labels", ls.String())
 			return id, true, nil
 		}
-		if txn.Responses[0].GetResponseRange().Count > 0 {
+		if txn.Counts[0] > 0 {
 			// Another replica indexed ls first; the id stays free.
 			a.view.unmark(local)
 			return 0, false, nil
@@ -207,11 +208,7 @@ func (a *Allocator) allocate(ctx context.Context, ls *labelSet, lease clientv3.L
 
 // dropIndex deletes an unusable index key if it is still at rev.
 func (a *Allocator) dropIndex(ctx context.Context, key string, rev int64) error {
-	rctx, cancel := a.requestContext(ctx)
-	_, err := a.etcd.Txn(rctx).If(
-		clientv3.Compare(clientv3.ModRevision(key), "=", rev),
-	).Then(clientv3.OpDelete(key)).Commit()
-	cancel()
+	_, err := a.txn(ctx, kvstore.Txn{If: []kvstore.Cmp{kvstore.CmpModRevision(key, rev)}, Then: []kvstore.Op{kvstore.OpDelete(key)}})
 	if err != nil {
 		return fmt.Errorf("delete label index %s: %w", key, err)
 	}
@@ -222,11 +219,7 @@ func (a *Allocator) dropIndex(ctx context.Context, key string, rev int64) error 
 // e's label set. The caller holds e.mu.
 func (a *Allocator) deleteRef(ctx context.Context, e *entry) error {
 	key := a.refKey(e.id)
-	rctx, cancel := a.requestContext(ctx)
-	_, err := a.etcd.Txn(rctx).If(
-		clientv3.Compare(clientv3.Value(key), "=", e.ls.hash),
-	).Then(clientv3.OpDelete(key)).Commit()
-	cancel()
+	_, err := a.txn(ctx, kvstore.Txn{If: []kvstore.Cmp{kvstore.CmpValue(key, []byte(e.ls.hash))}, Then: []kvstore.Op{kvstore.OpDelete(key)}})
 	if err != nil {
 		return fmt.Errorf("delete reference %s: %w", key, err)
 	}
@@ -236,8 +229,8 @@ func (a *Allocator) deleteRef(ctx context.Context, e *entry) error {
 // loadView replaces the used-id view with what etcd holds.
 func (a *Allocator) loadView(ctx context.Context) error {
 	var used []uint16
-	_, err := a.list(ctx, a.idPrefix, 0, true, func(key string, _ []byte, _ int64) {
-		if id, err := a.parseID(key[len(a.idPrefix):]); err == nil {
+	_, err := a.list(ctx, a.idPrefix, 0, true, func(kv kvstore.KeyValue) {
+		if id, err := a.parseID(kv.Key[len(a.idPrefix):]); err == nil {
 			used = append(used, id.Local())
 		}
 	})
@@ -254,32 +247,10 @@ const listPageSize = 1000
 
 // list reads every key under prefix at revision rev (0: the current one),
 // page by page, and returns the revision read.
-func (a *Allocator) list(ctx context.Context, prefix string, rev int64, keysOnly bool, fn func(key string, value []byte, modRev int64)) (int64, error) {
-	end := clientv3.GetPrefixRangeEnd(prefix)
-	key := prefix
-	for {
-		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(listPageSize)}
-		if rev != 0 {
-			opts = append(opts, clientv3.WithRev(rev))
-		}
-		if keysOnly {
-			opts = append(opts, clientv3.WithKeysOnly())
-		}
-		rctx, cancel := a.requestContext(ctx)
-		resp, err := a.etcd.Get(rctx, key, opts...)
-		cancel()
-		if err != nil {
-			return 0, fmt.Errorf("list %s: %w", prefix, err)
-		}
-		if rev == 0 {
-			rev = resp.Header.Revision
-		}
-		for _, kv := range resp.Kvs {
-			fn(string(kv.Key), kv.Value, kv.ModRevision)
-		}
-		if !resp.More || len(resp.Kvs) == 0 {
-			return rev, nil
-		}
-		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+func (a *Allocator) list(ctx context.Context, prefix string, rev int64, keysOnly bool, fn func(kvstore.KeyValue)) (int64, error) {
+	rev, err := a.client.List(ctx, prefix, kvstore.ListOptions{Revision: rev, KeysOnly: keysOnly, PageSize: listPageSize}, fn)
+	if err != nil {
+		return 0, fmt.Errorf("list %s: %w", prefix, err)
 	}
+	return rev, nil
 }

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
 // maxBody bounds a request body; no registry object comes near it.
@@ -31,7 +33,7 @@ func (r *Registry) Handler(token string) http.Handler {
 
 	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, r.Nodes()) })
 	mux.HandleFunc("PUT /v1/nodes/{name}", write(func(w http.ResponseWriter, req *http.Request) {
-		var n NodeRequest
+		var n v1.NodeRequest
 		if !decode(w, req, &n) {
 			return
 		}
@@ -51,7 +53,7 @@ func (r *Registry) Handler(token string) http.Handler {
 			writeError(w, http.StatusBadRequest, fmt.Sprintf("endpoint path: %q is not an IP address", req.PathValue("ip")))
 			return
 		}
-		var e EndpointRequest
+		var e v1.EndpointRequest
 		if !decode(w, req, &e) {
 			return
 		}
@@ -73,7 +75,7 @@ func (r *Registry) Handler(token string) http.Handler {
 
 	mux.HandleFunc("GET /v1/services", func(w http.ResponseWriter, _ *http.Request) { writeJSON(w, http.StatusOK, r.Services()) })
 	mux.HandleFunc("PUT /v1/services/{namespace}/{name}", write(func(w http.ResponseWriter, req *http.Request) {
-		var s ServiceRequest
+		var s v1.ServiceRequest
 		if !decode(w, req, &s) {
 			return
 		}

@@ -11,30 +11,33 @@ package registry
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
-	clientv3 "go.etcd.io/etcd/client/v3"
-
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/source"
+	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // NamespaceLabel is the identity label every endpoint gets from its
 // namespace, as the Kubernetes source does.
 const NamespaceLabel = "k8s:io.kubernetes.pod.namespace"
 
+// Prefix is where a cluster's registry keeps its records:
+// trellis/registry/<cluster>/{nodes,endpoints,services}/<id>.
+func Prefix(cluster string) string { return "trellis/registry/" + cluster + "/" }
+
 // Config wires a Registry.
 type Config struct {
 	Cluster    v1.ClusterConfig
-	Etcd       *clientv3.Client
+	Client     *kvstore.Client
 	Sink       source.Sink
 	Identities source.IdentityAllocator
 	Logger     *slog.Logger
@@ -42,111 +45,74 @@ type Config struct {
 
 // Registry holds the registered objects and publishes what they imply.
 type Registry struct {
-	cfg    Config
-	prefix string
-	log    *slog.Logger
+	cfg Config
+	log *slog.Logger
+
+	// The records, one store per kind; a record is written before a
+	// request is answered.
+	nodeRecords     *kvstore.RecordStore[v1.NodeRequest]
+	endpointRecords *kvstore.RecordStore[v1.EndpointRequest]
+	serviceRecords  *kvstore.RecordStore[v1.ServiceRequest]
 
 	mu        sync.Mutex
-	nodes     map[string]NodeRequest
+	nodes     map[string]v1.NodeRequest
 	endpoints map[netip.Addr]endpointState
-	services  map[string]ServiceRequest // "ns/name"
-}
-
-// NodeRequest registers a node.
-type NodeRequest struct {
-	Name               string         `json:"name"`
-	IPs                []netip.Addr   `json:"ips"`
-	PodCIDRs           []netip.Prefix `json:"podCIDRs,omitempty"`
-	WireGuardPublicKey string         `json:"wireGuardPublicKey,omitempty"`
-	HealthAddr         string         `json:"healthAddr,omitempty"`
-	Region             string         `json:"region,omitempty"`
-	Zone               string         `json:"zone,omitempty"`
-}
-
-// EndpointRequest registers a pod endpoint. Ready defaults to true.
-type EndpointRequest struct {
-	IP        netip.Addr        `json:"ip"`
-	Namespace string            `json:"namespace"`
-	Pod       string            `json:"pod"`
-	Node      string            `json:"node,omitempty"`
-	NodeIP    netip.Addr        `json:"nodeIP"`
-	Ready     *bool             `json:"ready,omitempty"`
-	Labels    map[string]string `json:"labels,omitempty"`
-}
-
-// ServiceRequest registers a service. Backends come either from Selector
-// (every endpoint in the namespace whose labels include it) or from an
-// explicit Backends list, not both.
-type ServiceRequest struct {
-	Namespace   string            `json:"namespace"`
-	Name        string            `json:"name"`
-	Ports       []v1.ServicePort  `json:"ports"`
-	FrontendIPs []netip.Addr      `json:"frontendIPs,omitempty"`
-	Selector    map[string]string `json:"selector,omitempty"`
-	Backends    []v1.Backend      `json:"backends,omitempty"`
-	Annotations map[string]string `json:"annotations,omitempty"`
+	services  map[string]v1.ServiceRequest // "ns/name"
 }
 
 type endpointState struct {
-	req      EndpointRequest
+	req      v1.EndpointRequest
 	identity v1.NumericIdentity
 	labels   map[string]string // identity labels
 }
 
+// storeTimeout bounds the write that commits a request.
+const storeTimeout = 10 * time.Second
+
 // New creates an empty registry; Load fills it from etcd.
 func New(cfg Config) (*Registry, error) {
-	if cfg.Etcd == nil || cfg.Sink == nil || cfg.Identities == nil {
-		return nil, fmt.Errorf("registry: Etcd, Sink and Identities are required")
+	if cfg.Client == nil || cfg.Sink == nil || cfg.Identities == nil {
+		return nil, fmt.Errorf("registry: Client, Sink and Identities are required")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Registry{
+	r := &Registry{
 		cfg:       cfg,
-		prefix:    "trellis/registry/" + cfg.Cluster.Name + "/",
 		log:       cfg.Logger.With("source", "registry"),
-		nodes:     make(map[string]NodeRequest),
+		nodes:     make(map[string]v1.NodeRequest),
 		endpoints: make(map[netip.Addr]endpointState),
-		services:  make(map[string]ServiceRequest),
-	}, nil
+		services:  make(map[string]v1.ServiceRequest),
+	}
+	prefix := Prefix(cfg.Cluster.Name)
+	var err error
+	if r.nodeRecords, err = kvstore.NewRecordStore[v1.NodeRequest](cfg.Client, prefix+"nodes/"); err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	if r.endpointRecords, err = kvstore.NewRecordStore[v1.EndpointRequest](cfg.Client, prefix+"endpoints/"); err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	if r.serviceRecords, err = kvstore.NewRecordStore[v1.ServiceRequest](cfg.Client, prefix+"services/"); err != nil {
+		return nil, fmt.Errorf("registry: %w", err)
+	}
+	return r, nil
 }
-
-func (r *Registry) key(kind, id string) string { return r.prefix + kind + "/" + id }
 
 // Load reads the registered objects from etcd, publishes them, and marks
 // every kind synced. A stored record that no longer validates is logged
 // and skipped, not fatal: one bad record must not keep a cluster offline.
 func (r *Registry) Load(ctx context.Context) error {
-	resp, err := r.cfg.Etcd.Get(ctx, r.prefix, clientv3.WithPrefix())
+	nodes, err := loadRecords(ctx, r, r.nodeRecords)
 	if err != nil {
-		return fmt.Errorf("registry: load %s: %w", r.prefix, err)
+		return err
 	}
-	var nodes []NodeRequest
-	var endpoints []EndpointRequest
-	var services []ServiceRequest
-	for _, kv := range resp.Kvs {
-		key := string(kv.Key)
-		var err error
-		switch kind := key[len(r.prefix):]; {
-		case hasPrefix(kind, "nodes/"):
-			var n NodeRequest
-			if err = json.Unmarshal(kv.Value, &n); err == nil {
-				nodes = append(nodes, n)
-			}
-		case hasPrefix(kind, "endpoints/"):
-			var e EndpointRequest
-			if err = json.Unmarshal(kv.Value, &e); err == nil {
-				endpoints = append(endpoints, e)
-			}
-		case hasPrefix(kind, "services/"):
-			var s ServiceRequest
-			if err = json.Unmarshal(kv.Value, &s); err == nil {
-				services = append(services, s)
-			}
-		}
-		if err != nil {
-			r.log.Warn("skipping unreadable registry record", "key", key, "err", err)
-		}
+	endpoints, err := loadRecords(ctx, r, r.endpointRecords)
+	if err != nil {
+		return err
+	}
+	services, err := loadRecords(ctx, r, r.serviceRecords)
+	if err != nil {
+		return err
 	}
 	for _, n := range nodes {
 		if err := r.applyNode(n); err != nil {
@@ -170,40 +136,52 @@ func (r *Registry) Load(ctx context.Context) error {
 	return nil
 }
 
-func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
+// loadRecords lists one kind's records, logging and skipping those that
+// do not decode.
+func loadRecords[T any](ctx context.Context, r *Registry, store *kvstore.RecordStore[T]) ([]T, error) {
+	records, err := store.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("registry: load: %w", err)
+	}
+	out := make([]T, 0, len(records))
+	for _, rec := range records {
+		if rec.Err != nil {
+			r.log.Warn("skipping unreadable registry record", "err", rec.Err)
+			continue
+		}
+		out = append(out, rec.Value)
+	}
+	return out, nil
+}
 
 // persist writes a record; it is the commit point of a request.
-func (r *Registry) persist(ctx context.Context, key string, v any) error {
-	data, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+func persist[T any](ctx context.Context, store *kvstore.RecordStore[T], id string, v T) error {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	if _, err := r.cfg.Etcd.Put(ctx, key, string(data)); err != nil {
-		return fmt.Errorf("store %s: %w", key, err)
+	if err := store.Put(ctx, id, v); err != nil {
+		return fmt.Errorf("store %s: %w", store.Key(id), err)
 	}
 	return nil
 }
 
-func (r *Registry) unpersist(ctx context.Context, key string) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+func unpersist[T any](ctx context.Context, store *kvstore.RecordStore[T], id string) error {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	if _, err := r.cfg.Etcd.Delete(ctx, key); err != nil {
-		return fmt.Errorf("delete %s: %w", key, err)
+	if err := store.Delete(ctx, id); err != nil {
+		return fmt.Errorf("delete %s: %w", store.Key(id), err)
 	}
 	return nil
 }
 
 // PutNode registers or replaces a node.
-func (r *Registry) PutNode(ctx context.Context, n NodeRequest) error {
+func (r *Registry) PutNode(ctx context.Context, n v1.NodeRequest) error {
 	if err := r.applyNode(n); err != nil {
 		return invalid(err)
 	}
-	return r.persist(ctx, r.key("nodes", n.Name), n)
+	return persist(ctx, r.nodeRecords, n.Name, n)
 }
 
-func (r *Registry) applyNode(n NodeRequest) error {
+func (r *Registry) applyNode(n v1.NodeRequest) error {
 	if err := r.cfg.Sink.UpsertNode(v1.Node{
 		Cluster: r.cfg.Cluster.Name, Name: n.Name, IPs: n.IPs, PodCIDRs: n.PodCIDRs,
 		WireGuardPublicKey: n.WireGuardPublicKey, HealthAddr: n.HealthAddr, Region: n.Region, Zone: n.Zone,
@@ -228,26 +206,26 @@ func (r *Registry) DeleteNode(ctx context.Context, name string) error {
 	if err := r.cfg.Sink.DeleteNode(name); err != nil {
 		return err
 	}
-	return r.unpersist(ctx, r.key("nodes", name))
+	return unpersist(ctx, r.nodeRecords, name)
 }
 
 // Nodes lists the registered nodes.
-func (r *Registry) Nodes() []NodeRequest {
+func (r *Registry) Nodes() []v1.NodeRequest {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return slices.SortedFunc(maps.Values(r.nodes), func(a, b NodeRequest) int { return cmpString(a.Name, b.Name) })
+	return slices.SortedFunc(maps.Values(r.nodes), func(a, b v1.NodeRequest) int { return strings.Compare(a.Name, b.Name) })
 }
 
 // PutEndpoint registers or replaces a pod endpoint and updates the
 // services that select it.
-func (r *Registry) PutEndpoint(ctx context.Context, e EndpointRequest) error {
+func (r *Registry) PutEndpoint(ctx context.Context, e v1.EndpointRequest) error {
 	if err := r.applyEndpoint(ctx, e); err != nil {
 		return err
 	}
-	return r.persist(ctx, r.key("endpoints", e.IP.String()), e)
+	return persist(ctx, r.endpointRecords, e.IP.String(), e)
 }
 
-func (r *Registry) applyEndpoint(ctx context.Context, e EndpointRequest) error {
+func (r *Registry) applyEndpoint(ctx context.Context, e v1.EndpointRequest) error {
 	if !e.IP.IsValid() {
 		return invalid(fmt.Errorf("endpoint: ip is required"))
 	}
@@ -284,7 +262,7 @@ func (r *Registry) applyEndpoint(ctx context.Context, e EndpointRequest) error {
 
 // identityLabels are the labels an endpoint's identity is derived from:
 // its namespace plus its own labels, prefixed like the Kubernetes source's.
-func identityLabels(e EndpointRequest) map[string]string {
+func identityLabels(e v1.EndpointRequest) map[string]string {
 	labels := map[string]string{NamespaceLabel: e.Namespace}
 	for k, v := range e.Labels {
 		labels["k8s:"+k] = v
@@ -306,36 +284,30 @@ func (r *Registry) DeleteEndpoint(ctx context.Context, ip netip.Addr) error {
 	}
 	r.cfg.Identities.Release(ctx, old.labels)
 	r.refreshServices(old.req.Namespace)
-	return r.unpersist(ctx, r.key("endpoints", ip.String()))
-}
-
-// EndpointView is an endpoint as the registry lists it.
-type EndpointView struct {
-	EndpointRequest
-	Identity v1.NumericIdentity `json:"identity"`
+	return unpersist(ctx, r.endpointRecords, ip.String())
 }
 
 // Endpoints lists the registered endpoints.
-func (r *Registry) Endpoints() []EndpointView {
+func (r *Registry) Endpoints() []v1.EndpointView {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make([]EndpointView, 0, len(r.endpoints))
+	out := make([]v1.EndpointView, 0, len(r.endpoints))
 	for _, e := range r.endpoints {
-		out = append(out, EndpointView{EndpointRequest: e.req, Identity: e.identity})
+		out = append(out, v1.EndpointView{EndpointRequest: e.req, Identity: e.identity})
 	}
-	slices.SortFunc(out, func(a, b EndpointView) int { return a.IP.Compare(b.IP) })
+	slices.SortFunc(out, func(a, b v1.EndpointView) int { return a.IP.Compare(b.IP) })
 	return out
 }
 
 // PutService registers or replaces a service.
-func (r *Registry) PutService(ctx context.Context, s ServiceRequest) error {
+func (r *Registry) PutService(ctx context.Context, s v1.ServiceRequest) error {
 	if err := r.applyService(s); err != nil {
 		return err
 	}
-	return r.persist(ctx, r.key("services", s.Namespace+"/"+s.Name), s)
+	return persist(ctx, r.serviceRecords, s.Namespace+"/"+s.Name, s)
 }
 
-func (r *Registry) applyService(s ServiceRequest) error {
+func (r *Registry) applyService(s v1.ServiceRequest) error {
 	if s.Selector != nil && len(s.Backends) > 0 {
 		return invalid(fmt.Errorf("service %s/%s: give a selector or backends, not both", s.Namespace, s.Name))
 	}
@@ -357,7 +329,7 @@ func (r *Registry) applyService(s ServiceRequest) error {
 
 // buildServiceLocked turns a registered service into its published form,
 // resolving its selector against the registered endpoints.
-func (r *Registry) buildServiceLocked(s ServiceRequest, mesh source.ServiceOptions) v1.Service {
+func (r *Registry) buildServiceLocked(s v1.ServiceRequest, mesh source.ServiceOptions) v1.Service {
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
@@ -429,24 +401,14 @@ func (r *Registry) DeleteService(ctx context.Context, namespace, name string) er
 	if err := r.cfg.Sink.DeleteService(namespace, name); err != nil {
 		return err
 	}
-	return r.unpersist(ctx, r.key("services", id))
+	return unpersist(ctx, r.serviceRecords, id)
 }
 
 // Services lists the registered services.
-func (r *Registry) Services() []ServiceRequest {
+func (r *Registry) Services() []v1.ServiceRequest {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return slices.SortedFunc(maps.Values(r.services), func(a, b ServiceRequest) int {
-		return cmpString(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	return slices.SortedFunc(maps.Values(r.services), func(a, b v1.ServiceRequest) int {
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

@@ -3,16 +3,15 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/trellis-mesh/trellis/api/client"
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver"
 )
 
@@ -121,31 +120,20 @@ JSON, or writes ca.crt, REMOTE.crt and REMOTE.key into --out.`,
 			if name == "" {
 				return fmt.Errorf("--name is required: the remote cluster the credentials are for")
 			}
-			token, err := os.ReadFile(filepath.Join(stateDir, apiserver.AdminTokenFile))
+			token, err := client.ReadToken(filepath.Join(stateDir, v1.StateAdminTokenFile))
 			if err != nil {
 				return fmt.Errorf("read the admin token (is --state-dir the API server's?): %w", err)
 			}
-			req, err := http.NewRequestWithContext(cmd.Context(), http.MethodPost, strings.TrimSuffix(server, "/")+"/admin/v1/remotes/"+name, nil)
+			api, err := client.New(client.Config{URL: server, Token: token})
 			if err != nil {
-				return err
+				return fmt.Errorf("--server: %w", err)
 			}
-			req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-			resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
+			creds, err := api.IssueRemote(cmd.Context(), name)
 			if err != nil {
-				return fmt.Errorf("reach the API server at %s: %w", server, err)
-			}
-			defer resp.Body.Close()
-			body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-			if resp.StatusCode != http.StatusOK {
-				return fmt.Errorf("API server refused: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+				return fmt.Errorf("API server at %s: %w", server, err)
 			}
 			if outDir == "" {
-				_, err := cmd.OutOrStdout().Write(body)
-				return err
-			}
-			var creds apiserver.RemoteCredentials
-			if err := json.Unmarshal(body, &creds); err != nil {
-				return fmt.Errorf("decode credentials: %w", err)
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(creds)
 			}
 			if err := os.MkdirAll(outDir, 0o700); err != nil {
 				return err

@@ -1,0 +1,252 @@
+// Package client is the Go client of the mesh API server's HTTP API: the
+// registry (nodes, endpoints, services of clusters without a Kubernetes
+// API), the admin API (cluster info, remote credentials) and the health
+// endpoints. Agents register through it, `trellis connect` exchanges
+// credentials through it, and the lab drives its clusters with it.
+//
+// It speaks the wire types of package api/v1 and imports nothing else of
+// Trellis, so every layer may use it.
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// maxResponse bounds what the client reads of one answer: the largest is a
+// listing of every registered endpoint.
+const maxResponse = 64 << 20
+
+// ErrNotFound matches an *APIError for a 404: the object is not
+// registered.
+var ErrNotFound = errors.New("not found")
+
+// APIError is an answer of the server other than success.
+type APIError struct {
+	Method, Path string
+	Status       int
+	// Message is what the server said: the "error" field of a JSON error
+	// body, or the text of a plain one.
+	Message string
+}
+
+func (e *APIError) Error() string {
+	return fmt.Sprintf("%s %s: %d %s: %s", e.Method, e.Path, e.Status, http.StatusText(e.Status), e.Message)
+}
+
+// Is makes errors.Is(err, ErrNotFound) true for a 404.
+func (e *APIError) Is(target error) bool {
+	return target == ErrNotFound && e.Status == http.StatusNotFound
+}
+
+// Config says where the API server is and how to authenticate.
+type Config struct {
+	// URL is the server's base URL, e.g. http://192.168.100.10:9870.
+	URL string
+	// Token is the bearer token for writes and the admin API; reads of
+	// the registry need none.
+	Token string
+	// HTTPClient carries the requests; a client with a 30 s timeout when
+	// nil.
+	HTTPClient *http.Client
+}
+
+// Client calls one mesh API server. It is safe for concurrent use.
+type Client struct {
+	base  string
+	token string
+	http  *http.Client
+}
+
+// New checks cfg and returns a client; it does not contact the server.
+func New(cfg Config) (*Client, error) {
+	u, err := url.Parse(strings.TrimSpace(cfg.URL))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("client: API server URL %q: want http(s)://host:port", cfg.URL)
+	}
+	hc := cfg.HTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	return &Client{base: strings.TrimSuffix(u.String(), "/"), token: strings.TrimSpace(cfg.Token), http: hc}, nil
+}
+
+// FromStateDir finds the API server whose state dir is dir, on this
+// machine: the URL and admin token it wrote there. hc may be nil.
+func FromStateDir(dir string, hc *http.Client) (*Client, error) {
+	addr, err := os.ReadFile(filepath.Join(dir, v1.StateHTTPAddrFile))
+	if err != nil {
+		return nil, fmt.Errorf("client: read the API server's address (is %s the state dir of one that has started?): %w", dir, err)
+	}
+	token, err := ReadToken(filepath.Join(dir, v1.StateAdminTokenFile))
+	if err != nil {
+		return nil, err
+	}
+	return New(Config{URL: string(addr), Token: token, HTTPClient: hc})
+}
+
+// ReadToken reads a bearer token file.
+func ReadToken(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("client: read token %s: %w", path, err)
+	}
+	token := strings.TrimSpace(string(data))
+	if token == "" {
+		return "", fmt.Errorf("client: token file %s is empty", path)
+	}
+	return token, nil
+}
+
+// URL is the server's base URL.
+func (c *Client) URL() string { return c.base }
+
+// do sends in as JSON (when not nil) and decodes the answer into out (when
+// not nil).
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		data, err := json.Marshal(in)
+		if err != nil {
+			return fmt.Errorf("client: %s %s: encode request: %w", method, path, err)
+		}
+		body = bytes.NewReader(data)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		return fmt.Errorf("client: %s %s: %w", method, path, err)
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("client: %s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
+	if err != nil {
+		return fmt.Errorf("client: %s %s: read answer: %w", method, path, err)
+	}
+	if resp.StatusCode >= 300 {
+		return &APIError{Method: method, Path: path, Status: resp.StatusCode, Message: errorMessage(data)}
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("client: %s %s: decode answer: %w", method, path, err)
+		}
+	}
+	return nil
+}
+
+// errorMessage extracts the server's message from an error body: the
+// registry answers {"error": "..."}, the admin API plain text.
+func errorMessage(data []byte) string {
+	var e struct {
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(data, &e) == nil && e.Error != "" {
+		return e.Error
+	}
+	msg := strings.TrimSpace(string(data))
+	const limit = 4096
+	if len(msg) > limit {
+		msg = msg[:limit] + "..."
+	}
+	return msg
+}
+
+// Registry.
+
+// PutNode registers (or replaces) a node.
+func (c *Client) PutNode(ctx context.Context, n v1.NodeRequest) error {
+	return c.do(ctx, http.MethodPut, "/v1/nodes/"+url.PathEscape(n.Name), n, nil)
+}
+
+// DeleteNode withdraws a node; ErrNotFound when it is not registered.
+func (c *Client) DeleteNode(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/nodes/"+url.PathEscape(name), nil, nil)
+}
+
+// Nodes lists the registered nodes.
+func (c *Client) Nodes(ctx context.Context) ([]v1.NodeRequest, error) {
+	var out []v1.NodeRequest
+	return out, c.do(ctx, http.MethodGet, "/v1/nodes", nil, &out)
+}
+
+// PutEndpoint registers (or replaces) a pod endpoint.
+func (c *Client) PutEndpoint(ctx context.Context, e v1.EndpointRequest) error {
+	return c.do(ctx, http.MethodPut, "/v1/endpoints/"+e.IP.String(), e, nil)
+}
+
+// DeleteEndpoint withdraws an endpoint; ErrNotFound when it is not
+// registered.
+func (c *Client) DeleteEndpoint(ctx context.Context, ip netip.Addr) error {
+	return c.do(ctx, http.MethodDelete, "/v1/endpoints/"+ip.String(), nil, nil)
+}
+
+// Endpoints lists the registered endpoints.
+func (c *Client) Endpoints(ctx context.Context) ([]v1.EndpointView, error) {
+	var out []v1.EndpointView
+	return out, c.do(ctx, http.MethodGet, "/v1/endpoints", nil, &out)
+}
+
+// PutService registers (or replaces) a service.
+func (c *Client) PutService(ctx context.Context, s v1.ServiceRequest) error {
+	return c.do(ctx, http.MethodPut, "/v1/services/"+url.PathEscape(s.Namespace)+"/"+url.PathEscape(s.Name), s, nil)
+}
+
+// DeleteService withdraws a service; ErrNotFound when it is not
+// registered.
+func (c *Client) DeleteService(ctx context.Context, namespace, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/services/"+url.PathEscape(namespace)+"/"+url.PathEscape(name), nil, nil)
+}
+
+// Services lists the registered services.
+func (c *Client) Services(ctx context.Context) ([]v1.ServiceRequest, error) {
+	var out []v1.ServiceRequest
+	return out, c.do(ctx, http.MethodGet, "/v1/services", nil, &out)
+}
+
+// Admin API.
+
+// Info is what the cluster says about itself before joining a mesh.
+func (c *Client) Info(ctx context.Context) (v1.ClusterInfo, error) {
+	var info v1.ClusterInfo
+	return info, c.do(ctx, http.MethodGet, "/admin/v1/info", nil, &info)
+}
+
+// IssueRemote mints read-only credentials for cluster forCluster's agents.
+func (c *Client) IssueRemote(ctx context.Context, forCluster string) (v1.RemoteCredentials, error) {
+	var creds v1.RemoteCredentials
+	return creds, c.do(ctx, http.MethodPost, "/admin/v1/remotes/"+url.PathEscape(forCluster), nil, &creds)
+}
+
+// RevokeRemote removes forCluster's access.
+func (c *Client) RevokeRemote(ctx context.Context, forCluster string) error {
+	return c.do(ctx, http.MethodDelete, "/admin/v1/remotes/"+url.PathEscape(forCluster), nil, nil)
+}
+
+// Health.
+
+// Ready returns nil when the server answers /readyz with success: its etcd
+// answers and every kind is published. Otherwise the error says why.
+func (c *Client) Ready(ctx context.Context) error {
+	return c.do(ctx, http.MethodGet, "/readyz", nil, nil)
+}

@@ -1,0 +1,99 @@
+package v1
+
+import "net/netip"
+
+// The mesh API server's HTTP API: what its registry (for clusters without a
+// Kubernetes API) and its admin API (for `trellis connect` and the lab)
+// take and return as JSON. docs/registry-api.md documents the routes; the
+// Go client is package api/client. These are request and response bodies,
+// not etcd values: they carry no "v" field and do not go through Encode.
+
+// NodeRequest registers a node with the registry (PUT /v1/nodes/{name}),
+// and is how GET /v1/nodes lists one.
+type NodeRequest struct {
+	Name               string         `json:"name"`
+	IPs                []netip.Addr   `json:"ips"`
+	PodCIDRs           []netip.Prefix `json:"podCIDRs,omitempty"`
+	WireGuardPublicKey string         `json:"wireGuardPublicKey,omitempty"`
+	HealthAddr         string         `json:"healthAddr,omitempty"`
+	Region             string         `json:"region,omitempty"`
+	Zone               string         `json:"zone,omitempty"`
+}
+
+// EndpointRequest registers a pod endpoint (PUT /v1/endpoints/{ip}). Ready
+// defaults to true.
+type EndpointRequest struct {
+	IP        netip.Addr        `json:"ip"`
+	Namespace string            `json:"namespace"`
+	Pod       string            `json:"pod"`
+	Node      string            `json:"node,omitempty"`
+	NodeIP    netip.Addr        `json:"nodeIP"`
+	Ready     *bool             `json:"ready,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+}
+
+// EndpointView is an endpoint as GET /v1/endpoints lists it: the request
+// plus the identity allocated for its labels.
+type EndpointView struct {
+	EndpointRequest
+	Identity NumericIdentity `json:"identity"`
+}
+
+// ServiceRequest registers a service (PUT /v1/services/{namespace}/{name}).
+// Backends come either from Selector (every endpoint in the namespace whose
+// labels include it) or from an explicit Backends list, not both.
+type ServiceRequest struct {
+	Namespace   string            `json:"namespace"`
+	Name        string            `json:"name"`
+	Ports       []ServicePort     `json:"ports"`
+	FrontendIPs []netip.Addr      `json:"frontendIPs,omitempty"`
+	Selector    map[string]string `json:"selector,omitempty"`
+	Backends    []Backend         `json:"backends,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// ClusterInfo is what a cluster says about itself before it joins a mesh
+// (GET /admin/v1/info): what `trellis connect` checks against the other
+// clusters before it writes anything.
+type ClusterInfo struct {
+	Name     string         `json:"cluster"`
+	ID       ClusterID      `json:"clusterID"`
+	PodCIDRs []netip.Prefix `json:"podCIDRs"`
+	Region   string         `json:"region,omitempty"`
+	// Endpoints are the etcd client URLs remote clusters dial.
+	Endpoints []string `json:"endpoints"`
+	// CAPEM is the CA that signed the etcd server's certificate.
+	CAPEM string `json:"caPEM"`
+	// MaxConnectedClusters must match across the mesh.
+	MaxConnectedClusters int `json:"maxConnectedClusters"`
+}
+
+// RemoteCredentials let one cluster's agents read another cluster's store
+// (POST /admin/v1/remotes/{for}): where its etcd is, the CA that signed
+// the etcd server's certificate, and a client certificate whose CN is the
+// reader's read-only etcd user.
+type RemoteCredentials struct {
+	// Cluster and ClusterID name the cluster that issued the credentials.
+	Cluster   string    `json:"cluster"`
+	ClusterID ClusterID `json:"clusterID"`
+	Endpoints []string  `json:"endpoints"`
+	// For is the cluster the credentials were minted for.
+	For     string `json:"for"`
+	User    string `json:"user"`
+	CAPEM   string `json:"caPEM"`
+	CertPEM string `json:"certPEM"`
+	KeyPEM  string `json:"keyPEM"`
+}
+
+// The files a mesh API server keeps in its state dir that tools on the
+// same machine read to find and authenticate to it.
+const (
+	// StateHTTPAddrFile holds the URL the HTTP API listens on.
+	StateHTTPAddrFile = "http.addr"
+	// StateAdminTokenFile holds the bearer token of the registry and admin
+	// APIs.
+	StateAdminTokenFile = "admin.token"
+	// StateClustersDir is the config dir, one <cluster>.yaml per connected
+	// cluster, that `trellis connect` writes for the cluster's agents.
+	StateClustersDir = "clusters"
+)
