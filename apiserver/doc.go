@@ -3,7 +3,7 @@
 //
 // It owns an etcd (embedded by default, an external cluster by flag),
 // turns the cluster's source of truth (Kubernetes informers or the
-// standalone registry) into the key layout of DESIGN.md through one
+// standalone registry) into the key layout of docs/design.md through one
 // SyncStore per kind, writes the cluster-config and a heartbeat, allocates
 // identities, manages etcd users and roles (the local writer may write
 // trellis/, each remote cluster may only read trellis/v1/), mints client

@@ -12,9 +12,10 @@
 //     file says, same max-connected-clusters, pod CIDRs overlapping no
 //     other cluster's), then one WatchStore per kind; Ready once all are
 //     synced.
-//   - validation of what a cluster publishes (DESIGN.md, "a remote cluster
-//     cannot hijack"): entries are accepted only for that cluster, with its
-//     ID bits and IPs inside its pod CIDRs; rejects are counted by reason.
+//   - validation of what a cluster publishes (docs/design.md, "a remote
+//     cluster cannot hijack"): entries are accepted only for that cluster,
+//     with its ID bits and IPs inside its pod CIDRs; rejects are counted
+//     by reason.
 //   - the merged caches: global services (union across clusters, with
 //     shared/affinity/region rules), nodes, and the ipcache; published as a
 //     versioned Snapshot with change notifications and a periodic resync.
