@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -39,7 +38,8 @@ func (l *lab) apiArgs(c *clusterLayout) []string {
 }
 
 // agentArgs are the agent's flags; the datapath ones come from
-// agentDatapathArgs when datapath is set.
+// agentDatapathArgs when datapath is set (State.Datapath: always, for a
+// lab this version built).
 func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 	c := n.cluster
 	args := []string{l.opts.Binary, "agent",
@@ -69,25 +69,6 @@ func agentDatapathArgs(n *nodeLayout) []string {
 		"--tunnel", "vxlan",
 		"--underlay-device", nodeDevice,
 	}
-}
-
-// probeDatapathFlags asks the agent binary whether it knows every flag of
-// agentDatapathArgs; the note names the missing ones.
-func (l *lab) probeDatapathFlags(ctx context.Context) (ok bool, note string) {
-	out, err := exec.CommandContext(ctx, l.opts.Binary, "agent", "--help").CombinedOutput()
-	if err != nil {
-		return false, fmt.Sprintf("trellis agent --help failed: %v", err)
-	}
-	var missing []string
-	for _, a := range agentDatapathArgs(&nodeLayout{cluster: &clusterLayout{}}) {
-		if strings.HasPrefix(a, "--") && !bytes.Contains(out, []byte(a+" ")) {
-			missing = append(missing, a)
-		}
-	}
-	if len(missing) > 0 {
-		return false, "the agent has no " + strings.Join(missing, ", ") + " flag yet: running agents without datapath (no socket LB, no tunnel)"
-	}
-	return true, ""
 }
 
 // startDaemon starts spec as a daemon and records it under key.

@@ -113,8 +113,9 @@ func (l *lab) liveNodes() []*nodeLayout {
 }
 
 // waitAgents waits until the agents of nodes report ready (agentReady).
-// An agent that exits because it does not know a datapath flag makes the
-// lab fall back to agents without datapath.
+// An agent that exits fails the wait with its log tail, also when it
+// refused one of its flags: a renamed datapath flag is an error to fix,
+// not a reason to run the lab without its datapath.
 func (l *lab) waitAgents(ctx context.Context, nodes []*nodeLayout, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	pending := slices.Clone(nodes)
@@ -123,18 +124,7 @@ func (l *lab) waitAgents(ctx context.Context, nodes []*nodeLayout, timeout time.
 		var lastErr error
 		for _, n := range pending {
 			if !l.state.Procs[agentKey(n)].Alive() {
-				logTail := tailFile(n.log, 20)
-				if l.state.Datapath && strings.Contains(logTail, "unknown flag") {
-					l.state.Datapath = false
-					l.state.DatapathNote = "the agent refused a datapath flag: running agents without datapath"
-					l.log.Warn(l.state.DatapathNote, "node", n.ref(), "log", n.log)
-					if err := l.startAgent(n); err != nil {
-						return err
-					}
-					next = append(next, n)
-					continue
-				}
-				return fmt.Errorf("lab: agent of %s exited:\n%s", n.ref(), logTail)
+				return fmt.Errorf("lab: agent of %s exited:\n%s", n.ref(), tailFile(n.log, 20))
 			}
 			if _, err := l.agentReady(ctx, n); err != nil {
 				lastErr = fmt.Errorf("%s: %w", n.ref(), err)
