@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -36,6 +37,8 @@ type lbEnv struct {
 	ns     netns.NsHandle
 	nsName string
 	cgroup string
+	// accepted counts the TCP connections each server accepted, by name.
+	accepted map[string]*atomic.Int64
 }
 
 func newLBEnv(t testing.TB) *lbEnv {
@@ -44,10 +47,19 @@ func newLBEnv(t testing.TB) *lbEnv {
 	ns, nsName := privtest.NewNetNS(t)
 	privtest.AddVeth(t, ns, "trellis0",
 		netip.PrefixFrom(backend1.IP, 32), netip.PrefixFrom(backend2.IP, 32), netip.PrefixFrom(testVIP, 32))
-	startServer(t, ns, netip.AddrPortFrom(backend1.IP, backend1.Port), "backend-1")
-	startServer(t, ns, netip.AddrPortFrom(backend2.IP, backend2.Port), "backend-2")
-	startServer(t, ns, testVIPPort, "untranslated")
-	return &lbEnv{ns: ns, nsName: nsName, cgroup: privtest.NewCgroup(t)}
+	env := &lbEnv{ns: ns, nsName: nsName, accepted: map[string]*atomic.Int64{
+		"backend-1":    startServer(t, ns, netip.AddrPortFrom(backend1.IP, backend1.Port), "backend-1"),
+		"backend-2":    startServer(t, ns, netip.AddrPortFrom(backend2.IP, backend2.Port), "backend-2"),
+		"untranslated": startServer(t, ns, testVIPPort, "untranslated"),
+	}}
+	env.cgroup = privtest.NewCgroup(t)
+	return env
+}
+
+// translated is how many TCP connections the backends have accepted: the
+// ones a client made to the VIP reach them only when translated.
+func (e *lbEnv) translated() int64 {
+	return e.accepted["backend-1"].Load() + e.accepted["backend-2"].Load()
 }
 
 // open opens an LB and closes it at cleanup.
@@ -107,8 +119,9 @@ func helperCommand(helper string, args ...string) *exec.Cmd {
 }
 
 // startServer serves TCP and UDP on addr inside ns: it answers every
-// connection and every datagram with name and a newline.
-func startServer(t testing.TB, ns netns.NsHandle, addr netip.AddrPort, name string) {
+// connection and every datagram with name and a newline. It returns the
+// count of TCP connections accepted.
+func startServer(t testing.TB, ns netns.NsHandle, addr netip.AddrPort, name string) *atomic.Int64 {
 	t.Helper()
 	var ln *net.TCPListener
 	var pc *net.UDPConn
@@ -127,6 +140,7 @@ func startServer(t testing.TB, ns netns.NsHandle, addr netip.AddrPort, name stri
 		t.Fatalf("listen on %s: %v", addr, err)
 	}
 	msg := []byte(name + "\n")
+	accepted := new(atomic.Int64)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
@@ -136,6 +150,7 @@ func startServer(t testing.TB, ns netns.NsHandle, addr netip.AddrPort, name stri
 			if err != nil {
 				return
 			}
+			accepted.Add(1)
 			c.Write(msg)
 			c.Close()
 		}
@@ -158,6 +173,7 @@ func startServer(t testing.TB, ns netns.NsHandle, addr netip.AddrPort, name stri
 		pc.Close()
 		wg.Wait()
 	})
+	return accepted
 }
 
 // attachedPrograms counts the programs attached to a cgroup for a hook.

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"net/netip"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/trellis-mesh/trellis/internal/privtest"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 func tcpService(backends ...Backend) Service {
@@ -284,12 +286,28 @@ func TestAdoptPinned(t *testing.T) {
 	if err := privtest.StartInNetNSAndCgroup(t, loop, env.ns, env.cgroup); err != nil {
 		t.Fatal(err)
 	}
+	// Each phase lasts until the loop has made loopPhase more connections
+	// that reached a backend, so each is measured in connections the loop
+	// made, not in time. A phase in which the VIP stops being translated
+	// never ends, and the wait fails.
+	const loopPhase = 50
+	awaitTranslated := func(what string) {
+		t.Helper()
+		start := env.translated()
+		testutil.EventuallyNoError(t, 30*time.Second, what, func() error {
+			if n := env.translated() - start; n < loopPhase {
+				return fmt.Errorf("%d of %d connections translated", n, loopPhase)
+			}
+			return nil
+		})
+	}
 
-	time.Sleep(300 * time.Millisecond)
+	awaitTranslated("the loop's connections through the first LB")
 	if err := lb1.Close(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(300 * time.Millisecond) // no agent at all for a while
+	// No agent at all for a while: the pinned links go on translating.
+	awaitTranslated("the loop's connections with no LB open")
 
 	lb2 := open(t, cfg)
 	if got := lb2.AdoptedLinks(); len(got) != 4 {
@@ -319,7 +337,7 @@ func TestAdoptPinned(t *testing.T) {
 	if id := state2.services[extra.Key()].ID; id == state1.services[tcpService().Key()].ID || id == 0 {
 		t.Fatalf("new service got id %d", id)
 	}
-	time.Sleep(300 * time.Millisecond)
+	awaitTranslated("the loop's connections through the adopting LB")
 
 	stdin.Close()
 	if err := loop.Wait(); err != nil {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -351,7 +352,7 @@ func (m *Mesh) Status() Status {
 			}
 			return 1
 		}
-		return cmpString(a.Name, b.Name)
+		return strings.Compare(a.Name, b.Name)
 	})
 
 	snap := m.Snapshot()
@@ -366,16 +367,6 @@ func (m *Mesh) Status() Status {
 		}
 		st.Services = append(st.Services, ss)
 	}
-	slices.SortFunc(st.Services, func(a, b ServiceStatus) int { return cmpString(a.Service, b.Service) })
+	slices.SortFunc(st.Services, func(a, b ServiceStatus) int { return strings.Compare(a.Service, b.Service) })
 	return st
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

@@ -72,10 +72,10 @@
 // --mesh` inside the first API server's namespace, from where every API
 // server is reachable over the bridge.
 //
-// Agents get the datapath flags from agentDatapathArgs (--cgroup-root,
-// --bpf-pin-dir, --tunnel vxlan, --underlay-device eth0) when `trellis
-// agent --help` lists them, and run without them (status only, a warning
-// and a note in the state) when it does not.
+// Agents always get the datapath flags from agentDatapathArgs
+// (--cgroup-root, --bpf-pin-dir, --tunnel vxlan, --underlay-device eth0).
+// An agent that refuses one (a renamed flag) makes the lab fail with the
+// agent's log; the lab never falls back to agents without datapath.
 //
 // # Changing a running lab
 //

@@ -3,9 +3,8 @@ package lab
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/trellis-mesh/trellis/agent"
+	"github.com/trellis-mesh/trellis/internal/privtest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -25,21 +26,6 @@ import (
 // up/verify/curl/down`) as root and check that `down` leaves nothing
 // behind. Every test registers `lab down` before it builds anything, so a
 // failed test tears down too.
-
-func skipUnlessRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("lab: privileged test: needs root to create network namespaces, cgroups and eBPF programs (run go test as root)")
-	}
-}
-
-// uniqueLabName is short (lab names are at most 12 characters) and unique
-// per test run.
-func uniqueLabName() string {
-	var b [3]byte
-	rand.Read(b[:])
-	return "t" + hex.EncodeToString(b[:])
-}
 
 type labRun struct {
 	t    *testing.T
@@ -62,7 +48,8 @@ func (r *labRun) run(ctx context.Context, args ...string) (string, error) {
 }
 
 func newLabRun(t *testing.T) *labRun {
-	r := &labRun{t: t, bin: testutil.BuildTrellis(t), name: uniqueLabName()}
+	// Lab names are at most 12 lowercase letters and digits.
+	r := &labRun{t: t, bin: testutil.BuildTrellis(t), name: privtest.UniqueShortName("t")}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -122,7 +109,7 @@ func leftovers(t *testing.T, name string, procs map[string]*Proc) []string {
 }
 
 func TestLabUpDown(t *testing.T) {
-	skipUnlessRoot(t)
+	privtest.RequireRoot(t)
 	r := newLabRun(t)
 	linksBefore := rootLinks(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
@@ -164,7 +151,7 @@ func TestLabUpDown(t *testing.T) {
 
 	t.Run("Traffic", func(t *testing.T) {
 		if !rep.Datapath {
-			t.Skipf("the agent has no datapath yet (%s): pod→pod across nodes needs its tunnel", rep.DatapathNote)
+			t.Error("lab up reports the datapath off; agents always run with it")
 		}
 		start := time.Now()
 		out, err := r.run(ctx, "verify", "-o", "json")
@@ -225,7 +212,7 @@ func TestLabUpDown(t *testing.T) {
 // TestLabDownAfterCrash kills `lab up` halfway and loses its state file:
 // `lab down` must still find and remove everything by name.
 func TestLabDownAfterCrash(t *testing.T) {
-	skipUnlessRoot(t)
+	privtest.RequireRoot(t)
 	r := newLabRun(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -235,13 +222,11 @@ func TestLabDownAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(BaseDir, r.name)
-	var st *State
 	testutil.Eventually(t, time.Minute, "lab up to start an agent", func() bool {
 		s, err := loadState(dir)
 		if err != nil {
 			return false
 		}
-		st = s
 		for key := range s.Procs {
 			if strings.HasPrefix(key, "agent/") {
 				return true
@@ -251,12 +236,22 @@ func TestLabDownAfterCrash(t *testing.T) {
 	})
 	up.Process.Signal(syscall.SIGKILL)
 	up.Wait()
+	// The state as the crashed lab up last wrote it: every process it
+	// started is in it.
+	st, err := loadState(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Remove(statePath(dir)); err != nil {
 		t.Fatal(err)
 	}
-	// Let the surviving agents create their datapath state (pins, cgroup
-	// attachments, tunnel devices), so that down has it to remove.
-	time.Sleep(time.Second)
+	// Wait until the surviving agents have made their datapath state
+	// (pins, cgroup attachments, tunnel devices), so that down has it to
+	// remove: an agent opens its datapath before it serves its status
+	// socket, so one that answers there has made it.
+	testutil.EventuallyNoError(t, time.Minute, "the crashed lab's agents to answer on their status sockets", func() error {
+		return agentsServing(ctx, t, st.Procs)
+	})
 	before := leftovers(t, r.name, st.Procs)
 	t.Logf("left by the crashed lab up: %d namespaces, cgroups, pin dirs and processes", len(before))
 	if len(before) == 0 {
@@ -269,4 +264,43 @@ func TestLabDownAfterCrash(t *testing.T) {
 	if left := leftovers(t, r.name, st.Procs); len(left) > 0 {
 		t.Errorf("lab down after a crash left behind: %s", strings.Join(left, "; "))
 	}
+}
+
+// agentsServing says whether every agent among procs answers on its
+// status socket and has made its bpffs pin dir (both from its argv). An
+// agent that exited fails the test: nothing would bring it back.
+func agentsServing(ctx context.Context, t *testing.T, procs map[string]*Proc) error {
+	t.Helper()
+	var errs []error
+	for key, p := range procs {
+		if !strings.HasPrefix(key, "agent/") {
+			continue
+		}
+		if !p.Alive() {
+			t.Fatalf("%s (pid %d) exited:\n%s", key, p.PID, tailFile(p.Log, 20))
+		}
+		socket, pinDir := flagValue(p.Argv, "--status-socket"), flagValue(p.Argv, "--bpf-pin-dir")
+		if socket == "" || pinDir == "" {
+			t.Fatalf("%s runs without --status-socket or --bpf-pin-dir: %q", key, p.Argv)
+		}
+		sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		_, err := agent.FetchStatus(sctx, socket)
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: status: %w", key, err))
+			continue
+		}
+		if _, err := os.Stat(pinDir); err != nil {
+			errs = append(errs, fmt.Errorf("%s: pin dir: %w", key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// flagValue is the value that follows flag in argv, or "".
+func flagValue(argv []string, flag string) string {
+	if i := slices.Index(argv, flag); i >= 0 && i+1 < len(argv) {
+		return argv[i+1]
+	}
+	return ""
 }

@@ -15,6 +15,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/privtest"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 // TestLabScenarios runs the scenarios of the lab's issue on one lab, in
@@ -25,7 +28,7 @@ import (
 // leaves nothing behind. Each scenario puts back what it changed, so a
 // failed one does not sink the next.
 func TestLabScenarios(t *testing.T) {
-	skipUnlessRoot(t)
+	privtest.RequireRoot(t)
 	r := newLabRun(t)
 	linksBefore := rootLinks(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -38,7 +41,7 @@ func TestLabScenarios(t *testing.T) {
 	t.Logf("lab up: %s", time.Since(start).Round(time.Millisecond))
 	st := r.state(t)
 	if !st.Datapath {
-		t.Skipf("the agent has no datapath (%s): the scenarios need its socket LB and tunnel", st.DatapathNote)
+		t.Fatal("the lab runs its agents without datapath; the scenarios need its socket LB and tunnel")
 	}
 	// Every process the lab ever ran, to check after down.
 	procs := map[string]*Proc{}
@@ -362,31 +365,28 @@ func (r *labRun) curl(ctx context.Context, n int) (CurlResult, error) {
 // has no failed request and satisfies ok, for at most 30 s.
 func (r *labRun) awaitCurl(ctx context.Context, t *testing.T, what string, ok func(CurlResult) bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
 	start := time.Now()
+	rounds := 0
 	var last CurlResult
-	var lastErr error
-	for rounds := 1; ; rounds++ {
-		last, lastErr = r.curl(ctx, 20)
-		if lastErr == nil && last.Failed == 0 && ok(last) {
-			t.Logf("%s: after %d rounds (%s): %v", what, rounds, time.Since(start).Round(time.Millisecond), last.PerPod)
-			return
+	testutil.EventuallyNoError(t, 30*time.Second, what, func() error {
+		rounds++
+		cr, err := r.curl(ctx, 20)
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			break
+		last = cr
+		var errs []string
+		for _, p := range cr.Probes {
+			if !p.OK {
+				errs = append(errs, p.Error)
+			}
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if lastErr != nil {
-		t.Fatalf("%s: %v", what, lastErr)
-	}
-	var errs []string
-	for _, p := range last.Probes {
-		if !p.OK {
-			errs = append(errs, p.Error)
+		if cr.Failed != 0 || !ok(cr) {
+			return fmt.Errorf("last round answered by %v, %d failed %v", cr.PerPod, cr.Failed, errs)
 		}
-	}
-	t.Fatalf("%s: not after 30s: last round answered by %v, %d failed %v", what, last.PerPod, last.Failed, errs)
+		return nil
+	})
+	t.Logf("%s: after %d rounds (%s): %v", what, rounds, time.Since(start).Round(time.Millisecond), last.PerPod)
 }
 
 // awaitClusters waits until eu/client's requests are answered by exactly

@@ -33,9 +33,10 @@ type State struct {
 	// (apiserver/eu, agent/eu/n1, echo/eu/echo-n1).
 	Procs map[string]*Proc `json:"procs"`
 	// Datapath is true when the agents run with the datapath flags
-	// (agentDatapathArgs); DatapathNote says why not.
-	Datapath     bool   `json:"datapath"`
-	DatapathNote string `json:"datapathNote,omitempty"`
+	// (agentDatapathArgs): always, for a lab this version built. It is
+	// false only in the state of a lab that an older trellis ran without
+	// them, whose agents keep restarting the way they started.
+	Datapath bool `json:"datapath"`
 	// StoppedPods ("eu/echo-n1") and DownNodes ("eu/n1") were taken out
 	// with `lab pod stop` and `lab node down`.
 	StoppedPods map[string]bool `json:"stoppedPods,omitempty"`

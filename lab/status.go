@@ -11,18 +11,17 @@ import (
 
 // Report is a lab as `lab up` and `lab status` show it.
 type Report struct {
-	Name         string          `json:"name"`
-	Dir          string          `json:"dir"`
-	Phase        string          `json:"phase"`
-	UpTook       string          `json:"upTook,omitempty"`
-	Underlay     string          `json:"underlay"`
-	BridgeNS     string          `json:"bridgeNamespace"`
-	Datapath     bool            `json:"datapath"`
-	DatapathNote string          `json:"datapathNote,omitempty"`
-	Clusters     []ClusterReport `json:"clusters"`
-	Nodes        []NodeReport    `json:"nodes"`
-	Pods         []PodReport     `json:"pods"`
-	Services     []ServiceReport `json:"services"`
+	Name     string          `json:"name"`
+	Dir      string          `json:"dir"`
+	Phase    string          `json:"phase"`
+	UpTook   string          `json:"upTook,omitempty"`
+	Underlay string          `json:"underlay"`
+	BridgeNS string          `json:"bridgeNamespace"`
+	Datapath bool            `json:"datapath"`
+	Clusters []ClusterReport `json:"clusters"`
+	Nodes    []NodeReport    `json:"nodes"`
+	Pods     []PodReport     `json:"pods"`
+	Services []ServiceReport `json:"services"`
 	// Disconnected are the pairs of clusters separated with `lab
 	// disconnect` ("eu/us").
 	Disconnected []string `json:"disconnected,omitempty"`
@@ -102,7 +101,7 @@ func (l *lab) report(ctx context.Context) *Report {
 	st := l.state
 	r := &Report{
 		Name: l.opts.Name, Dir: l.dir, Phase: st.Phase, Underlay: l.lay.underlay.String(), BridgeNS: l.lay.bridgeNS,
-		Datapath: st.Datapath, DatapathNote: st.DatapathNote, Healthy: true,
+		Datapath: st.Datapath, Healthy: true,
 		Disconnected: sortedKeys(st.Disconnected),
 	}
 	problem := func(format string, args ...any) {
@@ -215,7 +214,7 @@ func (l *lab) report(ctx context.Context) *Report {
 func PrintReport(w io.Writer, r *Report) {
 	dp := "on (eBPF socket LB + VXLAN)"
 	if !r.Datapath {
-		dp = "off (" + r.DatapathNote + ")"
+		dp = "off (agents started without the datapath flags)"
 	}
 	fmt.Fprintf(w, "Lab %s (%s), state in %s", r.Name, r.Phase, r.Dir)
 	if r.UpTook != "" {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/trellis-mesh/trellis/bpf"
-	"github.com/trellis-mesh/trellis/internal/nsthread"
 	"io"
 	"net"
 	"os"
@@ -15,6 +13,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/trellis-mesh/trellis/bpf"
+	"github.com/trellis-mesh/trellis/internal/nsthread"
 
 	"golang.org/x/sys/unix"
 )

@@ -1,19 +1,18 @@
 package tunnel
 
-// Private helpers for the privileged tests: unnamed network namespaces (they
-// vanish with their last handle, so nothing outlives the test even when it
-// crashes), a bridge with no uplink, nodes and pods joined by veths, and a
-// UDP echo exchange run inside a namespace. Nothing here touches the
-// caller's (root) namespace: every link is created through a netlink handle
-// bound to a namespace the test made.
+// Private helpers for the privileged tests: a bridge with no uplink, nodes
+// and pods joined by veths, and a UDP echo exchange run inside a
+// namespace. Namespaces, netlink handles and threads inside a namespace
+// come from internal/privtest; the namespaces are named trellis-tunnel-…
+// (see nsPrefix) and deleted at cleanup, also when a test fails. Nothing
+// here touches the caller's (root) namespace: every link is created
+// through a netlink handle bound to a namespace the test made.
 
 import (
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -23,80 +22,20 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/internal/privtest"
 )
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("tunnel: privileged test: needs root to create network namespaces, veths and tunnel devices (run go test as root)")
-	}
-}
+// nsPrefix names the tests' namespaces, so that any a crashed run left
+// behind says where it came from.
+const nsPrefix = "trellis-tunnel"
 
-// newNS makes an unnamed network namespace. It lives as long as the handle
-// (closed by t.Cleanup) and any socket made inside it.
+// newNS makes a network namespace for the test, with loopback up, deleted
+// at cleanup.
 func newNS(t *testing.T) netns.NsHandle {
 	t.Helper()
-	runtime.LockOSThread()
-	orig, err := netns.Get()
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("get current netns: %v", err)
-	}
-	defer orig.Close()
-	ns, err := netns.New() // unshare(CLONE_NEWNET) moves this thread
-	if err != nil {
-		runtime.UnlockOSThread()
-		t.Fatalf("new netns: %v", err)
-	}
-	if err := netns.Set(orig); err != nil {
-		ns.Close()
-		// The thread stays locked and is discarded with the goroutine.
-		t.Fatalf("return to the original netns: %v", err)
-	}
-	runtime.UnlockOSThread()
-	t.Cleanup(func() { ns.Close() })
+	ns, _ := privtest.NewNetNSWithPrefix(t, nsPrefix)
 	return ns
-}
-
-// inNS runs fn on a thread that is inside ns, and brings the thread back.
-// Sockets fn opens stay in ns after it returns.
-func inNS(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			runtime.UnlockOSThread()
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			errc <- err
-			runtime.UnlockOSThread()
-			return
-		}
-		ferr := fn()
-		if err := netns.Set(orig); err != nil {
-			// Leave the thread locked: Go ends it with this goroutine.
-			errc <- errors.Join(ferr, fmt.Errorf("return to original netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
-
-// nsHandle opens a netlink handle in ns, closed by t.Cleanup.
-func nsHandle(t *testing.T, ns netns.NsHandle) *netlink.Handle {
-	t.Helper()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatalf("netlink handle: %v", err)
-	}
-	t.Cleanup(h.Close)
-	return h
 }
 
 func must(t *testing.T, what string, err error) {
@@ -135,7 +74,7 @@ func addVeth(t *testing.T, h *netlink.Handle, local, peer string, peerNS netns.N
 }
 
 func setSysctl(ns netns.NsHandle, path, value string) error {
-	return inNS(ns, func() error { return os.WriteFile(path, []byte(value), 0o644) })
+	return privtest.InNetNS(ns, func() error { return os.WriteFile(path, []byte(value), 0o644) })
 }
 
 type labNode struct {
@@ -171,8 +110,7 @@ const underlayMTU = 1400
 func newLab(t *testing.T, podCIDRs ...string) *lab {
 	t.Helper()
 	l := &lab{bridge: newNS(t), mtu: underlayMTU}
-	bh := nsHandle(t, l.bridge)
-	linkUp(t, bh, "lo")
+	bh := privtest.NetlinkHandle(t, l.bridge)
 	must(t, "add br0", bh.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: "br0", MTU: underlayMTU}}))
 	br := linkUp(t, bh, "br0")
 
@@ -188,8 +126,7 @@ func newLab(t *testing.T, podCIDRs ...string) *lab {
 		if n.podCIDR.Addr().As4()[1] != 1 {
 			n.cluster = "c2"
 		}
-		n.h = nsHandle(t, n.ns)
-		linkUp(t, n.h, "lo")
+		n.h = privtest.NetlinkHandle(t, n.ns)
 
 		port := fmt.Sprintf("n%d", i+1)
 		addVeth(t, bh, port, "eth0", n.ns, underlayMTU)
@@ -201,8 +138,7 @@ func newLab(t *testing.T, podCIDRs ...string) *lab {
 		linkUp(t, n.h, "eth0")
 		must(t, "ip_forward in "+n.name, setSysctl(n.ns, "/proc/sys/net/ipv4/ip_forward", "1"))
 
-		ph := nsHandle(t, n.podNS)
-		linkUp(t, ph, "lo")
+		ph := privtest.NetlinkHandle(t, n.podNS)
 		addVeth(t, n.h, "pod0", "eth0", n.podNS, 1500)
 		gw := n.podCIDR.Addr().Next()
 		n.podIP = netip.AddrFrom4([4]byte{n.podCIDR.Addr().As4()[0], n.podCIDR.Addr().As4()[1], n.podCIDR.Addr().As4()[2], 10})
@@ -236,7 +172,7 @@ func (l *lab) others(n *labNode) []Node {
 func startEcho(t *testing.T, ns netns.NsHandle, addr netip.Addr) netip.AddrPort {
 	t.Helper()
 	var pc net.PacketConn
-	must(t, "listen in pod", inNS(ns, func() (err error) {
+	must(t, "listen in pod", privtest.InNetNS(ns, func() (err error) {
 		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(addr, 0).String())
 		return err
 	}))
@@ -255,13 +191,15 @@ func startEcho(t *testing.T, ns netns.NsHandle, addr netip.Addr) netip.AddrPort 
 	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
-// exchange sends a payload of size bytes from a new UDP socket in ns to dst
-// and returns the first reply. With df the socket sets Don't Fragment
-// (IP_PMTUDISC_DO), so a datagram too big for the path is dropped, not
-// fragmented. It tries attempts times, waiting wait for each reply.
-func exchange(ns netns.NsHandle, dst netip.AddrPort, size int, df bool, attempts int, wait time.Duration) (string, error) {
+// exchangeOnce sends one payload of size bytes from a new UDP socket in ns
+// to dst and returns the reply, waiting at most wait for it. With df the
+// socket sets Don't Fragment (IP_PMTUDISC_DO), so a datagram too big for
+// the path is dropped, not fragmented. One datagram may be lost while
+// neighbours resolve: reachSize retries, unreachableSize keeps trying for
+// a while.
+func exchangeOnce(ns netns.NsHandle, dst netip.AddrPort, size int, df bool, wait time.Duration) (string, error) {
 	var c *net.UDPConn
-	err := inNS(ns, func() (err error) {
+	err := privtest.InNetNS(ns, func() (err error) {
 		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(dst))
 		if err != nil || !df {
 			return err
@@ -279,26 +217,23 @@ func exchange(ns netns.NsHandle, dst netip.AddrPort, size int, df bool, attempts
 		return serr
 	})
 	if err != nil {
+		if c != nil {
+			c.Close()
+		}
 		return "", fmt.Errorf("dial %s: %w", dst, err)
 	}
 	defer c.Close()
-	payload := []byte(strings.Repeat("x", size))
-	buf := make([]byte, 1024)
-	var last error
-	for range attempts {
-		if _, err := c.Write(payload); err != nil {
-			last = err // EMSGSIZE once the path MTU is known, ECONNREFUSED, ...
-			time.Sleep(wait)
-			continue
-		}
-		_ = c.SetReadDeadline(time.Now().Add(wait))
-		n, err := c.Read(buf)
-		if err == nil {
-			return string(buf[:n]), nil
-		}
-		last = err
+	// EMSGSIZE once the path MTU is known, ECONNREFUSED, ...
+	if _, err := c.Write([]byte(strings.Repeat("x", size))); err != nil {
+		return "", fmt.Errorf("send %d bytes to %s: %w", size, dst, err)
 	}
-	return "", fmt.Errorf("no reply from %s after %d tries: %w", dst, attempts, last)
+	_ = c.SetReadDeadline(time.Now().Add(wait))
+	buf := make([]byte, 1024)
+	n, err := c.Read(buf)
+	if err != nil {
+		return "", fmt.Errorf("no reply from %s: %w", dst, err)
+	}
+	return string(buf[:n]), nil
 }
 
 // kernelView is the Trellis-relevant state of one namespace, as sorted

@@ -32,18 +32,26 @@ type recordingSink struct {
 	synced   []v1.Kind
 	atSynced map[v1.Kind]int
 	// writes counts every accepted upsert and delete.
-	writes  int
-	log     []string
-	changed chan struct{}
+	writes int
+	// refused counts, per IP, the endpoints refused for being outside
+	// podCIDRs; lastRefused is the latest such endpoint per IP. The source
+	// offers a refused endpoint again each time it processes its pod, so
+	// this counts how often a pod was processed (resyncs included).
+	refused     map[netip.Addr]int
+	lastRefused map[netip.Addr]v1.Endpoint
+	log         []string
+	changed     chan struct{}
 }
 
 func newRecordingSink(podCIDRs ...string) *recordingSink {
 	s := &recordingSink{
-		nodes:     map[string]v1.Node{},
-		endpoints: map[netip.Addr]v1.Endpoint{},
-		services:  map[string]v1.Service{},
-		atSynced:  map[v1.Kind]int{},
-		changed:   make(chan struct{}),
+		nodes:       map[string]v1.Node{},
+		endpoints:   map[netip.Addr]v1.Endpoint{},
+		services:    map[string]v1.Service{},
+		atSynced:    map[v1.Kind]int{},
+		refused:     map[netip.Addr]int{},
+		lastRefused: map[netip.Addr]v1.Endpoint{},
+		changed:     make(chan struct{}),
 	}
 	for _, c := range podCIDRs {
 		s.podCIDRs = append(s.podCIDRs, netip.MustParsePrefix(c))
@@ -54,6 +62,11 @@ func newRecordingSink(podCIDRs ...string) *recordingSink {
 // note records an event and wakes waiters; mu is held.
 func (s *recordingSink) note(format string, args ...any) {
 	s.log = append(s.log, fmt.Sprintf(format, args...))
+	s.wake()
+}
+
+// wake wakes waitFor's waiters; mu is held.
+func (s *recordingSink) wake() {
 	close(s.changed)
 	s.changed = make(chan struct{})
 }
@@ -84,6 +97,13 @@ func (s *recordingSink) UpsertEndpoint(ep v1.Endpoint) error {
 		return err
 	}
 	if len(s.podCIDRs) > 0 && !slices.ContainsFunc(s.podCIDRs, func(p netip.Prefix) bool { return p.Contains(ep.IP) }) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		// Not in the history: a refused endpoint is offered again on
+		// every resync, and the history is for what the sink holds.
+		s.refused[ep.IP]++
+		s.lastRefused[ep.IP] = ep
+		s.wake()
 		return fmt.Errorf("endpoint %s: IP outside the cluster's pod CIDRs %v", ep.IP, s.podCIDRs)
 	}
 	s.mu.Lock()
@@ -164,6 +184,15 @@ func (s *recordingSink) syncedKinds() []v1.Kind {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return slices.Clone(s.synced)
+}
+
+// refusals returns how often the endpoint at ip was refused, and the
+// latest refused version of it.
+func (s *recordingSink) refusals(ip string) (int, v1.Endpoint) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	addr := netip.MustParseAddr(ip)
+	return s.refused[addr], s.lastRefused[addr]
 }
 
 func (s *recordingSink) writeCount() int {

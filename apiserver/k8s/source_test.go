@@ -3,7 +3,7 @@ package k8s
 import (
 	"context"
 	"fmt"
-	"github.com/trellis-mesh/trellis/apiserver/source"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -21,6 +21,8 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/apiserver/source"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 const (
@@ -44,19 +46,14 @@ func newFakeClient(t *testing.T, objs ...runtime.Object) (*fake.Clientset, func(
 	})
 	return cs, func() {
 		t.Helper()
-		deadline := time.Now().Add(waitTimeout)
-		for {
+		testutil.EventuallyNoError(t, waitTimeout, "the informers to watch 4 resources", func() error {
 			mu.Lock()
-			n := len(watching)
-			mu.Unlock()
-			if n >= 4 {
-				return
+			defer mu.Unlock()
+			if len(watching) < 4 {
+				return fmt.Errorf("they watch %v", slices.Sorted(maps.Keys(watching)))
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("informers watch %d resources; want 4", n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 }
 
@@ -397,7 +394,9 @@ func TestSourceSinkRefusalLoggedOnceNotRetried(t *testing.T) {
 	pod := k8sPod("shop", "stray", cartLabels, "172.16.0.5", "192.168.1.5", true)
 	cs, waitWatches := newFakeClient(t, pod, k8sPod("shop", "fine", cartLabels, "10.1.0.5", "192.168.1.5", true))
 	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
-	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
+	// One worker processes keys one after the other, which the sentinel
+	// below relies on.
+	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, Workers: 1})
 	waitWatches()
 	sink.waitFor(t, waitTimeout, "endpoints synced", func() error {
 		if !slices.Contains(sink.syncedKinds(), v1.KindEndpoints) {
@@ -408,12 +407,22 @@ func TestSourceSinkRefusalLoggedOnceNotRetried(t *testing.T) {
 	if _, ok := sink.endpoint("10.1.0.5"); !ok {
 		t.Errorf("the valid endpoint is missing")
 	}
-	// The pod changes (not ready) but the reason stays the same.
+	// The pod changes (not ready) but the reason stays the same: the sink
+	// refuses the changed endpoint too.
 	pod = k8sPod("shop", "stray", cartLabels, "172.16.0.5", "192.168.1.5", false)
 	if _, err := cs.CoreV1().Pods("shop").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	// A sentinel change that is published tells us the update was seen.
+	sink.waitFor(t, waitTimeout, "the changed stray endpoint refused", func() error {
+		if n, ep := sink.refusals("172.16.0.5"); n == 0 || ep.Ready {
+			return fmt.Errorf("refused %d times, the latest ready=%v", n, ep.Ready)
+		}
+		return nil
+	})
+	// The source reports (or retries) the refusal after the sink call
+	// returns. A sentinel change queued now is processed by the one
+	// worker only after it is done with the stray pod, so once the
+	// sentinel is published, the stats hold whatever that refusal did.
 	if _, err := cs.CoreV1().Pods("shop").UpdateStatus(ctx, k8sPod("shop", "fine", cartLabels, "10.1.0.5", "192.168.1.5", false), metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -423,7 +432,6 @@ func TestSourceSinkRefusalLoggedOnceNotRetried(t *testing.T) {
 		}
 		return nil
 	})
-	time.Sleep(100 * time.Millisecond)
 	st := s.Stats()
 	if st.Problems[ProblemSinkRefused] != 1 || st.Retries != 0 {
 		t.Errorf("stats = %+v; want the refusal counted once and no retries", st)
@@ -509,9 +517,9 @@ func TestSourceIPReusedByNewPod(t *testing.T) {
 	})
 }
 
-// TestSourceDoesNothingWhenConverged: with a fast resync every object is
-// processed again and again; none of it reaches the sink, and problems are
-// not counted twice.
+// TestSourceDoesNothingWhenConverged: with resyncs (once a second, as
+// often as client-go allows) every object is processed again and again;
+// none of it reaches the sink, and problems are not counted twice.
 func TestSourceDoesNothingWhenConverged(t *testing.T) {
 	cs, _ := newFakeClient(t,
 		k8sNode("node-a", "192.168.1.5", "10.1.0.0/24"),
@@ -523,17 +531,33 @@ func TestSourceDoesNothingWhenConverged(t *testing.T) {
 		k8sPod("shop", "stray", cartLabels, "172.16.0.5", "192.168.1.5", true),
 	)
 	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
-	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, ResyncPeriod: 20 * time.Millisecond})
+	// client-go resyncs at most once a second: a shorter period is raised
+	// to that ("resync period is too small").
+	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, ResyncPeriod: time.Second})
 	sink.waitFor(t, waitTimeout, "synced", func() error {
 		if len(sink.syncedKinds()) < 4 {
 			return fmt.Errorf("synced %v", sink.syncedKinds())
 		}
 		return nil
 	})
-	time.Sleep(100 * time.Millisecond) // let any straggler settle
+	// The sink refuses the stray pod's endpoint each time the source
+	// processes the pod, so its refusals count the pod's resyncs.
+	awaitResyncs := func(what string, n int) {
+		t.Helper()
+		before, _ := sink.refusals("172.16.0.5")
+		sink.waitFor(t, waitTimeout, what, func() error {
+			if got, _ := sink.refusals("172.16.0.5"); got < before+n {
+				return fmt.Errorf("%d of %d resyncs of the stray pod", got-before, n)
+			}
+			return nil
+		})
+	}
+	// Keys the initial publication queued twice are still ahead of a
+	// resync in the queue; two resyncs on, they have been processed.
+	awaitResyncs("stragglers of the initial publication", 2)
 	writes, stats := sink.writeCount(), s.Stats()
 	acq, _ := alloc.counts()
-	time.Sleep(500 * time.Millisecond) // ~25 resyncs
+	awaitResyncs("3 resyncs with nothing changed", 3)
 	if w := sink.writeCount(); w != writes {
 		t.Errorf("sink writes went from %d to %d with nothing changed:\n%s", writes, w, sink.history())
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -77,28 +76,6 @@ func (opts labOpts) run1(verb func(context.Context, lab.Options, string) error) 
 	}
 }
 
-func checkOutput(output string) error {
-	if output != "table" && output != "json" {
-		return fmt.Errorf("--output %q: want table or json", output)
-	}
-	return nil
-}
-
-func printJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
-}
-
-// render writes v as indented JSON for --output json, else with table.
-func render(w io.Writer, output string, v any, table func(io.Writer)) error {
-	if output == "json" {
-		return printJSON(w, v)
-	}
-	table(w)
-	return nil
-}
-
 func newLabUpCmd(opts labOpts) *cobra.Command {
 	var (
 		file, output string
@@ -141,18 +118,17 @@ A lab that fails to come up is removed again, unless --keep.`,
 			if err != nil {
 				return err
 			}
-			if output == "json" {
-				return printJSON(cmd.OutOrStdout(), rep)
-			}
-			fmt.Fprintln(cmd.OutOrStdout())
-			lab.PrintReport(cmd.OutOrStdout(), rep)
-			return nil
+			// The table follows the progress lines after a blank one.
+			return render(cmd.OutOrStdout(), output, rep, func(w io.Writer) {
+				fmt.Fprintln(w)
+				lab.PrintReport(w, rep)
+			})
 		},
 	}
 	cmd.Flags().StringVarP(&file, "file", "f", "", "topology file (YAML); default: the built-in eu+us topology")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "how long to wait for API servers and agents to be ready")
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep a lab that failed to come up, for inspection")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
@@ -201,7 +177,7 @@ func newLabStatusCmd(opts labOpts) *cobra.Command {
 			return err
 		},
 	}
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
@@ -265,7 +241,7 @@ pod answered each one, with a count per cluster. Exits 1 if any failed.`,
 	cmd.Flags().IntVarP(&co.Count, "count", "n", 10, "number of requests")
 	cmd.Flags().BoolVar(&co.UDP, "udp", false, "send UDP datagrams to the service's UDP port instead of HTTP GETs")
 	cmd.Flags().DurationVar(&co.Timeout, "timeout", 2*time.Second, "timeout per request")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 
@@ -448,7 +424,7 @@ Prints a pass/fail matrix; exits 1 when a check fails.`,
 	}
 	cmd.Flags().IntVarP(&vo.Count, "count", "n", 6, "requests per service check")
 	cmd.Flags().DurationVar(&vo.Timeout, "timeout", 2*time.Second, "timeout per request")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }
 

@@ -40,6 +40,6 @@ by cluster. Exits 1 when a cluster is not ready.`,
 		},
 	}
 	cmd.Flags().StringVar(&socket, "socket", agent.DefaultStatusSocket, "the agent's status socket")
-	cmd.Flags().StringVarP(&output, "output", "o", "table", "table or json")
+	addOutputFlag(cmd, &output)
 	return cmd
 }

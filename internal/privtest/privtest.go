@@ -60,12 +60,32 @@ func UniqueName(prefix string) string {
 	return fmt.Sprintf("%s-%d-%s", prefix, os.Getpid(), hex.EncodeToString(b[:]))
 }
 
+// UniqueShortName returns prefix followed by 6 random hex digits, for
+// names with tight rules: a lab name (at most 12 lowercase letters and
+// digits) or an interface name (at most 15 bytes). It carries no PID, so
+// it is unique per run by chance alone (1 in 16 million per pair).
+func UniqueShortName(prefix string) string {
+	var b [3]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err)
+	}
+	return prefix + hex.EncodeToString(b[:])
+}
+
 // NewNetNS creates a named network namespace (visible to `ip netns`),
 // brings its loopback up, and deletes it at cleanup. The calling thread's
 // namespace is unchanged.
 func NewNetNS(t testing.TB) (netns.NsHandle, string) {
 	t.Helper()
-	name := UniqueName("trellis-test")
+	return NewNetNSWithPrefix(t, "trellis-test")
+}
+
+// NewNetNSWithPrefix is NewNetNS for a namespace named
+// UniqueName(prefix), so that one a crashed test left behind names the
+// tests that made it.
+func NewNetNSWithPrefix(t testing.TB, prefix string) (netns.NsHandle, string) {
+	t.Helper()
+	name := UniqueName(prefix)
 	if err := nsthread.CreateNamed(name); err != nil {
 		t.Fatalf("create netns %s: %v", name, err)
 	}
@@ -93,6 +113,19 @@ func NewNetNS(t testing.TB) (netns.NsHandle, string) {
 		t.Fatalf("set lo up in %s: %v", name, err)
 	}
 	return ns, name
+}
+
+// NetlinkHandle returns a netlink handle bound to ns, closed at cleanup:
+// links, addresses and routes made through it are made in ns, whichever
+// namespace the calling thread is in.
+func NetlinkHandle(t testing.TB, ns netns.NsHandle) *netlink.Handle {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatalf("netlink handle in netns %d: %v", ns, err)
+	}
+	t.Cleanup(h.Close)
+	return h
 }
 
 // AddVeth creates a veth pair inside ns, name and name+"p", both up, and

@@ -7,13 +7,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -99,4 +102,55 @@ func TestSkipIfNotSupported(t *testing.T) {
 		}
 	}
 	SkipIfNotSupported(t, nil) // nil is fine
+}
+
+// TestNetNSWithPrefixAndHandle checks that the namespace carries the
+// prefix, that a handle from NetlinkHandle works inside it and not in the
+// test's own namespace, and that cleanup removes the namespace.
+func TestNetNSWithPrefixAndHandle(t *testing.T) {
+	RequireRoot(t)
+	var nsName string
+	t.Run("inside", func(t *testing.T) {
+		ns, name := NewNetNSWithPrefix(t, "trellis-privtest")
+		nsName = name
+		if !strings.HasPrefix(name, "trellis-privtest-") {
+			t.Errorf("namespace %q lacks the prefix", name)
+		}
+		if _, err := os.Stat(filepath.Join("/var/run/netns", name)); err != nil {
+			t.Fatalf("namespace %s not visible to ip netns: %v", name, err)
+		}
+		h := NetlinkHandle(t, ns)
+		lo, err := h.LinkByName("lo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lo.Attrs().Flags&net.FlagUp == 0 {
+			t.Error("loopback of the new namespace is down")
+		}
+		veth := UniqueShortName("pt")
+		if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: veth}, PeerName: veth + "p"}); err != nil {
+			t.Fatalf("add veth %s through the handle: %v", veth, err)
+		}
+		if _, err := h.LinkByName(veth); err != nil {
+			t.Errorf("veth %s not in the namespace: %v", veth, err)
+		}
+		if _, err := netlink.LinkByName(veth); err == nil {
+			t.Errorf("veth %s showed up in the test's own namespace", veth)
+		}
+	})
+	if _, err := os.Stat(filepath.Join("/var/run/netns", nsName)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("netns %s still there: %v", nsName, err)
+	}
+}
+
+func TestUniqueShortName(t *testing.T) {
+	a, b := UniqueShortName("t"), UniqueShortName("t")
+	for _, n := range []string{a, b} {
+		if !regexp.MustCompile(`^t[0-9a-f]{6}$`).MatchString(n) {
+			t.Errorf("UniqueShortName(\"t\") = %q, want t and 6 hex digits", n)
+		}
+	}
+	if a == b {
+		t.Errorf("two calls gave the same name %q", a)
+	}
 }

@@ -162,6 +162,10 @@ func tail(s string, lines int) string {
 	return strings.Join(parts, "\n")
 }
 
+// pollInterval is how often Eventually, EventuallyNoError and
+// Consistently look.
+const pollInterval = 50 * time.Millisecond
+
 // Eventually polls cond every 50 ms until it holds or timeout passes.
 func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -170,6 +174,42 @@ func Eventually(t testing.TB, timeout time.Duration, what string, cond func() bo
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out after %s waiting for %s", timeout, what)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(pollInterval)
+	}
+}
+
+// EventuallyNoError is Eventually for a check that says what is still
+// wrong: it polls fn every 50 ms until it returns nil, and when timeout
+// passes first it fails the test with fn's last error.
+func EventuallyNoError(t testing.TB, timeout time.Duration, what string, fn func() error) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		err := fn()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s: %v", timeout, what, err)
+		}
+		time.Sleep(pollInterval)
+	}
+}
+
+// Consistently checks a property of the form "for a while, nothing
+// happens": it polls cond every 50 ms for the whole window and fails the
+// test the first time cond does not hold. The window is how long the test
+// looks, not a wait for something to happen; cond may log what it saw.
+func Consistently(t testing.TB, window time.Duration, what string, cond func() bool) {
+	t.Helper()
+	start := time.Now()
+	for {
+		if !cond() {
+			t.Fatalf("%s stopped holding after %s", what, time.Since(start).Round(time.Millisecond))
+		}
+		if time.Since(start) >= window {
+			return
+		}
+		time.Sleep(pollInterval)
 	}
 }

@@ -1,0 +1,156 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/clustermesh"
+)
+
+// The lab's processes: one mesh API server per cluster, one agent per
+// node, one echo server per echo pod. Each is started inside its
+// namespace and cgroup, in a session of its own, logging to
+// <dir>/logs/, and recorded (PID and start time) in the state.
+//
+// This file holds what each runs (its argv) and how it is started and
+// stopped; clients.go talks to them, waits.go waits for them.
+
+// apiArgs is the argv of c's mesh API server.
+func (l *lab) apiArgs(c *clusterLayout) []string {
+	return []string{l.opts.Binary, "apiserver",
+		"--cluster-name", c.Name,
+		"--cluster-id", strconv.FormatUint(uint64(c.ID), 10),
+		"--pod-cidrs", c.PodCIDR,
+		"--region", c.Region,
+		"--zone", c.Zone,
+		"--etcd-listen", netip.AddrPortFrom(c.ip, apiEtcdPort).String(),
+		"--http-listen", netip.AddrPortFrom(c.ip, apiHTTPPort).String(),
+		"--advertise-address", c.ip.String(),
+		"--state-dir", c.stateDir,
+	}
+}
+
+// agentArgs are the agent's flags; the datapath ones come from
+// agentDatapathArgs when datapath is set (State.Datapath: always, for a
+// lab this version built).
+func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
+	c := n.cluster
+	args := []string{l.opts.Binary, "agent",
+		"--node-name", n.Name,
+		"--cluster-name", c.Name,
+		"--config-dir", clustermesh.ClustersDir(c.stateDir),
+		"--state-dir", n.stateDir,
+		"--status-socket", n.socket,
+		"--registry-url", c.registryURL(),
+		"--registry-token-file", filepath.Join(c.stateDir, v1.StateAdminTokenFile),
+		"--node-ip", n.ip.String(),
+		"--pod-cidrs", n.PodCIDR,
+	}
+	if datapath {
+		args = append(args, agentDatapathArgs(n)...)
+	}
+	return args
+}
+
+// agentDatapathArgs are the flags that turn on the agent's datapath: the
+// eBPF socket LB attached to the node's cgroup (pods are child cgroups of
+// it) and pinned per node, and VXLAN over the node's underlay veth.
+func agentDatapathArgs(n *nodeLayout) []string {
+	return []string{
+		"--cgroup-root", n.cgroup,
+		"--bpf-pin-dir", n.pinDir,
+		"--tunnel", "vxlan",
+		"--underlay-device", nodeDevice,
+	}
+}
+
+// startDaemon starts spec as a daemon and records it under key.
+func (l *lab) startDaemon(key string, spec procSpec) error {
+	spec.daemon = true
+	cmd, err := spec.start()
+	if err != nil {
+		return err
+	}
+	go cmd.Wait() // reap it if it exits while this process lives
+	return l.recordProc(key, cmd.Process.Pid, spec.argv, spec.log)
+}
+
+// startAPIServer starts c's mesh API server in its namespace and cgroup.
+func (l *lab) startAPIServer(c *clusterLayout) error {
+	return l.startDaemon(apiKey(c), procSpec{ns: c.ns, cgroup: c.cgroup, argv: l.apiArgs(c), log: c.log})
+}
+
+// startAgent starts n's agent in the node's namespace and cgroup.
+func (l *lab) startAgent(n *nodeLayout) error {
+	return l.startDaemon(agentKey(n), procSpec{ns: n.ns, cgroup: n.cgroup, argv: l.agentArgs(n, l.state.Datapath), log: n.log})
+}
+
+// echoArgs is the argv of p's echo server.
+func (l *lab) echoArgs(p *podLayout) []string {
+	return []string{l.opts.Binary, "lab", "echo-server",
+		"--cluster", p.node.cluster.Name, "--node", p.node.Name, "--pod", p.Name,
+		"--port", strconv.Itoa(EchoPort)}
+}
+
+// startEcho starts p's echo server in the pod's namespace and cgroup; a
+// pod that is not an echo pod runs none.
+func (l *lab) startEcho(p *podLayout) error {
+	if !p.Echo {
+		return nil
+	}
+	return l.startDaemon(echoKey(p), procSpec{ns: p.ns, cgroup: p.cgroup, argv: l.echoArgs(p), log: p.log})
+}
+
+// apiStopGrace is how long an API server gets to exit after SIGTERM
+// before SIGKILL: its embedded etcd waits up to its request timeout (7 s
+// by default) for the agents' open watch streams while it closes.
+const apiStopGrace = 20 * time.Second
+
+// stopProc stops the recorded process key (SIGTERM; SIGKILL after a
+// grace period), if it runs.
+func (l *lab) stopProc(key string) error {
+	p := l.state.Procs[key]
+	if p == nil {
+		return nil
+	}
+	grace := 5 * time.Second
+	if strings.HasPrefix(key, "apiserver/") {
+		grace = apiStopGrace
+	}
+	if left := stopProcs(map[int]uint64{p.PID: p.Start}, grace); len(left) > 0 {
+		return fmt.Errorf("lab: %s (pid %d) does not die", key, p.PID)
+	}
+	delete(l.state.Procs, key)
+	return l.save()
+}
+
+// runTrellisIn runs argv (a trellis command that dials the API servers,
+// such as connect) inside c's API server namespace and cgroup, from where
+// every API server is reachable over the bridge, and returns its output.
+func (l *lab) runTrellisIn(ctx context.Context, c *clusterLayout, argv []string) (string, error) {
+	var out bytes.Buffer
+	cmd, err := procSpec{ns: c.ns, cgroup: c.cgroup, argv: argv, stdout: &out, stderr: &out}.start()
+	if err != nil {
+		return "", err
+	}
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+			cmd.Process.Kill()
+		case <-done:
+		}
+	}()
+	if err := cmd.Wait(); err != nil {
+		return "", fmt.Errorf("lab: trellis %s: %w\n%s", strings.Join(argv[1:], " "), err, strings.TrimSpace(out.String()))
+	}
+	return strings.TrimSpace(out.String()), nil
+}
