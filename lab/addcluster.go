@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -12,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/api/client"
 	"github.com/trellis-mesh/trellis/clustermesh"
 )
 
@@ -267,7 +267,7 @@ func (l *lab) removeCluster(ctx context.Context, c *clusterLayout, topo Topology
 			errs = append(errs, err)
 		}
 		// Revoke what a connect may have issued; a 404 means it never did.
-		if err := l.regCall(ctx, other, http.MethodDelete, "/admin/v1/remotes/"+c.Name, nil, nil); err != nil && !strings.Contains(err.Error(), "404") {
+		if err := l.withAPI(other, func(api *client.Client) error { return api.RevokeRemote(ctx, c.Name) }); err != nil && !errors.Is(err, client.ErrNotFound) {
 			errs = append(errs, err)
 		}
 	}

@@ -1,19 +1,15 @@
 package lab
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
@@ -39,42 +35,29 @@ func httpIn(ns string, timeout time.Duration) *http.Client {
 	}}
 }
 
-// regCall calls cluster c's registry (or admin API) from c's API server
-// namespace. in is sent as JSON; out, when non-nil, receives the answer.
-func (l *lab) regCall(ctx context.Context, c *clusterLayout, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
+// api is a client of cluster c's API server that dials from c's API
+// server namespace, authenticated with its admin token.
+func (l *lab) api(c *clusterLayout, timeout time.Duration) (*client.Client, error) {
+	token, err := client.ReadToken(filepath.Join(c.stateDir, v1.StateAdminTokenFile))
+	if err != nil {
+		return nil, fmt.Errorf("lab: %s's admin token: %w", c.Name, err)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.registryURL()+path, body)
+	api, err := client.New(client.Config{URL: c.registryURL(), Token: token, HTTPClient: httpIn(c.ns, timeout)})
+	if err != nil {
+		return nil, fmt.Errorf("lab: %s's API server: %w", c.Name, err)
+	}
+	return api, nil
+}
+
+// withAPI runs fn with a client of c's API server and names the cluster in
+// its error.
+func (l *lab) withAPI(c *clusterLayout, fn func(*client.Client) error) error {
+	api, err := l.api(c, 10*time.Second)
 	if err != nil {
 		return err
 	}
-	if method != http.MethodGet {
-		token, err := os.ReadFile(filepath.Join(c.stateDir, v1.StateAdminTokenFile))
-		if err != nil {
-			return fmt.Errorf("lab: %s's admin token: %w", c.Name, err)
-		}
-		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := httpIn(c.ns, 10*time.Second).Do(req)
-	if err != nil {
-		return fmt.Errorf("lab: %s %s on %s's API server: %w", method, path, c.Name, err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	if resp.StatusCode >= 300 {
-		return fmt.Errorf("lab: %s %s on %s's API server: %s: %s", method, path, c.Name, resp.Status, bytes.TrimSpace(data))
-	}
-	if out != nil {
-		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("lab: %s %s on %s's API server: %w", method, path, c.Name, err)
-		}
+	if err := fn(api); err != nil {
+		return fmt.Errorf("lab: %s's API server: %w", c.Name, err)
 	}
 	return nil
 }
@@ -82,15 +65,21 @@ func (l *lab) regCall(ctx context.Context, c *clusterLayout, method, path string
 // registerServices PUTs the clusters' services into their registries.
 func (l *lab) registerServices(ctx context.Context, clusters []*clusterLayout) error {
 	for _, c := range clusters {
-		for _, s := range c.Services {
-			req := v1.ServiceRequest{
-				Namespace: s.Namespace, Name: s.Name, Ports: s.Ports,
-				FrontendIPs: []netip.Addr{netip.MustParseAddr(s.VIP)},
-				Selector:    s.Selector, Annotations: s.Annotations,
+		err := l.withAPI(c, func(api *client.Client) error {
+			for _, s := range c.Services {
+				err := api.PutService(ctx, v1.ServiceRequest{
+					Namespace: s.Namespace, Name: s.Name, Ports: s.Ports,
+					FrontendIPs: []netip.Addr{netip.MustParseAddr(s.VIP)},
+					Selector:    s.Selector, Annotations: s.Annotations,
+				})
+				if err != nil {
+					return err
+				}
 			}
-			if err := l.regCall(ctx, c, http.MethodPut, "/v1/services/"+s.Namespace+"/"+s.Name, req, nil); err != nil {
-				return err
-			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
 	return nil
@@ -100,18 +89,9 @@ func (l *lab) registerServices(ctx context.Context, clusters []*clusterLayout) e
 func (l *lab) apiReady(ctx context.Context, c *clusterLayout) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.registryURL()+"/readyz", nil)
+	api, err := client.New(client.Config{URL: c.registryURL(), HTTPClient: httpIn(c.ns, 3*time.Second)})
 	if err != nil {
 		return err
 	}
-	resp, err := httpIn(c.ns, 3*time.Second).Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("readyz: %s: %s", resp.Status, bytes.TrimSpace(msg))
-	}
-	return nil
+	return api.Ready(ctx)
 }

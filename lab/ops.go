@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/http"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
@@ -40,7 +40,10 @@ func Annotate(ctx context.Context, opts Options, cluster, service string, kvs []
 		ns, name = DefaultNamespace, service
 	}
 	var svcs []v1.ServiceRequest
-	if err := l.regCall(ctx, c, http.MethodGet, "/v1/services", nil, &svcs); err != nil {
+	if err := l.withAPI(c, func(api *client.Client) (err error) {
+		svcs, err = api.Services(ctx)
+		return err
+	}); err != nil {
 		return err
 	}
 	i := slices.IndexFunc(svcs, func(s v1.ServiceRequest) bool { return s.Namespace == ns && s.Name == name })
@@ -62,7 +65,7 @@ func Annotate(ctx context.Context, opts Options, cluster, service string, kvs []
 		}
 		svc.Annotations[k] = v
 	}
-	if err := l.regCall(ctx, c, http.MethodPut, "/v1/services/"+ns+"/"+name, svc, nil); err != nil {
+	if err := l.withAPI(c, func(api *client.Client) error { return api.PutService(ctx, svc) }); err != nil {
 		return err
 	}
 	// Keep the state's copy in step, for status and for rebuilding.
@@ -145,9 +148,11 @@ func NodeDown(ctx context.Context, opts Options, node string) error {
 				errs = append(errs, err)
 			}
 			ready := false
-			err := l.regCall(ctx, n.cluster, http.MethodPut, "/v1/endpoints/"+p.ip.String(), v1.EndpointRequest{
-				Namespace: p.Namespace, Pod: p.Name, Node: n.Name, NodeIP: n.ip, Ready: &ready, Labels: p.Labels,
-			}, nil)
+			err := l.withAPI(n.cluster, func(api *client.Client) error {
+				return api.PutEndpoint(ctx, v1.EndpointRequest{
+					IP: p.ip, Namespace: p.Namespace, Pod: p.Name, Node: n.Name, NodeIP: n.ip, Ready: &ready, Labels: p.Labels,
+				})
+			})
 			if err != nil {
 				errs = append(errs, err)
 			}
