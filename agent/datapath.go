@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -171,8 +172,9 @@ func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 	return errors.Join(errs...)
 }
 
-// tunnelNodes lists every node of the mesh with an IPv4 underlay address;
-// the tunnel skips the local node itself.
+// tunnelNodes lists every node of the mesh that has an underlay address
+// (its first IP) and pod CIDRs, by "cluster/name"; the tunnel skips the
+// local node itself.
 func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
 	var out []tunnel.Node
 	for cluster, nodes := range snap.Nodes {
@@ -188,7 +190,9 @@ func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
 }
 
 // lbServices turns merged services into socket LB entries: one per IPv4
-// frontend and service port, backends resolved to their target port.
+// frontend and TCP/UDP service port, with the IPv4 backends that serve
+// that port. The merge resolved each backend's cluster ID and target
+// ports already.
 func lbServices(snap *clustermesh.Snapshot) []bpf.Service {
 	var out []bpf.Service
 	for _, svc := range snap.Services {
@@ -196,26 +200,28 @@ func lbServices(snap *clustermesh.Snapshot) []bpf.Service {
 			if !vip.Is4() {
 				continue // the socket LB is IPv4 for now
 			}
-			for _, port := range svc.Ports {
+			for i, port := range svc.Ports {
 				proto, ok := lbProtocol(port.Protocol)
 				if !ok {
 					continue
 				}
 				s := bpf.Service{VIP: vip, Port: port.Port, Proto: proto}
 				for _, b := range svc.Backends {
-					if !b.IP.Is4() {
+					target := b.TargetPort(i)
+					if !b.IP.Is4() || target == 0 {
 						continue
 					}
-					target := backendPort(port, b)
-					if target == 0 {
-						continue
-					}
-					s.Backends = append(s.Backends, bpf.Backend{IP: b.IP, Port: target, ClusterID: uint32(snap.ClusterIDs[b.Cluster])})
+					s.Backends = append(s.Backends, bpf.Backend{IP: b.IP, Port: target, ClusterID: uint32(b.ClusterID)})
 				}
 				out = append(out, s)
 			}
 		}
 	}
+	// Services come out of a map: sort them, so the LB sees (and
+	// allocates IDs in) the same order for the same snapshot.
+	slices.SortFunc(out, func(a, b bpf.Service) int {
+		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+	})
 	return out
 }
 
@@ -227,18 +233,6 @@ func lbProtocol(p v1.Protocol) (bpf.Protocol, bool) {
 		return bpf.UDP, true
 	}
 	return 0, false
-}
-
-// backendPort is the port a backend serves a service port on: the
-// service's target port when it is the same everywhere, otherwise the
-// backend's own port of that name.
-func backendPort(p v1.ServicePort, b clustermesh.Backend) uint16 {
-	for _, bp := range b.Ports {
-		if bp.Name == p.Name {
-			return bp.Port
-		}
-	}
-	return p.TargetPort
 }
 
 func cmpString(a, b string) int {
