@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -185,7 +186,7 @@ func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
 			out = append(out, tunnel.Node{Name: cluster + "/" + n.Name, Cluster: cluster, IP: n.IPs[0], PodCIDRs: n.PodCIDRs})
 		}
 	}
-	slices.SortFunc(out, func(a, b tunnel.Node) int { return cmpString(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b tunnel.Node) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
@@ -233,14 +234,4 @@ func lbProtocol(p v1.Protocol) (bpf.Protocol, bool) {
 		return bpf.UDP, true
 	}
 	return 0, false
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
