@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"slices"
 	"strings"
 	"time"
@@ -18,22 +17,17 @@ import (
 )
 
 // DatapathConfig says which parts of the kernel datapath the agent runs.
+// A nil part is off.
 type DatapathConfig struct {
-	// CgroupRoot enables the eBPF socket load balancer on this cgroup v2
-	// directory: the node's root cgroup in production, the node's cgroup
-	// in the lab. Empty: no service translation.
-	CgroupRoot string
-	// PinDir is where the load balancer's maps and links are pinned so
-	// they outlive the agent (bpf.PinDir(scope)).
-	PinDir string
-	// Tunnel is vxlan, geneve, native or none (empty).
-	Tunnel         tunnel.Mode
-	UnderlayDevice string
-	VNI            uint32
-	Port           uint16
-	NodeIP         netip.Addr
-	PodCIDRs       []netip.Prefix
-	Logger         *slog.Logger
+	// LB is the eBPF socket load balancer: attached to LB.CgroupPath (the
+	// node's root cgroup in production, the node's cgroup in the lab) and
+	// pinned under LB.PinDir so it outlives the agent. Nil: no service
+	// translation.
+	LB *bpf.Config
+	// Tunnel reaches remote nodes' pod CIDRs. Nil: no routes to them.
+	Tunnel *tunnel.Config
+	// Logger defaults to discarding.
+	Logger *slog.Logger
 }
 
 // KernelDatapath programs services into the eBPF socket LB and remote
@@ -61,21 +55,22 @@ func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	d := &KernelDatapath{log: cfg.Logger}
-	if cfg.CgroupRoot != "" {
+	if cfg.LB != nil {
 		if err := bpf.EnsureBPFFS(); err != nil {
 			return nil, fmt.Errorf("datapath: %w", err)
 		}
-		lb, err := bpf.Open(bpf.Config{PinDir: cfg.PinDir, CgroupPath: cfg.CgroupRoot})
+		lb, err := bpf.Open(*cfg.LB)
 		if err != nil {
-			return nil, fmt.Errorf("datapath: socket load balancer on %s: %w", cfg.CgroupRoot, err)
+			return nil, fmt.Errorf("datapath: socket load balancer on %s: %w", cfg.LB.CgroupPath, err)
 		}
 		d.lb = lb
 	}
-	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
-		tun, err := tunnel.New(tunnel.Config{
-			Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP,
-			LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port, Logger: cfg.Logger,
-		})
+	if cfg.Tunnel != nil {
+		tc := *cfg.Tunnel
+		if tc.Logger == nil {
+			tc.Logger = cfg.Logger
+		}
+		tun, err := tunnel.New(tc)
 		if err != nil {
 			d.Close()
 			return nil, fmt.Errorf("datapath: %w", err)
@@ -152,16 +147,17 @@ func (d *KernelDatapath) Close() error {
 }
 
 // Uninstall removes everything the datapath installed: pinned maps and
-// links (detaching the programs) and the tunnel device and routes.
+// links (detaching the programs) and the tunnel device and routes. Parts
+// that are off, and an LB without a pin dir, leave nothing to remove.
 func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 	var errs []error
-	if cfg.PinDir != "" {
-		if err := bpf.Uninstall(cfg.PinDir); err != nil {
+	if cfg.LB != nil && cfg.LB.PinDir != "" {
+		if err := bpf.Uninstall(cfg.LB.PinDir); err != nil {
 			errs = append(errs, fmt.Errorf("uninstall socket load balancer: %w", err))
 		}
 	}
-	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
-		tun, err := tunnel.New(tunnel.Config{Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP, LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port})
+	if cfg.Tunnel != nil {
+		tun, err := tunnel.New(*cfg.Tunnel)
 		if err == nil {
 			err = tun.Cleanup(ctx)
 			tun.Close()

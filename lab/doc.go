@@ -74,8 +74,9 @@
 //
 // Agents get the datapath flags from agentDatapathArgs (--cgroup-root,
 // --bpf-pin-dir, --tunnel vxlan, --underlay-device eth0) when `trellis
-// agent --help` lists them, and run without them (status only, a warning
-// and a note in the state) when it does not.
+// agent --help` lists them, and --cgroup-root none --tunnel none (status
+// only, a warning and a note in the state) when it does not. Never no
+// --cgroup-root at all: the agent's default is the machine's root cgroup.
 //
 // # Changing a running lab
 //
