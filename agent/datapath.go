@@ -1,12 +1,13 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -16,22 +17,17 @@ import (
 )
 
 // DatapathConfig says which parts of the kernel datapath the agent runs.
+// A nil part is off.
 type DatapathConfig struct {
-	// CgroupRoot enables the eBPF socket load balancer on this cgroup v2
-	// directory: the node's root cgroup in production, the node's cgroup
-	// in the lab. Empty: no service translation.
-	CgroupRoot string
-	// PinDir is where the load balancer's maps and links are pinned so
-	// they outlive the agent (bpf.PinDir(scope)).
-	PinDir string
-	// Tunnel is vxlan, geneve, native or none (empty).
-	Tunnel         tunnel.Mode
-	UnderlayDevice string
-	VNI            uint32
-	Port           uint16
-	NodeIP         netip.Addr
-	PodCIDRs       []netip.Prefix
-	Logger         *slog.Logger
+	// LB is the eBPF socket load balancer: attached to LB.CgroupPath (the
+	// node's root cgroup in production, the node's cgroup in the lab) and
+	// pinned under LB.PinDir so it outlives the agent. Nil: no service
+	// translation.
+	LB *bpf.Config
+	// Tunnel reaches remote nodes' pod CIDRs. Nil: no routes to them.
+	Tunnel *tunnel.Config
+	// Logger defaults to discarding.
+	Logger *slog.Logger
 }
 
 // KernelDatapath programs services into the eBPF socket LB and remote
@@ -59,21 +55,22 @@ func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	d := &KernelDatapath{log: cfg.Logger}
-	if cfg.CgroupRoot != "" {
+	if cfg.LB != nil {
 		if err := bpf.EnsureBPFFS(); err != nil {
 			return nil, fmt.Errorf("datapath: %w", err)
 		}
-		lb, err := bpf.Open(bpf.Config{PinDir: cfg.PinDir, CgroupPath: cfg.CgroupRoot})
+		lb, err := bpf.Open(*cfg.LB)
 		if err != nil {
-			return nil, fmt.Errorf("datapath: socket load balancer on %s: %w", cfg.CgroupRoot, err)
+			return nil, fmt.Errorf("datapath: socket load balancer on %s: %w", cfg.LB.CgroupPath, err)
 		}
 		d.lb = lb
 	}
-	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
-		tun, err := tunnel.New(tunnel.Config{
-			Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP,
-			LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port, Logger: cfg.Logger,
-		})
+	if cfg.Tunnel != nil {
+		tc := *cfg.Tunnel
+		if tc.Logger == nil {
+			tc.Logger = cfg.Logger
+		}
+		tun, err := tunnel.New(tc)
 		if err != nil {
 			d.Close()
 			return nil, fmt.Errorf("datapath: %w", err)
@@ -150,16 +147,17 @@ func (d *KernelDatapath) Close() error {
 }
 
 // Uninstall removes everything the datapath installed: pinned maps and
-// links (detaching the programs) and the tunnel device and routes.
+// links (detaching the programs) and the tunnel device and routes. Parts
+// that are off, and an LB without a pin dir, leave nothing to remove.
 func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 	var errs []error
-	if cfg.PinDir != "" {
-		if err := bpf.Uninstall(cfg.PinDir); err != nil {
+	if cfg.LB != nil && cfg.LB.PinDir != "" {
+		if err := bpf.Uninstall(cfg.LB.PinDir); err != nil {
 			errs = append(errs, fmt.Errorf("uninstall socket load balancer: %w", err))
 		}
 	}
-	if cfg.Tunnel != "" && cfg.Tunnel != "none" {
-		tun, err := tunnel.New(tunnel.Config{Mode: cfg.Tunnel, UnderlayDevice: cfg.UnderlayDevice, LocalIP: cfg.NodeIP, LocalPodCIDRs: cfg.PodCIDRs, VNI: cfg.VNI, Port: cfg.Port})
+	if cfg.Tunnel != nil {
+		tun, err := tunnel.New(*cfg.Tunnel)
 		if err == nil {
 			err = tun.Cleanup(ctx)
 			tun.Close()
@@ -171,8 +169,9 @@ func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 	return errors.Join(errs...)
 }
 
-// tunnelNodes lists every node of the mesh with an IPv4 underlay address;
-// the tunnel skips the local node itself.
+// tunnelNodes lists every node of the mesh that has an underlay address
+// (its first IP) and pod CIDRs, by "cluster/name"; the tunnel skips the
+// local node itself.
 func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
 	var out []tunnel.Node
 	for cluster, nodes := range snap.Nodes {
@@ -183,12 +182,14 @@ func tunnelNodes(snap *clustermesh.Snapshot) []tunnel.Node {
 			out = append(out, tunnel.Node{Name: cluster + "/" + n.Name, Cluster: cluster, IP: n.IPs[0], PodCIDRs: n.PodCIDRs})
 		}
 	}
-	slices.SortFunc(out, func(a, b tunnel.Node) int { return cmpString(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b tunnel.Node) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
 // lbServices turns merged services into socket LB entries: one per IPv4
-// frontend and service port, backends resolved to their target port.
+// frontend and TCP/UDP service port, with the IPv4 backends that serve
+// that port. The merge resolved each backend's cluster ID and target
+// ports already.
 func lbServices(snap *clustermesh.Snapshot) []bpf.Service {
 	var out []bpf.Service
 	for _, svc := range snap.Services {
@@ -196,26 +197,28 @@ func lbServices(snap *clustermesh.Snapshot) []bpf.Service {
 			if !vip.Is4() {
 				continue // the socket LB is IPv4 for now
 			}
-			for _, port := range svc.Ports {
+			for i, port := range svc.Ports {
 				proto, ok := lbProtocol(port.Protocol)
 				if !ok {
 					continue
 				}
 				s := bpf.Service{VIP: vip, Port: port.Port, Proto: proto}
 				for _, b := range svc.Backends {
-					if !b.IP.Is4() {
+					target := b.TargetPort(i)
+					if !b.IP.Is4() || target == 0 {
 						continue
 					}
-					target := backendPort(port, b)
-					if target == 0 {
-						continue
-					}
-					s.Backends = append(s.Backends, bpf.Backend{IP: b.IP, Port: target, ClusterID: uint32(snap.ClusterIDs[b.Cluster])})
+					s.Backends = append(s.Backends, bpf.Backend{IP: b.IP, Port: target, ClusterID: uint32(b.ClusterID)})
 				}
 				out = append(out, s)
 			}
 		}
 	}
+	// Services come out of a map: sort them, so the LB sees (and
+	// allocates IDs in) the same order for the same snapshot.
+	slices.SortFunc(out, func(a, b bpf.Service) int {
+		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+	})
 	return out
 }
 
@@ -227,26 +230,4 @@ func lbProtocol(p v1.Protocol) (bpf.Protocol, bool) {
 		return bpf.UDP, true
 	}
 	return 0, false
-}
-
-// backendPort is the port a backend serves a service port on: the
-// service's target port when it is the same everywhere, otherwise the
-// backend's own port of that name.
-func backendPort(p v1.ServicePort, b clustermesh.Backend) uint16 {
-	for _, bp := range b.Ports {
-		if bp.Name == p.Name {
-			return bp.Port
-		}
-	}
-	return p.TargetPort
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }

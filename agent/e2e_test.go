@@ -92,9 +92,12 @@ func TestAgentProcess(t *testing.T) {
 		}
 	}
 	socket := filepath.Join(stateDir, "agent.sock")
+	// No datapath: without --cgroup-root none the agent would attach its
+	// socket LB to this machine's root cgroup.
 	testutil.Start(t, bin, "agent", "--node-name", "node-1", "--cluster-name", "eu", "--config-dir", configDir,
 		"--state-dir", stateDir, "--status-socket", socket, "--registry-url", eu.httpURL,
-		"--registry-token-file", eu.tokenFile(), "--node-ip", "192.168.1.1", "--pod-cidrs", "10.1.1.0/24")
+		"--registry-token-file", eu.tokenFile(), "--node-ip", "192.168.1.1", "--pod-cidrs", "10.1.1.0/24",
+		"--cgroup-root", "none", "--tunnel", "none")
 
 	// The node's CNI step records a pod; the agent registers it.
 	podsDir := filepath.Join(stateDir, "pods")
@@ -150,6 +153,9 @@ func TestAgentProcess(t *testing.T) {
 	var st agent.Status
 	if err := json.Unmarshal([]byte(p.Output()), &st); err != nil || st.Cluster != "eu" || len(st.Clusters) != 2 {
 		t.Errorf("status json = %+v, %v", st, err)
+	}
+	if !st.DatapathDisabled {
+		t.Error("status: datapath enabled, want disabled by --cgroup-root none --tunnel none")
 	}
 
 	// The pod goes away: the agent withdraws it and traffic goes to us.

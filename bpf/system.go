@@ -3,15 +3,14 @@
 package bpf
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/internal/cgroup2"
 )
 
 // BPFFSPath is where Trellis expects (and, if needed, mounts) the BPF
@@ -60,57 +59,21 @@ func isBPFFS(path string) (bool, error) {
 	return st.Type == unix.BPF_FS_MAGIC, nil
 }
 
+// ErrNoCgroupV2 is what CgroupV2Root returns (wrapped) when no cgroup2
+// filesystem is mounted.
+var ErrNoCgroupV2 = cgroup2.ErrNotMounted
+
 // CgroupV2Root returns the mount point of the cgroup v2 (unified)
 // hierarchy, read from /proc/self/mounts: /sys/fs/cgroup on a unified
-// host, /sys/fs/cgroup/unified on a hybrid one.
+// host, /sys/fs/cgroup/unified on a hybrid one. It is the machine's root
+// cgroup, where an agent attaches unless told otherwise.
 func CgroupV2Root() (string, error) {
-	f, err := os.Open("/proc/self/mounts")
+	root, err := cgroup2.Mount()
 	if err != nil {
-		return "", fmt.Errorf("find cgroup2 mount: %w", err)
-	}
-	defer f.Close()
-	root, err := cgroup2Mount(f)
-	if err != nil {
-		return "", fmt.Errorf("find cgroup2 mount: %w", err)
+		return "", fmt.Errorf("bpf: %w", err)
 	}
 	return root, nil
 }
-
-// cgroup2Mount returns the first cgroup2 mount point listed in a
-// /proc/<pid>/mounts file.
-func cgroup2Mount(r io.Reader) (string, error) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return unescapeMount(fields[1]), nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("no cgroup2 filesystem is mounted")
-}
-
-// unescapeMount undoes the octal escapes (\040 for a space, ...) that
-// /proc/self/mounts uses in paths.
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) && isOctal(s[i+1]) && isOctal(s[i+2]) && isOctal(s[i+3]) {
-			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
-			i += 3
-			continue
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 
 // cgroupID returns the ID the kernel reports for a cgroup v2 directory (in
 // link info, for example): its inode number on the cgroup2 filesystem.

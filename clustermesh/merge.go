@@ -37,11 +37,6 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		}
 	}
 
-	localActive := active(local, localSvc.Backends)
-	if len(localActive) > 0 {
-		m.Offered[local] = len(localActive)
-	}
-	remoteActive := make(map[string][]Backend)
 	// A local service that is not global stays local: remote backends of
 	// a same-named service must not leak into it.
 	mergeRemotes := !haveLocal || localSvc.Global
@@ -50,15 +45,9 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		if cluster == local || !mergeRemotes {
 			continue
 		}
-		svc, ok := svcs[name]
-		if !ok || !svc.Global || !svc.Shared {
-			continue
+		if svc, ok := svcs[name]; ok && svc.Global && svc.Shared {
+			remoteNames = append(remoteNames, cluster)
 		}
-		if b := active(cluster, svc.Backends); len(b) > 0 {
-			remoteActive[cluster] = b
-			m.Offered[cluster] = len(b)
-		}
-		remoteNames = append(remoteNames, cluster)
 	}
 	if !haveLocal && len(remoteNames) == 0 {
 		return nil
@@ -69,6 +58,21 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		// Ports come from a remote: the first cluster by name, so the
 		// choice does not flap.
 		m.Ports = services[remoteNames[0]][name].Ports
+	}
+
+	// Backends are resolved against the ports chosen above, whichever
+	// cluster they come from.
+	ports := newPortResolver(m.Ports)
+	localActive := active(local, clusters[local].id, localSvc.Backends, ports)
+	if len(localActive) > 0 {
+		m.Offered[local] = len(localActive)
+	}
+	remoteActive := make(map[string][]Backend)
+	for _, cluster := range remoteNames {
+		if b := active(cluster, clusters[cluster].id, services[cluster][name].Backends, ports); len(b) > 0 {
+			remoteActive[cluster] = b
+			m.Offered[cluster] = len(b)
+		}
 	}
 
 	remotes := func() []Backend {
@@ -104,8 +108,9 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 	return m
 }
 
-// active returns the active backends of one cluster.
-func active(cluster string, backends []v1.Backend) []Backend {
+// active returns the active backends of one cluster, with their ports
+// resolved.
+func active(cluster string, id v1.ClusterID, backends []v1.Backend, ports *portResolver) []Backend {
 	n := 0
 	for _, b := range backends {
 		if b.State == v1.BackendActive {
@@ -118,7 +123,7 @@ func active(cluster string, backends []v1.Backend) []Backend {
 	out := make([]Backend, 0, n)
 	for _, b := range backends {
 		if b.State == v1.BackendActive {
-			out = append(out, Backend{Cluster: cluster, IP: b.IP, Ports: b.Ports})
+			out = append(out, Backend{Cluster: cluster, ClusterID: id, IP: b.IP, TargetPorts: ports.resolve(b.Ports)})
 		}
 	}
 	return out

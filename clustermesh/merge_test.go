@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"slices"
 	"testing"
+	"unsafe"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
@@ -116,5 +117,135 @@ func TestMergeService(t *testing.T) {
 	}
 	if m := mergeService(name, "eu", map[string]map[ServiceName]v1.Service{"us": {name: svc("us", true, false, "", backends(A))}}, regions); m != nil {
 		t.Errorf("a service only an unshared remote has should not exist here: %+v", m)
+	}
+}
+
+// Merged backends carry their cluster's ID and the port they serve each
+// of the merged service's ports on, so the datapath needs no lookups.
+func TestMergeServiceResolvesBackends(t *testing.T) {
+	name := ServiceName{"default", "echo"}
+	clusters := map[string]clusterInfo{"eu": {region: "eu", id: 1}, "us": {region: "us", id: 2}, "ap": {region: "ap", id: 3}}
+	ports := []v1.ServicePort{
+		{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: 8080},
+		{Name: "metrics", Protocol: v1.ProtocolTCP, Port: 9000}, // named target port: per backend
+	}
+	ip := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	named := func(http, metrics uint16) []v1.BackendPort {
+		var out []v1.BackendPort
+		if http != 0 {
+			out = append(out, v1.BackendPort{Name: "http", Port: http})
+		}
+		if metrics != 0 {
+			out = append(out, v1.BackendPort{Name: "metrics", Port: metrics})
+		}
+		return out
+	}
+	services := map[string]map[ServiceName]v1.Service{
+		"eu": {name: {Cluster: "eu", Namespace: "default", Name: "echo", Global: true, Shared: true, Ports: ports, Backends: []v1.Backend{
+			{IP: ip("10.1.0.1"), State: v1.BackendActive},
+			{IP: ip("10.1.0.2"), State: v1.BackendActive, Ports: named(0, 9100)},
+			{IP: ip("10.1.0.3"), State: v1.BackendActive, Ports: named(0, 9100)},
+		}}},
+		// us names its ports differently from eu's target ports.
+		"us": {name: {Cluster: "us", Namespace: "default", Name: "echo", Global: true, Shared: true, Ports: ports, Backends: []v1.Backend{
+			{IP: ip("10.2.0.1"), State: v1.BackendActive, Ports: named(9090, 9200)},
+			{IP: ip("10.2.0.2"), State: v1.BackendActive, Ports: named(9090, 9200)},
+			// Explicitly the same as the service's target ports.
+			{IP: ip("10.2.0.3"), State: v1.BackendActive, Ports: named(8080, 0)},
+		}}},
+	}
+	m := mergeService(name, "eu", services, clusters)
+	if m == nil {
+		t.Fatal("no merged service")
+	}
+	type resolved struct {
+		cluster string
+		id      v1.ClusterID
+		ip      string
+		ports   []uint16
+	}
+	var got []resolved
+	for _, b := range m.Backends {
+		got = append(got, resolved{b.Cluster, b.ClusterID, b.IP.String(), b.TargetPorts})
+	}
+	want := []resolved{
+		{"eu", 1, "10.1.0.1", []uint16{8080, 0}},
+		{"eu", 1, "10.1.0.2", []uint16{8080, 9100}},
+		{"eu", 1, "10.1.0.3", []uint16{8080, 9100}},
+		{"us", 2, "10.2.0.1", []uint16{9090, 9200}},
+		{"us", 2, "10.2.0.2", []uint16{9090, 9200}},
+		{"us", 2, "10.2.0.3", []uint16{8080, 0}},
+	}
+	if !slices.EqualFunc(got, want, func(a, b resolved) bool {
+		return a.cluster == b.cluster && a.id == b.id && a.ip == b.ip && slices.Equal(a.ports, b.ports)
+	}) {
+		t.Fatalf("backends:\n got %+v\nwant %+v", got, want)
+	}
+
+	// Equal port lists share one array: the service's target ports, or
+	// the neighbour's.
+	same := func(i, j int) bool {
+		return unsafe.SliceData(m.Backends[i].TargetPorts) == unsafe.SliceData(m.Backends[j].TargetPorts)
+	}
+	for _, pair := range [][2]int{{0, 5}, {1, 2}, {3, 4}} {
+		if !same(pair[0], pair[1]) {
+			t.Errorf("backends %d and %d have equal ports in separate arrays", pair[0], pair[1])
+		}
+	}
+	if same(0, 1) || same(1, 3) {
+		t.Error("backends with different ports share an array")
+	}
+	if p := m.Backends[1].TargetPort(1); p != 9100 {
+		t.Errorf("TargetPort(1) = %d, want 9100", p)
+	}
+	if p := m.Backends[1].TargetPort(2); p != 0 {
+		t.Errorf("TargetPort past the service's ports = %d, want 0", p)
+	}
+
+	// Absent locally: the ports are the first remote's by name, and the
+	// backends are resolved against them.
+	services["ap"] = map[ServiceName]v1.Service{name: {Cluster: "ap", Namespace: "default", Name: "echo", Global: true, Shared: true,
+		Ports:    []v1.ServicePort{{Name: "web", Protocol: v1.ProtocolUDP, Port: 53, TargetPort: 5353}},
+		Backends: []v1.Backend{{IP: ip("10.3.0.1"), State: v1.BackendActive}}}}
+	delete(services, "eu")
+	m = mergeService(name, "eu", services, clusters)
+	if m == nil || len(m.Ports) != 1 || m.Ports[0].Name != "web" {
+		t.Fatalf("ports of a service absent locally: %+v", m)
+	}
+	if got := clustersOf(m); !slices.Equal(got, []string{"ap", "us"}) {
+		t.Fatalf("traffic to %v, want ap and us", got)
+	}
+	for _, b := range m.Backends {
+		// No backend names a port "web": all serve ap's target port.
+		if !slices.Equal(b.TargetPorts, []uint16{5353}) || b.ClusterID != clusters[b.Cluster].id {
+			t.Errorf("%s %s: ID %d, target ports %v; want ID %d, [5353]", b.Cluster, b.IP, b.ClusterID, b.TargetPorts, clusters[b.Cluster].id)
+		}
+	}
+}
+
+// A cluster whose ID changes has its backends merged again under the new
+// ID.
+func TestStateClusterIDReachesBackends(t *testing.T) {
+	st := newState("eu")
+	st.setCluster(v1.ClusterConfig{Name: "eu", ID: 1})
+	st.setCluster(v1.ClusterConfig{Name: "us", ID: 2})
+	st.upsertService("eu", svc("eu", true, true, v1.AffinityNone, backends(v1.BackendActive)))
+	remote := svc("us", true, true, "", backends(v1.BackendActive))
+	remote.Backends[0].IP = netip.MustParseAddr("10.2.0.1")
+	st.upsertService("us", remote)
+	ids := func() map[string]v1.ClusterID {
+		st.publish()
+		out := map[string]v1.ClusterID{}
+		for _, b := range st.snap.Load().Services[ServiceName{"default", "echo"}].Backends {
+			out[b.Cluster] = b.ClusterID
+		}
+		return out
+	}
+	if got := ids(); got["eu"] != 1 || got["us"] != 2 {
+		t.Fatalf("cluster IDs %v, want eu 1, us 2", got)
+	}
+	st.setCluster(v1.ClusterConfig{Name: "us", ID: 5})
+	if got := ids(); got["eu"] != 1 || got["us"] != 5 {
+		t.Fatalf("after us's ID change: cluster IDs %v, want eu 1, us 5", got)
 	}
 }

@@ -15,14 +15,30 @@ type ServiceName struct {
 func (n ServiceName) String() string { return n.Namespace + "/" + n.Name }
 
 // Backend is a service backend chosen to carry traffic: what the datapath
-// needs, and no more (a merged snapshot holds one per backend of every
-// cluster, so each byte here counts per remote endpoint).
+// needs, resolved so that it needs no lookups, and no more (a merged
+// snapshot holds one per backend of every cluster, so each byte here
+// counts per remote endpoint).
 type Backend struct {
+	// Cluster names the backend's cluster, for status.
 	Cluster string
-	IP      netip.Addr
-	// Ports maps service port names to ports on this backend; see
-	// v1.Backend.
-	Ports []v1.BackendPort
+	// ClusterID is that cluster's ID as it was when the service was
+	// merged (a change of ID merges every service again).
+	ClusterID v1.ClusterID
+	IP        netip.Addr
+	// TargetPorts runs parallel to MergedService.Ports: TargetPorts[i] is
+	// the port this backend serves Ports[i] on, 0 if it does not serve it.
+	// Backends whose ports are the service's target ports share one slice
+	// (the common case: see portResolver), so it must never be modified.
+	TargetPorts []uint16
+}
+
+// TargetPort is the port b serves the merged service's i-th port on, 0
+// when it does not serve it.
+func (b Backend) TargetPort(i int) uint16 {
+	if i < 0 || i >= len(b.TargetPorts) {
+		return 0
+	}
+	return b.TargetPorts[i]
 }
 
 // MergedService is one service as this agent's node should serve it: the

@@ -75,7 +75,10 @@
 // Agents always get the datapath flags from agentDatapathArgs
 // (--cgroup-root, --bpf-pin-dir, --tunnel vxlan, --underlay-device eth0).
 // An agent that refuses one (a renamed flag) makes the lab fail with the
-// agent's log; the lab never falls back to agents without datapath.
+// agent's log; the lab never falls back to agents without datapath. An
+// agent command line never lacks --cgroup-root: the agent's default is the
+// machine's cgroup2 root, so one replayed from an older lab's state gets
+// --cgroup-root none.
 //
 // # Changing a running lab
 //

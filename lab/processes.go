@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -54,9 +55,31 @@ func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 		"--pod-cidrs", n.PodCIDR,
 	}
 	if datapath {
-		args = append(args, agentDatapathArgs(n)...)
+		return append(args, agentDatapathArgs(n)...)
 	}
-	return args
+	return append(args, agentNoDatapathArgs()...)
+}
+
+// agentNoDatapathArgs turn the agent's datapath off (a lab an older
+// trellis built without it). They must be explicit: the agent's socket LB
+// attaches to the machine's root cgroup unless told otherwise.
+func agentNoDatapathArgs() []string { return []string{"--cgroup-root", "none", "--tunnel", "none"} }
+
+// withCgroupRoot returns an agent's argv with --cgroup-root none added
+// when it names no cgroup root, and any other argv as it is. Restarts
+// replay the argv a lab recorded, and a lab started by an older trellis
+// recorded agents without the flag: the new binary would take the
+// machine's root cgroup for them.
+func withCgroupRoot(argv []string) []string {
+	if len(argv) < 2 || argv[1] != "agent" {
+		return argv
+	}
+	for _, a := range argv[2:] {
+		if a == "--cgroup-root" || strings.HasPrefix(a, "--cgroup-root=") {
+			return argv
+		}
+	}
+	return append(slices.Clip(argv), "--cgroup-root", "none")
 }
 
 // agentDatapathArgs are the flags that turn on the agent's datapath: the
@@ -74,6 +97,7 @@ func agentDatapathArgs(n *nodeLayout) []string {
 // startDaemon starts spec as a daemon and records it under key.
 func (l *lab) startDaemon(key string, spec procSpec) error {
 	spec.daemon = true
+	spec.argv = withCgroupRoot(spec.argv)
 	cmd, err := spec.start()
 	if err != nil {
 		return err

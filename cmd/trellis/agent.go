@@ -1,25 +1,42 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/trellis-mesh/trellis/agent"
 	"github.com/trellis-mesh/trellis/bpf"
 	"github.com/trellis-mesh/trellis/tunnel"
 )
 
+// off is the flag value that turns a part of the datapath off. It exists
+// only here: past flag parsing, a part that is off is a nil config.
+const off = "none"
+
+// agentOptions are `trellis agent`'s flags as typed.
+type agentOptions struct {
+	cfg       agent.Config
+	nodeIP    string
+	podCIDRs  []string
+	uninstall bool
+
+	cgroupRoot string
+	// cgroupRootErr is why --cgroup-root has no default (no cgroup2 mount).
+	cgroupRootErr  error
+	pinDir         string
+	tunnelMode     string
+	underlayDevice string
+	vni            uint32
+	tunnelPort     uint16
+}
+
 func newAgentCmd(g *globalOptions) *cobra.Command {
-	var (
-		cfg        agent.Config
-		dp         agent.DatapathConfig
-		tunnelMode string
-		nodeIP     string
-		podCIDRs   []string
-		uninstall  bool
-	)
+	o := &agentOptions{}
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the node agent: connect this node to every cluster of the mesh",
@@ -30,39 +47,39 @@ it into one desired state and serves its status on --status-socket for
 
 In standalone mode (--registry-url) it also registers this node, and the
 pods its CNI step records under <state-dir>/pods/, with the local cluster's
-registry.`,
+registry.
+
+It programs the node's kernel: eBPF socket load balancing for every
+process under --cgroup-root (by default the cgroup2 mount, the machine's
+root cgroup) and routes to remote pod CIDRs with --tunnel. "none" turns
+either off.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := g.logger()
 			if err != nil {
 				return err
 			}
-			if nodeIP != "" {
-				if cfg.NodeIP, err = netip.ParseAddr(nodeIP); err != nil {
-					return fmt.Errorf("--node-ip %q: %w", nodeIP, err)
-				}
+			if err := o.complete(log); err != nil {
+				return err
 			}
-			for _, s := range podCIDRs {
-				p, err := netip.ParsePrefix(s)
-				if err != nil {
-					return fmt.Errorf("--pod-cidrs %q: %w", s, err)
-				}
-				cfg.PodCIDRs = append(cfg.PodCIDRs, p)
+			dp, err := o.datapath(log)
+			if err != nil {
+				return err
 			}
-			cfg.Logger = log
-			dp.Tunnel, dp.NodeIP, dp.PodCIDRs, dp.Logger = tunnel.Mode(tunnelMode), cfg.NodeIP, cfg.PodCIDRs, log
-			if dp.CgroupRoot != "" && dp.PinDir == "" && cfg.NodeName != "" {
-				dp.PinDir = bpf.PinDir(cfg.NodeName)
-			}
-			if uninstall {
+			if o.uninstall {
 				if err := agent.Uninstall(cmd.Context(), dp); err != nil {
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), "removed the agent's pinned eBPF maps and links and its tunnel device and routes")
 				return nil
 			}
+			// Before the datapath attaches anything: a command line that
+			// cannot run must not touch the kernel even for a moment.
+			if err := o.cfg.Validate(); err != nil {
+				return fmt.Errorf("agent: %w", err)
+			}
 			var datapath agent.Datapath
-			if dp.CgroupRoot != "" || (dp.Tunnel != "" && dp.Tunnel != "none") {
+			if dp.LB != nil || dp.Tunnel != nil {
 				kd, err := agent.NewKernelDatapath(dp)
 				if err != nil {
 					return err
@@ -70,30 +87,90 @@ registry.`,
 				defer kd.Close()
 				datapath = kd
 			}
-			a, err := agent.New(cfg, datapath)
+			a, err := agent.New(o.cfg, datapath)
 			if err != nil {
 				return err
 			}
 			return a.Run(cmd.Context())
 		},
 	}
-	f := cmd.Flags()
-	f.StringVar(&cfg.NodeName, "node-name", "", "this node's name")
-	f.StringVar(&cfg.ClusterName, "cluster-name", "", "the cluster this node belongs to")
-	f.StringVar(&cfg.ConfigDir, "config-dir", "", "directory with one <cluster>.yaml per cluster (written by 'trellis connect')")
-	f.StringVar(&cfg.StateDir, "state-dir", "", "the agent's state directory")
-	f.StringVar(&cfg.StatusSocket, "status-socket", "", "unix socket for 'trellis status' ")
-	f.StringVar(&cfg.RegistryURL, "registry-url", "", "local mesh API server's HTTP address, to register this node and its pods (standalone mode)")
-	f.StringVar(&cfg.RegistryTokenFile, "registry-token-file", "", "file with the local API server's admin token")
-	f.StringVar(&nodeIP, "node-ip", "", "this node's underlay address")
-	f.StringSliceVar(&podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs")
-	f.IntVar(&cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match every cluster's")
-	f.StringVar(&dp.CgroupRoot, "cgroup-root", "", "cgroup v2 directory whose processes get eBPF socket load balancing (the node's root cgroup; a node cgroup in the lab); empty disables it")
-	f.StringVar(&dp.PinDir, "bpf-pin-dir", "", "bpffs directory for the load balancer's pinned maps and links (default /sys/fs/bpf/trellis/<node-name>)")
-	f.StringVar(&tunnelMode, "tunnel", "none", "how to reach remote pod CIDRs: vxlan, geneve, native or none")
-	f.StringVar(&dp.UnderlayDevice, "underlay-device", "", "the device tunnels and native routes use (default: the one holding --node-ip)")
-	f.Uint32Var(&dp.VNI, "vni", 0, "VXLAN/Geneve network identifier (default 126)")
-	f.Uint16Var(&dp.Port, "tunnel-port", 0, "VXLAN/Geneve UDP port (default 8472 / 6081)")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
+	o.addFlags(cmd.Flags(), bpf.CgroupV2Root)
 	return cmd
+}
+
+// addFlags binds the flags to o. --cgroup-root defaults to what
+// findCgroupRoot returns: the cgroup2 mount point, in production.
+func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string, error)) {
+	f.StringVar(&o.cfg.NodeName, "node-name", "", "this node's name")
+	f.StringVar(&o.cfg.ClusterName, "cluster-name", "", "the cluster this node belongs to")
+	f.StringVar(&o.cfg.ConfigDir, "config-dir", "", "directory with one <cluster>.yaml per cluster (written by 'trellis connect')")
+	f.StringVar(&o.cfg.StateDir, "state-dir", "", "the agent's state directory")
+	f.StringVar(&o.cfg.StatusSocket, "status-socket", "", "unix socket for 'trellis status' ")
+	f.StringVar(&o.cfg.RegistryURL, "registry-url", "", "local mesh API server's HTTP address, to register this node and its pods (standalone mode)")
+	f.StringVar(&o.cfg.RegistryTokenFile, "registry-token-file", "", "file with the local API server's admin token")
+	f.StringVar(&o.nodeIP, "node-ip", "", "this node's underlay address")
+	f.StringSliceVar(&o.podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs")
+	f.IntVar(&o.cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match every cluster's")
+
+	var defaultCgroupRoot string
+	defaultCgroupRoot, o.cgroupRootErr = findCgroupRoot()
+	f.StringVar(&o.cgroupRoot, "cgroup-root", defaultCgroupRoot, "cgroup v2 directory whose processes get eBPF socket load balancing (the node's root cgroup: the cgroup2 mount; a node cgroup in the lab), or none")
+	f.StringVar(&o.pinDir, "bpf-pin-dir", "", "bpffs directory for the load balancer's pinned maps and links (default /sys/fs/bpf/trellis/<node-name>)")
+	f.StringVar(&o.tunnelMode, "tunnel", off, "how to reach remote pod CIDRs: vxlan, geneve, native or none")
+	f.StringVar(&o.underlayDevice, "underlay-device", "", "the device tunnels and native routes use (default: the one holding --node-ip)")
+	f.Uint32Var(&o.vni, "vni", 0, "VXLAN/Geneve network identifier (default 126)")
+	f.Uint16Var(&o.tunnelPort, "tunnel-port", 0, "VXLAN/Geneve UDP port (default 8472 / 6081)")
+	f.BoolVar(&o.uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
+}
+
+// complete parses the flags the agent's Config holds in typed form.
+func (o *agentOptions) complete(log *slog.Logger) error {
+	if o.nodeIP != "" {
+		ip, err := netip.ParseAddr(o.nodeIP)
+		if err != nil {
+			return fmt.Errorf("--node-ip %q: %w", o.nodeIP, err)
+		}
+		o.cfg.NodeIP = ip
+	}
+	o.cfg.PodCIDRs = nil
+	for _, s := range o.podCIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return fmt.Errorf("--pod-cidrs %q: %w", s, err)
+		}
+		o.cfg.PodCIDRs = append(o.cfg.PodCIDRs, p)
+	}
+	o.cfg.Logger = log
+	return nil
+}
+
+// datapath builds the datapath config from the flags (after complete):
+// a part whose flag says none is nil. The same config serves the running
+// datapath and --uninstall.
+func (o *agentOptions) datapath(log *slog.Logger) (agent.DatapathConfig, error) {
+	dp := agent.DatapathConfig{Logger: log}
+	switch o.cgroupRoot {
+	case off:
+	case "":
+		if o.cgroupRootErr != nil {
+			return dp, fmt.Errorf("--cgroup-root has no default: %w; name a cgroup v2 directory, or none to run without the socket load balancer", o.cgroupRootErr)
+		}
+		return dp, errors.New("--cgroup-root is empty: name a cgroup v2 directory, or none to run without the socket load balancer")
+	default:
+		dp.LB = &bpf.Config{PinDir: o.pinDir, CgroupPath: o.cgroupRoot}
+		if dp.LB.PinDir == "" && o.cfg.NodeName != "" {
+			dp.LB.PinDir = bpf.PinDir(o.cfg.NodeName)
+		}
+	}
+	switch mode := tunnel.Mode(o.tunnelMode); mode {
+	case off:
+	case tunnel.ModeVXLAN, tunnel.ModeGeneve, tunnel.ModeNative:
+		dp.Tunnel = &tunnel.Config{
+			Mode: mode, UnderlayDevice: o.underlayDevice, LocalIP: o.cfg.NodeIP, LocalPodCIDRs: o.cfg.PodCIDRs,
+			VNI: o.vni, Port: o.tunnelPort, Logger: log,
+		}
+	default:
+		return dp, fmt.Errorf("--tunnel %q: want vxlan, geneve, native or none", o.tunnelMode)
+	}
+	return dp, nil
 }

@@ -3,12 +3,10 @@
 package privtest
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"github.com/trellis-mesh/trellis/internal/nsthread"
 	"io"
 	"net/netip"
 	"os"
@@ -24,6 +22,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/internal/cgroup2"
+	"github.com/trellis-mesh/trellis/internal/nsthread"
 )
 
 // RequireRoot skips t unless the test runs as root.
@@ -169,27 +170,10 @@ func AddVeth(t testing.TB, ns netns.NsHandle, name string, addrs ...netip.Prefix
 // goroutines fn starts do not run in ns.
 func InNetNS(ns netns.NsHandle, fn func() error) error { return nsthread.Do(ns, fn) }
 
-// CgroupV2Root returns the cgroup v2 mount point from /proc/self/mounts
-// (/sys/fs/cgroup/unified on a hybrid host, /sys/fs/cgroup on a unified
-// one).
-func CgroupV2Root() (string, error) {
-	f, err := os.Open("/proc/self/mounts")
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return fields[1], nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", err
-	}
-	return "", errors.New("no cgroup2 filesystem mounted")
-}
+// CgroupV2Root returns the cgroup v2 mount point (cgroup2.Mount), the
+// machine's root cgroup: tests create cgroups below it and never attach
+// anything to it.
+func CgroupV2Root() (string, error) { return cgroup2.Mount() }
 
 // NewCgroup creates <cgroup2 root>/trellis-test-<pid>-<rand> and removes
 // it at cleanup, after moving any process still in it (or in a child
