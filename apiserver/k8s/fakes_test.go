@@ -1,14 +1,10 @@
 package k8s
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
 	"testing"
@@ -228,96 +224,6 @@ func (s *recordingSink) waitFor(t *testing.T, timeout time.Duration, what string
 			t.Fatalf("waiting for %s: %v\nsink history:\n%s", what, err, s.history())
 		}
 	}
-}
-
-// fakeAllocator hands out identities cluster<<16 | n, one per distinct
-// label set, and counts references.
-type fakeAllocator struct {
-	cluster v1.ClusterID
-
-	mu       sync.Mutex
-	next     uint16
-	ids      map[string]v1.NumericIdentity
-	refs     map[string]int
-	acquires int
-	releases int
-	// failAcquire, while positive, makes Acquire fail (and decrements).
-	failAcquire int
-}
-
-func newFakeAllocator(cluster v1.ClusterID) *fakeAllocator {
-	return &fakeAllocator{cluster: cluster, ids: map[string]v1.NumericIdentity{}, refs: map[string]int{}}
-}
-
-func labelKey(labels map[string]string) string {
-	keys := slices.Collect(maps.Keys(labels))
-	sort.Strings(keys)
-	var b strings.Builder
-	for _, k := range keys {
-		b.WriteString(k + "=" + labels[k] + ";")
-	}
-	return b.String()
-}
-
-func (a *fakeAllocator) Acquire(ctx context.Context, labels map[string]string) (v1.NumericIdentity, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.failAcquire > 0 {
-		a.failAcquire--
-		return 0, errors.New("fake allocator: etcd unavailable")
-	}
-	id := v1.Identity{Cluster: "c", ID: v1.MakeIdentity(a.cluster, 1), Labels: labels}
-	if err := id.Validate(); err != nil {
-		return 0, err
-	}
-	k := labelKey(labels)
-	n, ok := a.ids[k]
-	if !ok {
-		a.next++
-		n = v1.MakeIdentity(a.cluster, a.next)
-		a.ids[k] = n
-	}
-	a.refs[k]++
-	a.acquires++
-	return n, nil
-}
-
-func (a *fakeAllocator) Release(ctx context.Context, labels map[string]string) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	k := labelKey(labels)
-	if a.refs[k] == 0 {
-		return fmt.Errorf("fake allocator: release of unreferenced labels %s", k)
-	}
-	a.refs[k]--
-	if a.refs[k] == 0 {
-		delete(a.refs, k)
-	}
-	a.releases++
-	return nil
-}
-
-// refsOf returns the references held on labels.
-func (a *fakeAllocator) refsOf(labels map[string]string) int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.refs[labelKey(labels)]
-}
-
-func (a *fakeAllocator) totalRefs() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	n := 0
-	for _, r := range a.refs {
-		n += r
-	}
-	return n
-}
-
-func (a *fakeAllocator) counts() (acquires, releases int) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.acquires, a.releases
 }
 
 // testLogger sends logs to t.Log.

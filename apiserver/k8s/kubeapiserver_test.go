@@ -13,7 +13,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/trellis-mesh/trellis/apiserver/source"
 	"net"
 	"net/http"
 	"net/netip"
@@ -25,6 +24,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/apiserver/source"
+	"github.com/trellis-mesh/trellis/apiserver/source/sourcetest"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -345,7 +347,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 	runPod(t, ctx, cs, ns, "cart-2", map[string]string{"app": "cart", "pod-template-hash": "bbb"}, "10.1.0.6", false)
 
 	// The source.
-	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
 	started := time.Now()
 	src := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
 	sink.waitFor(t, 30*time.Second, "all kinds synced", func() error {
@@ -408,7 +410,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 	if ep1 != wantEP1 || ep2.Ready || ep2.Pod != "cart-2" {
 		t.Errorf("endpoints = %+v, %+v; want %+v and cart-2 not ready", ep1, ep2, wantEP1)
 	}
-	if r := alloc.refsOf(cartIdentity); r != 2 {
+	if r := alloc.RefsOf(cartIdentity); r != 2 {
 		t.Errorf("references on %v = %d; want 2", cartIdentity, r)
 	}
 
@@ -438,7 +440,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 		if ep.Identity == ep2.Identity {
 			return fmt.Errorf("identity still %s", ep.Identity)
 		}
-		if a, b := alloc.refsOf(cartIdentity), alloc.refsOf(checkoutIdent); a != 1 || b != 1 {
+		if a, b := alloc.RefsOf(cartIdentity), alloc.RefsOf(checkoutIdent); a != 1 || b != 1 {
 			return fmt.Errorf("references cart=%d checkout=%d", a, b)
 		}
 		return nil
@@ -449,7 +451,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 		if _, ok := sink.endpoint("10.1.0.6"); ok {
 			return errors.New("endpoint 10.1.0.6 still published")
 		}
-		if r := alloc.refsOf(cartIdentity); r != 0 {
+		if r := alloc.RefsOf(cartIdentity); r != 0 {
 			return fmt.Errorf("cart identity has %d references", r)
 		}
 		return nil

@@ -22,6 +22,7 @@ import (
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/source"
+	"github.com/trellis-mesh/trellis/apiserver/source/sourcetest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -147,7 +148,7 @@ var (
 
 func TestNewValidates(t *testing.T) {
 	cs := fake.NewClientset()
-	sink, alloc := newRecordingSink(), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink(), sourcetest.NewAllocator(testClusterID)
 	good := Config{Client: cs, Cluster: testCluster, ClusterID: testClusterID, Sink: sink, Identities: alloc}
 	if _, err := New(good); err != nil {
 		t.Fatalf("New(good): %v", err)
@@ -195,7 +196,7 @@ func TestSourceInitialStateThenSynced(t *testing.T) {
 			return p
 		}(),
 	)
-	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
 	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, Region: "default-region"})
 
 	sink.waitFor(t, waitTimeout, "all kinds synced", func() error {
@@ -263,7 +264,7 @@ func TestSourceInitialStateThenSynced(t *testing.T) {
 			t.Errorf("endpoint %s published (pending or host-network pod)", ip)
 		}
 	}
-	if r := alloc.refsOf(cartIdentity); r != 2 {
+	if r := alloc.RefsOf(cartIdentity); r != 2 {
 		t.Errorf("references on the cart identity = %d; want 2", r)
 	}
 
@@ -285,7 +286,7 @@ func TestSourceFollowsChanges(t *testing.T) {
 		k8sPod("shop", "cart-1", cartLabels, "10.1.0.5", "192.168.1.5", true),
 		k8sPod("shop", "cart-2", cartLabels2, "10.1.0.6", "192.168.1.5", true),
 	)
-	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
 	runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
 	waitWatches()
 	sink.waitFor(t, waitTimeout, "synced", func() error {
@@ -326,7 +327,7 @@ func TestSourceFollowsChanges(t *testing.T) {
 		}
 		return nil
 	})
-	if a, b := alloc.refsOf(cartIdentity), alloc.refsOf(checkoutIdent); a != 1 || b != 1 {
+	if a, b := alloc.RefsOf(cartIdentity), alloc.RefsOf(checkoutIdent); a != 1 || b != 1 {
 		t.Errorf("references cart=%d checkout=%d; want 1 and 1", a, b)
 	}
 
@@ -338,7 +339,7 @@ func TestSourceFollowsChanges(t *testing.T) {
 		if _, ok := sink.endpoint("10.1.0.6"); ok {
 			return fmt.Errorf("still there")
 		}
-		if r := alloc.refsOf(cartIdentity); r != 0 {
+		if r := alloc.RefsOf(cartIdentity); r != 0 {
 			return fmt.Errorf("cart identity has %d references", r)
 		}
 		return nil
@@ -353,7 +354,7 @@ func TestSourceFollowsChanges(t *testing.T) {
 		if _, ok := sink.endpoint("10.1.0.5"); ok {
 			return fmt.Errorf("still there")
 		}
-		if r := alloc.totalRefs(); r != 0 {
+		if r := alloc.TotalRefs(); r != 0 {
 			return fmt.Errorf("%d identity references left", r)
 		}
 		return nil
@@ -393,7 +394,7 @@ func TestSourceSinkRefusalLoggedOnceNotRetried(t *testing.T) {
 	// 172.16.0.5 is outside the cluster's pod CIDRs: the sink refuses it.
 	pod := k8sPod("shop", "stray", cartLabels, "172.16.0.5", "192.168.1.5", true)
 	cs, waitWatches := newFakeClient(t, pod, k8sPod("shop", "fine", cartLabels, "10.1.0.5", "192.168.1.5", true))
-	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
 	// One worker processes keys one after the other, which the sentinel
 	// below relies on.
 	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, Workers: 1})
@@ -440,8 +441,8 @@ func TestSourceSinkRefusalLoggedOnceNotRetried(t *testing.T) {
 
 func TestSourceRetriesIdentityAllocation(t *testing.T) {
 	cs, _ := newFakeClient(t, k8sPod("shop", "cart-1", cartLabels, "10.1.0.5", "192.168.1.5", true))
-	sink, alloc := newRecordingSink(), newFakeAllocator(testClusterID)
-	alloc.failAcquire = 3
+	sink, alloc := newRecordingSink(), sourcetest.NewAllocator(testClusterID)
+	alloc.FailAcquires(3)
 	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
 	sink.waitFor(t, waitTimeout, "endpoints synced", func() error {
 		if !slices.Contains(sink.syncedKinds(), v1.KindEndpoints) {
@@ -463,7 +464,7 @@ func TestSourceRetriesIdentityAllocation(t *testing.T) {
 func TestSourceIPReusedByNewPod(t *testing.T) {
 	ctx := context.Background()
 	cs, waitWatches := newFakeClient(t, k8sPod("shop", "old", cartLabels, "10.1.0.5", "192.168.1.5", true))
-	sink, alloc := newRecordingSink(), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink(), sourcetest.NewAllocator(testClusterID)
 	runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
 	waitWatches()
 	sink.waitFor(t, waitTimeout, "old published", func() error {
@@ -486,7 +487,7 @@ func TestSourceIPReusedByNewPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	sink.waitFor(t, waitTimeout, "old released", func() error {
-		if r := alloc.refsOf(cartIdentity); r != 0 {
+		if r := alloc.RefsOf(cartIdentity); r != 0 {
 			return fmt.Errorf("%d references", r)
 		}
 		return nil
@@ -530,7 +531,7 @@ func TestSourceDoesNothingWhenConverged(t *testing.T) {
 		k8sPod("shop", "cart-1", cartLabels, "10.1.0.5", "192.168.1.5", true),
 		k8sPod("shop", "stray", cartLabels, "172.16.0.5", "192.168.1.5", true),
 	)
-	sink, alloc := newRecordingSink("10.1.0.0/16"), newFakeAllocator(testClusterID)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
 	// client-go resyncs at most once a second: a shorter period is raised
 	// to that ("resync period is too small").
 	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc, ResyncPeriod: time.Second})
@@ -556,12 +557,12 @@ func TestSourceDoesNothingWhenConverged(t *testing.T) {
 	// resync in the queue; two resyncs on, they have been processed.
 	awaitResyncs("stragglers of the initial publication", 2)
 	writes, stats := sink.writeCount(), s.Stats()
-	acq, _ := alloc.counts()
+	acq, _ := alloc.Counts()
 	awaitResyncs("3 resyncs with nothing changed", 3)
 	if w := sink.writeCount(); w != writes {
 		t.Errorf("sink writes went from %d to %d with nothing changed:\n%s", writes, w, sink.history())
 	}
-	if a, _ := alloc.counts(); a != acq {
+	if a, _ := alloc.Counts(); a != acq {
 		t.Errorf("Acquire calls went from %d to %d with nothing changed", acq, a)
 	}
 	if st := s.Stats(); fmt.Sprint(st) != fmt.Sprint(stats) {
@@ -575,7 +576,7 @@ func TestSourceDoesNothingWhenConverged(t *testing.T) {
 func TestRunTwice(t *testing.T) {
 	cs, _ := newFakeClient(t)
 	sink := newRecordingSink()
-	s := runSource(t, Config{Client: cs, Sink: sink, Identities: newFakeAllocator(testClusterID)})
+	s := runSource(t, Config{Client: cs, Sink: sink, Identities: sourcetest.NewAllocator(testClusterID)})
 	sink.waitFor(t, waitTimeout, "empty cluster synced", func() error {
 		if got := sink.syncedKinds(); len(got) != 4 {
 			return fmt.Errorf("synced %v", got)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/apiserver/source/sourcetest"
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
@@ -70,65 +71,16 @@ func (s *recordingSink) backends(t *testing.T, name string) []string {
 	return out
 }
 
-// countingAllocator hands out one identity per label set and counts
-// references, so a test can see every Acquire matched by a Release.
-type countingAllocator struct {
-	mu   sync.Mutex
-	ids  map[string]v1.NumericIdentity
-	refs map[string]int
-}
-
-func newAllocator() *countingAllocator {
-	return &countingAllocator{ids: map[string]v1.NumericIdentity{}, refs: map[string]int{}}
-}
-
-func labelKey(labels map[string]string) string {
-	var kv []string
-	for k, v := range labels {
-		kv = append(kv, k+"="+v)
-	}
-	slices.Sort(kv)
-	return strings.Join(kv, ",")
-}
-
-func (a *countingAllocator) Acquire(_ context.Context, labels map[string]string) (v1.NumericIdentity, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	k := labelKey(labels)
-	if _, ok := a.ids[k]; !ok {
-		a.ids[k] = v1.MakeIdentity(1, uint16(len(a.ids)+1))
-	}
-	a.refs[k]++
-	return a.ids[k], nil
-}
-
-func (a *countingAllocator) Release(_ context.Context, labels map[string]string) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.refs[labelKey(labels)]--
-	return nil
-}
-
-func (a *countingAllocator) held() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	n := 0
-	for _, r := range a.refs {
-		n += r
-	}
-	return n
-}
-
 // newRegistry runs a registry of cluster eu (pod CIDR 10.1.0.0/16) on a
 // real embedded etcd.
-func newRegistry(t *testing.T, e *kvstore.Embedded) (*Registry, *recordingSink, *countingAllocator) {
+func newRegistry(t *testing.T, e *kvstore.Embedded) (*Registry, *recordingSink, *sourcetest.Allocator) {
 	t.Helper()
 	c, err := kvstore.NewClient(kvstore.Config{Endpoints: e.Endpoints(), QPS: -1, DialTimeout: 2 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	sink, ids := newSink(), newAllocator()
+	sink, ids := newSink(), sourcetest.NewAllocator(1)
 	r, err := New(Config{
 		Cluster: v1.ClusterConfig{Name: "eu", ID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}},
 		Client:  c, Sink: sink, Identities: ids,
@@ -216,7 +168,7 @@ func TestSelectorResolution(t *testing.T) {
 	check("other/all", "10.1.0.4:active", "10.1.0.7:active")
 
 	// Every endpoint holds one identity reference, no more.
-	if got := ids.held(); got != 5 {
+	if got := ids.TotalRefs(); got != 5 {
 		t.Errorf("identity references held: %d, want 5 (one per registered endpoint)", got)
 	}
 }
