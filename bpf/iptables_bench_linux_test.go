@@ -54,5 +54,5 @@ func setupIPTablesDNAT(b *testing.B, env *lbEnv, services []Service) *ebpf.Progr
 // BenchmarkConnectVIPIPTables is BenchmarkConnectVIPSockLB's twin through
 // iptables DNAT rules written the way kube-proxy writes them.
 func BenchmarkConnectVIPIPTables(b *testing.B) {
-	benchConnectServices(b, setupIPTablesDNAT, true)
+	benchConnectServices(b, setupIPTablesDNAT, vipsTarget)
 }
