@@ -10,4 +10,4 @@ package bpf
 // The include paths name the multiarch directory that holds asm/types.h on
 // Debian; clang ignores the one that does not exist on the build host.
 
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -tags linux -target bpfel socklb c/socklb.c -- -O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -tags linux -target bpfel socklb c/socklb.c -- -O2 -mcpu=v3 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu -I/usr/include/aarch64-linux-gnu

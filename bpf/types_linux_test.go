@@ -86,6 +86,7 @@ func TestGeneratedTypesMatchMaps(t *testing.T) {
 		{socklbMapTrellisSlot4, socklbLb4SlotKey{}, uint32(0)},
 		{socklbMapTrellisBe4, uint32(0), socklbLb4Backend{}},
 		{socklbMapTrellisRev4, socklbLb4RevKey{}, socklbLb4RevValue{}},
+		{socklbMapTrellisConn4, uint32(0), socklbLb4Conn{}},
 	} {
 		ms := spec.Maps[c.m]
 		k, _ := marshalRaw(c.key)
@@ -96,6 +97,10 @@ func TestGeneratedTypesMatchMaps(t *testing.T) {
 	}
 	if spec.Maps[socklbMapTrellisRev4].Type != ebpf.LRUHash {
 		t.Errorf("revnat map is %v, want LRU hash", spec.Maps[socklbMapTrellisRev4].Type)
+	}
+	// The programs find a slot with cookie & (size-1).
+	if ms := spec.Maps[socklbMapTrellisConn4]; ms.Type != ebpf.Array || ms.MaxEntries&(ms.MaxEntries-1) != 0 {
+		t.Errorf("conn map is %v of %d entries, want an array of a power of two", ms.Type, ms.MaxEntries)
 	}
 }
 
