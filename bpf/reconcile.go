@@ -16,13 +16,16 @@ package bpf
 //  1. backends that are new or differ        (nothing points at them yet)
 //  2. slots that are new or differ           (a changed slot < count swaps
 //     one backend for another atomically; slots >= count are not read yet)
-//  3. services that are new or differ        (the count flips here)
+//  3. services that are new or differ        (the count flips here, with
+//     the inline copies of slots [0, InlineSlots), which programs read
+//     from the service value itself)
 //  4. services no longer desired             (lookups stop matching)
 //  5. slots no longer desired                (nothing reads them any more)
 //  6. backends no longer referenced          (no slot points at them)
 //
 // So a program that reads count=n finds n written slots and each slot's
-// backend. A shrinking service first moves surviving backends into the
+// backend, and the backends a service value inlines stay until a later
+// phase-3 write has replaced that value. A shrinking service first moves surviving backends into the
 // low slots (phase 2), then lowers the count (3), then drops the tail (5).
 //
 // IDs. Service IDs are keyed by ServiceKey and backend IDs by the whole
@@ -455,6 +458,10 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 	// Services and their slots. A backend keeps the slot it holds; the
 	// others fill the holes. mark[id] == i+1 means "backend of desired
 	// service i"; placed[id] == i+1 means "already has a slot".
+	byID := make(map[uint32]beKey, len(p.backendIDs))
+	for b, id := range p.backendIDs {
+		byID[id] = b
+	}
 	mark := make(map[uint32]int, total)
 	placed := make(map[uint32]int, total)
 	counts := make(map[uint32]uint16, len(desired))
@@ -466,10 +473,6 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 		count := len(d.backends)
 		counts[id] = uint16(count)
 		wantSvc[d.key] = struct{}{}
-		v := ServiceValue{ID: id, Count: uint16(count)}
-		if cur, ok := curSvc[d.key]; !ok || cur != v {
-			p.serviceUpd[d.key] = v
-		}
 
 		for _, b := range d.backends {
 			mark[p.backendIDs[b]] = stamp
@@ -501,6 +504,15 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 			}
 		}
 		p.nSlots += count
+
+		v := ServiceValue{ID: id, Count: uint16(count)}
+		for n := range min(count, InlineSlots) {
+			b := byID[slots[n]].backend()
+			v.Inline[n] = netip.AddrPortFrom(b.IP, b.Port)
+		}
+		if cur, ok := curSvc[d.key]; !ok || cur != v {
+			p.serviceUpd[d.key] = v
+		}
 	}
 	for k := range curSvc {
 		if _, ok := wantSvc[k]; !ok {

@@ -56,10 +56,16 @@ type socklbLb4RevValue struct {
 }
 
 type socklbLb4Service struct {
-	_     structs.HostLayout
-	Id    uint32
-	Count uint16
-	Flags uint16
+	_        structs.HostLayout
+	Id       uint32
+	Count    uint16
+	Flags    uint16
+	InlineBe [4]struct {
+		_    structs.HostLayout
+		Ip   uint32
+		Port uint16
+		Pad  uint16
+	}
 }
 
 type socklbLb4SlotKey struct {

@@ -8,12 +8,19 @@
 // Design notes
 //
 //   - Three maps describe the services, written by the agent (bpf/lb.go):
-//       trellis_svc4   (VIP, port, proto)  -> (service id, backend count, flags)
+//       trellis_svc4   (VIP, port, proto)  -> (service id, backend count, flags,
+//                                              backends of slots 0-3)
 //       trellis_slot4  (service id, slot n) -> backend id      n in [0, count)
 //       trellis_be4    backend id           -> (IP, port, cluster id)
 //     The agent writes backend slots first and the service count last, and
 //     removes slots and backends only after the count no longer covers them,
 //     so a reader never sees a count that covers a slot not yet written.
+//     The service value carries the addresses of the backends in its first
+//     LB4_INLINE_SLOTS slots, written together with the count: a slot below
+//     that is read from the service's own entry, and only the others cost a
+//     slot and a backend lookup. With many services those two lookups were
+//     cold hash buckets and entries, a third of connect4's run time; a
+//     service with up to four backends now needs one lookup in all.
 //
 //   - Two maps remember which VIP:port a socket asked for, so that
 //     recvmsg4 (UDP source address) and getpeername4 can show it instead of
@@ -65,10 +72,21 @@ struct lb4_key {
 	__u8 pad;
 };
 
+#define LB4_INLINE_SLOTS 4
+
+struct lb4_addr {
+	__u32 ip;    // network byte order
+	__u16 port;  // network byte order
+	__u16 pad;
+};
+
 struct lb4_service {
 	__u32 id;     // service id, >= 1
 	__u16 count;  // active slots [0, count)
 	__u16 flags;  // reserved, 0
+	// Backends of slots [0, min(count, LB4_INLINE_SLOTS)), as the slots and
+	// backends maps have them; the rest are 0.
+	struct lb4_addr inline_be[LB4_INLINE_SLOTS];
 };
 
 struct lb4_slot_key {
@@ -198,28 +216,42 @@ static __always_inline int conn_read(struct lb4_conn *c, __u64 cookie, __u32 be_
 	return __sync_fetch_and_add(&c->seq, 0) == seq;
 }
 
-static __always_inline struct lb4_backend *pick_backend(const struct lb4_service *svc)
+// pick_backend picks one of the service's backends at random and returns
+// its address in ip and port. It returns 0 when there is none.
+static __always_inline int pick_backend(const struct lb4_service *svc, __u32 *ip, __u16 *port)
 {
 	struct lb4_slot_key slot_key = {};
 	__u32 count = svc->count;  // read once: the agent may flip it any time
+	struct lb4_backend *be;
 	__u32 *backend_id;
+	__u32 slot = 0;
 
 	if (count == 0)
-		return NULL;
-
-	slot_key.service_id = svc->id;
+		return 0;
 	// A random slot in [0, count): the high half of rand * count, which
 	// spares a division; one backend needs no random number at all.
 	if (count > 1)
-		slot_key.slot = ((__u64)bpf_get_prandom_u32() * count) >> 32;
+		slot = ((__u64)bpf_get_prandom_u32() * count) >> 32;
+	if (slot < LB4_INLINE_SLOTS)
+		goto inline_slot;
+
+	slot_key.service_id = svc->id;
+	slot_key.slot = slot;
 	backend_id = bpf_map_lookup_elem(&trellis_slot4, &slot_key);
-	if (!backend_id && slot_key.slot != 0) {
-		slot_key.slot = 0;
-		backend_id = bpf_map_lookup_elem(&trellis_slot4, &slot_key);
+	be = backend_id ? bpf_map_lookup_elem(&trellis_be4, backend_id) : NULL;
+	if (!be) {
+		// Missing: the agent is removing this slot. Slot 0 is inline.
+		slot = 0;
+		goto inline_slot;
 	}
-	if (!backend_id)
-		return NULL;
-	return bpf_map_lookup_elem(&trellis_be4, backend_id);
+	*ip = be->ip;
+	*port = be->port;
+	return 1;
+
+inline_slot:
+	*ip = svc->inline_be[slot].ip;
+	*port = svc->inline_be[slot].port;
+	return *port != 0;  // the agent writes no port 0
 }
 
 // translate rewrites ctx's destination when it is a service VIP:port and
@@ -230,12 +262,13 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const int connec
 {
 	struct lb4_key key = {};
 	struct lb4_service *svc;
-	struct lb4_backend *be;
 	struct lb4_rev_key rev_key = {};
 	struct lb4_rev_value rev_val = {};
 	struct lb4_rev_value *old;
 	struct lb4_conn *conn;
 	__u32 proto = ctx->protocol;
+	__u32 be_ip;
+	__u16 be_port;
 	__u64 cookie;
 
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -249,16 +282,15 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const int connec
 	if (!svc)
 		return SYS_PROCEED;
 
-	be = pick_backend(svc);
-	if (!be)
+	if (!pick_backend(svc, &be_ip, &be_port))
 		return SYS_REJECT;
 
 	cookie = bpf_get_socket_cookie(ctx);
 	conn = connect ? conn_slot(cookie) : NULL;
-	if (!conn || !conn_write(conn, cookie, be->ip, be->port, key.vip, key.port)) {
+	if (!conn || !conn_write(conn, cookie, be_ip, be_port, key.vip, key.port)) {
 		rev_key.cookie = cookie;
-		rev_key.ip = be->ip;
-		rev_key.port = be->port;
+		rev_key.ip = be_ip;
+		rev_key.port = be_port;
 		rev_val.vip = key.vip;
 		rev_val.port = key.port;
 		// Skip the write when the entry is already there (a UDP socket
@@ -269,8 +301,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, const int connec
 			bpf_map_update_elem(&trellis_rev4, &rev_key, &rev_val, BPF_ANY);
 	}
 
-	ctx->user_ip4 = be->ip;
-	ctx->user_port = be->port;
+	ctx->user_ip4 = be_ip;
+	ctx->user_port = be_port;
 	return SYS_PROCEED;
 }
 
