@@ -458,15 +458,11 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 	// Services and their slots. A backend keeps the slot it holds; the
 	// others fill the holes. mark[id] == i+1 means "backend of desired
 	// service i"; placed[id] == i+1 means "already has a slot".
-	byID := make(map[uint32]beKey, len(p.backendIDs))
-	for b, id := range p.backendIDs {
-		byID[id] = b
-	}
 	mark := make(map[uint32]int, total)
 	placed := make(map[uint32]int, total)
 	counts := make(map[uint32]uint16, len(desired))
 	wantSvc := make(map[ServiceKey]struct{}, len(desired))
-	var slots []uint32
+	var slots, ids []uint32
 	for i, d := range desired {
 		stamp := i + 1
 		id := p.serviceIDs[d.key]
@@ -474,8 +470,11 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 		counts[id] = uint16(count)
 		wantSvc[d.key] = struct{}{}
 
-		for _, b := range d.backends {
-			mark[p.backendIDs[b]] = stamp
+		// ids[j] is the ID of d.backends[j].
+		ids = slices.Grow(ids[:0], count)[:count]
+		for j, b := range d.backends {
+			ids[j] = p.backendIDs[b]
+			mark[ids[j]] = stamp
 		}
 		slots = slices.Grow(slots[:0], count)[:count]
 		for n := range count {
@@ -490,10 +489,10 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 			if slots[n] != 0 {
 				continue
 			}
-			for placed[p.backendIDs[d.backends[next]]] == stamp {
+			for placed[ids[next]] == stamp {
 				next++
 			}
-			be := p.backendIDs[d.backends[next]]
+			be := ids[next]
 			slots[n] = be
 			placed[be] = stamp
 		}
@@ -507,7 +506,7 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 
 		v := ServiceValue{ID: id, Count: uint16(count)}
 		for n := range min(count, InlineSlots) {
-			b := byID[slots[n]].backend()
+			b := d.backends[slices.Index(ids, slots[n])].backend()
 			v.Inline[n] = netip.AddrPortFrom(b.IP, b.Port)
 		}
 		if cur, ok := curSvc[d.key]; !ok || cur != v {
