@@ -57,7 +57,7 @@ bpf-toolchain:
 # The datapath variants run interleaved (hack/bench-datapath.sh):
 # BENCH_ROUNDS rounds of -count 1 over all of them, then the README's
 # service translation tables.
-BENCH_ROUNDS ?= 5
+BENCH_ROUNDS ?= 7
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 5 ./kvstore | tee bench.out
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count 3 ./clustermesh | tee -a bench.out

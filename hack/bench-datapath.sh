@@ -6,9 +6,9 @@
 # the load average before each; hack/benchtable then prints the README's
 # service translation tables. Needs root (and iptables for the kube-proxy
 # variant).
-# Usage: hack/bench-datapath.sh [ROUNDS [OUT]]   (default: 5 bench-connect.out)
+# Usage: hack/bench-datapath.sh [ROUNDS [OUT]]   (default: 7 bench-connect.out)
 set -euo pipefail
-rounds=${1:-5}
+rounds=${1:-7}
 out=$(realpath "${2:-bench-connect.out}")
 go=${GO:-go}
 tmp=$(mktemp -d)
