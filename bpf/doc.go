@@ -14,7 +14,8 @@
 //
 // # Maps
 //
-//	services  (VIP, port, proto) -> (service id, backend count, flags)   ServiceMap
+//	services  (VIP, port, proto) -> (service id, backend count, flags,   ServiceMap
+//	                                 backends of slots 0-3)
 //	slots     (service id, n)    -> backend id, n in [0, count)          SlotMap
 //	backends  backend id         -> (IP, port, cluster id)               BackendMap
 //	revnat    (socket cookie, backend IP, port) -> VIP:port (LRU)        RevNATMap

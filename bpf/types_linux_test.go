@@ -49,6 +49,27 @@ func TestRawLayout(t *testing.T) {
 		t.Fatalf("round trip = %v, want %v", back, b)
 	}
 
+	// A service value: inline slots hold network-order addresses, unused
+	// ones are zero and come back as the zero AddrPort.
+	v := ServiceValue{ID: 3, Count: 2, Inline: [InlineSlots]netip.AddrPort{
+		netip.MustParseAddrPort("192.0.2.7:443"), netip.MustParseAddrPort("192.0.2.8:80")}}
+	rv, err := v.raw()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = marshalRaw(rv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = append(append(hostU32(3), 2, 0, 0, 0), 192, 0, 2, 7, 0x01, 0xbb, 0, 0, 192, 0, 2, 8, 0, 80, 0, 0)
+	want = append(want, make([]byte, 16)...)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("service value bytes = % x, want % x", got, want)
+	}
+	if back := serviceValueFromRaw(rv); back != v {
+		t.Fatalf("round trip = %+v, want %+v", back, v)
+	}
+
 	// IPv4-mapped IPv6 is unmapped; IPv6 is refused.
 	mapped := ServiceKey{VIP: netip.MustParseAddr("::ffff:10.96.0.1"), Port: 8080, Proto: TCP}
 	if r, err := mapped.raw(); err != nil || serviceKeyFromRaw(r) != k {

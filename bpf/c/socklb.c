@@ -44,9 +44,8 @@
 //     The reverse LRU's key has the backend so that one unconnected UDP
 //     socket talking to several services gets each reply mapped to the
 //     right VIP; the LRU evicts entries of closed sockets. Readers try the
-//     array first, then the LRU (where sockets connected before an upgrade
-//     to this layout also have their entries). A missing entry only means a
-//     reply or getpeername() shows the backend instead of the VIP.
+//     array first, then the LRU. A missing entry only means a reply or
+//     getpeername() shows the backend instead of the VIP.
 //
 //   - Addresses and ports are stored exactly as the kernel hands them to
 //     sock_addr programs: IPv4 address and port in network byte order (the
