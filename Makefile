@@ -54,15 +54,19 @@ bpf-toolchain:
 	apt-get update && apt-get install -y clang llvm libbpf-dev
 
 ## bench: the benchmarks whose figures the README quotes.
+# The datapath variants run interleaved (hack/bench-datapath.sh):
+# BENCH_ROUNDS rounds of -count 1 over all of them, then the README's
+# service translation tables.
+BENCH_ROUNDS ?= 7
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 5 ./kvstore | tee bench.out
 	$(GO) test -run '^$$' -bench . -benchtime 1x -count 3 ./clustermesh | tee -a bench.out
 	@# The datapath benchmarks need root and iptables (for the kube-proxy-style comparison).
 	@if [ "$$(id -u)" -eq 0 ]; then \
 		command -v iptables-restore >/dev/null || apt-get install -y iptables || { apt-get update && apt-get install -y iptables; }; \
-		$(GO) test -run '^$$' -bench 'Connect' -benchtime 3000x -count 5 ./bpf | tee -a bench.out; \
+		GO=$(GO) ./hack/bench-datapath.sh $(BENCH_ROUNDS) bench-connect.out | tee -a bench.out; \
 		$(GO) test -run '^$$' -bench 'MapUpdate' -count 5 ./bpf | tee -a bench.out; \
 	else echo "skipping ./bpf benchmarks: they need root"; fi
 
 clean:
-	rm -rf bin bench.out
+	rm -rf bin bench.out bench-connect.out

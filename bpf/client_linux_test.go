@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -29,7 +30,14 @@ type clientResult struct {
 	Errors map[string]int `json:"errors"` // failed attempts by message
 	OK     int            `json:"ok"`
 	Fail   int            `json:"fail"`
-	NS     int64          `json:"ns"` // bench: total time spent in connect()
+	Bench  []benchStat    `json:"bench"` // bench: one per target
+}
+
+// benchStat is the bench helper's measurement of the connects to one
+// target.
+type benchStat struct {
+	TotalNS int64 `json:"total_ns"` // summed connect() time
+	P50NS   int64 `json:"p50_ns"`   // median connect() time
 }
 
 func newResult() *clientResult {
@@ -225,46 +233,81 @@ func helperLoop(args []string, stdin io.Reader, stdout io.Writer) int {
 	return writeResult(stdout, r)
 }
 
-// helperBenchConnect: args count port target, where target is "vips=N"
-// (connect to the first N test VIPs, nthAddr(198, 19, i), in turn) or one
-// IPv4 address. It times connect() alone, closes each socket with an RST
-// (SO_LINGER 0) so that no TIME_WAIT builds up, and reports the summed
-// connect() time in NS.
+// helperBenchConnect: args count port target [port2 target2], where a
+// target is "vips=N" (connect to the first N test VIPs, nthAddr(198, 19,
+// i), in turn) or one IPv4 address. It times connect() alone, closes each
+// socket with an RST (SO_LINGER 0) so that no TIME_WAIT builds up, and
+// reports the summed and the median connect() time per target. The median
+// is what a connect() typically costs; the sum also carries the connects
+// that another process preempted. With a second target it makes count
+// connects to each, alternating which of the two goes first, so both see
+// the machine at the same moments.
 func helperBenchConnect(args []string, _ io.Reader, stdout io.Writer) int {
 	count, _ := strconv.Atoi(args[0])
-	port, _ := strconv.Atoi(args[1])
-	var targets []*unix.SockaddrInet4
-	if n, ok := strings.CutPrefix(args[2], "vips="); ok {
-		vips, _ := strconv.Atoi(n)
-		for i := range vips {
-			targets = append(targets, sockaddr(netip.AddrPortFrom(nthAddr(198, 19, i), uint16(port))))
-		}
-	} else {
-		targets = append(targets, sockaddr(netip.AddrPortFrom(netip.MustParseAddr(args[2]), uint16(port))))
+	targets := [][]*unix.SockaddrInet4{benchTargets(args[1], args[2])}
+	if len(args) >= 5 {
+		targets = append(targets, benchTargets(args[3], args[4]))
 	}
 	r := newResult()
 	linger := unix.Linger{Onoff: 1, Linger: 0}
-	var total time.Duration
-	for i := range count {
+	times := make([][]time.Duration, len(targets))
+	for t := range times {
+		times[t] = make([]time.Duration, 0, count)
+	}
+	once := func(t int, i int) error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &linger)
+		target := targets[t][i%len(targets[t])]
+		start := time.Now()
+		err = connect(fd, target)
+		times[t] = append(times[t], time.Since(start))
+		unix.Close(fd)
+		if err != nil {
+			return fmt.Errorf("connect %s: %w", fromSockaddr(target), err)
+		}
+		return nil
+	}
+	for i := range count {
+		var err error
+		for j := range len(targets) {
+			if err = once((i+j)%len(targets), i); err != nil {
+				break
+			}
+		}
 		if err != nil {
 			r.fail(err)
 			break
 		}
-		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &linger)
-		target := targets[i%len(targets)]
-		start := time.Now()
-		err = connect(fd, target)
-		total += time.Since(start)
-		unix.Close(fd)
-		if err != nil {
-			r.fail(fmt.Errorf("connect %s: %w", fromSockaddr(target), err))
-			break
-		}
 		r.OK++
 	}
-	r.NS = total.Nanoseconds()
+	for _, ts := range times {
+		var st benchStat
+		for _, d := range ts {
+			st.TotalNS += d.Nanoseconds()
+		}
+		if len(ts) > 0 {
+			slices.Sort(ts)
+			st.P50NS = ts[len(ts)/2].Nanoseconds()
+		}
+		r.Bench = append(r.Bench, st)
+	}
 	return writeResult(stdout, r)
+}
+
+func benchTargets(port, target string) []*unix.SockaddrInet4 {
+	p, _ := strconv.Atoi(port)
+	var out []*unix.SockaddrInet4
+	if n, ok := strings.CutPrefix(target, "vips="); ok {
+		vips, _ := strconv.Atoi(n)
+		for i := range vips {
+			out = append(out, sockaddr(netip.AddrPortFrom(nthAddr(198, 19, i), uint16(p))))
+		}
+		return out
+	}
+	return append(out, sockaddr(netip.AddrPortFrom(netip.MustParseAddr(target), uint16(p))))
 }
 
 func parseResult(out []byte) (*clientResult, error) {

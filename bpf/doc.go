@@ -14,10 +14,17 @@
 //
 // # Maps
 //
-//	services  (VIP, port, proto) -> (service id, backend count, flags)   ServiceMap
+//	services  (VIP, port, proto) -> (service id, backend count, flags,   ServiceMap
+//	                                 backends of slots 0-3)
 //	slots     (service id, n)    -> backend id, n in [0, count)          SlotMap
 //	backends  backend id         -> (IP, port, cluster id)               BackendMap
 //	revnat    (socket cookie, backend IP, port) -> VIP:port (LRU)        RevNATMap
+//	conn      socket cookie % 131072 -> (cookie, backend, VIP:port)     array
+//
+// connect4 remembers the VIP of a connected socket in conn (one slot per
+// socket, found without hashing), sendmsg4 that of an unconnected UDP
+// socket in revnat; recvmsg4 and getpeername4 read conn first, then
+// revnat. See the design notes in c/socklb.c.
 //
 // The Go types (ServiceKey, Backend, ...) use netip.Addr and host-order
 // port numbers. The kernel-side structs hold the IPv4 address and the port

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os/exec"
 	"testing"
+
+	"github.com/cilium/ebpf"
 )
 
 // setupIPTablesDNAT writes the services as kube-proxy's iptables mode
@@ -15,7 +17,7 @@ import (
 // per-endpoint chain that DNATs. Rule evaluation is linear in the number
 // of services, which is what the comparison shows. Everything lives in the
 // test's own network namespace.
-func setupIPTablesDNAT(b *testing.B, env *lbEnv, services []Service) string {
+func setupIPTablesDNAT(b *testing.B, env *lbEnv, services []Service) *ebpf.Program {
 	if _, err := exec.LookPath("iptables-restore"); err != nil {
 		b.Skip("iptables-restore not installed: make bench installs it (apt-get install -y iptables)")
 	}
@@ -44,13 +46,13 @@ func setupIPTablesDNAT(b *testing.B, env *lbEnv, services []Service) string {
 	if out, err := exec.Command("ip", "-n", env.nsName, "route", "add", "198.19.0.0/16", "dev", "trellis0").CombinedOutput(); err != nil {
 		b.Fatalf("route to the VIP range in %s: %v\n%s", env.nsName, err, out)
 	}
-	// The rules and the route go with the namespace at cleanup; no cgroup
-	// is needed.
-	return ""
+	// The rules and the route go with the namespace at cleanup. The client
+	// still runs in env's cgroup, where no program is attached.
+	return nil
 }
 
-// BenchmarkConnectIPTables is BenchmarkConnectVIP's twin through iptables
-// DNAT rules written the way kube-proxy writes them.
-func BenchmarkConnectIPTables(b *testing.B) {
-	benchConnectServices(b, setupIPTablesDNAT)
+// BenchmarkConnectVIPIPTables is BenchmarkConnectVIPSockLB's twin through
+// iptables DNAT rules written the way kube-proxy writes them.
+func BenchmarkConnectVIPIPTables(b *testing.B) {
+	benchConnectServices(b, setupIPTablesDNAT, vipsTarget)
 }

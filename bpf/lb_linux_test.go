@@ -52,24 +52,63 @@ func TestTCPConnectTranslates(t *testing.T) {
 	wantCounts(t, "answered by", r.Names, map[string]int{"backend-1": 20})
 	wantCounts(t, "getpeername", r.Peers, map[string]int{testVIPPort.String(): 20})
 
-	// The programs remembered which VIP each socket asked for.
+	// connect4 remembered which VIP each socket asked for in the socket's
+	// slot of the conn array, not in the LRU, which is sendmsg4's.
+	conns := connEntries(t, lb.Objects())
+	if len(conns) != 20 {
+		t.Fatalf("%d conn entries, want 20", len(conns))
+	}
+	for _, c := range conns {
+		if c.vip != testVIPPort || c.backend != netip.AddrPortFrom(backend1.IP, backend1.Port) {
+			t.Fatalf("conn entry %+v", c)
+		}
+	}
 	rev, err := lb.Objects().RevNAT.Dump()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rev) < 20 {
-		t.Fatalf("%d reverse entries, want >= 20", len(rev))
-	}
-	for k, v := range rev {
-		if v != testVIPPort || k.Backend != netip.AddrPortFrom(backend1.IP, backend1.Port) {
-			t.Fatalf("reverse entry %+v -> %v", k, v)
-		}
+	if len(rev) != 0 {
+		t.Fatalf("TCP connects wrote %d entries into the reverse LRU: %v", len(rev), rev)
 	}
 
 	// A connection straight to the backend is left alone, getpeername too.
 	be := netip.AddrPortFrom(backend1.IP, backend1.Port).String()
 	r = env.client(t, true, "tcp", be, "3")
 	wantCounts(t, "direct getpeername", r.Peers, map[string]int{be: 3})
+}
+
+// connEntry is a used slot of the conn array.
+type connEntry struct {
+	cookie       uint64
+	backend, vip netip.AddrPort
+}
+
+// connEntries returns the used slots of the conn array.
+func connEntries(t testing.TB, o *Objects) []connEntry {
+	t.Helper()
+	var (
+		out []connEntry
+		idx uint32
+		raw socklbLb4Conn
+	)
+	it := o.objs.TrellisConn4.Iterate()
+	for it.Next(&idx, &raw) {
+		if raw.Cookie == 0 {
+			continue
+		}
+		if raw.Seq%2 != 0 || uint32(raw.Cookie%uint64(o.objs.TrellisConn4.MaxEntries())) != idx {
+			t.Fatalf("conn slot %d: %+v", idx, raw)
+		}
+		out = append(out, connEntry{
+			cookie:  raw.Cookie,
+			backend: netip.AddrPortFrom(ip4FromRaw(raw.BeIp), portFromRaw(raw.BePort)),
+			vip:     netip.AddrPortFrom(ip4FromRaw(raw.Vip), portFromRaw(raw.VipPort)),
+		})
+	}
+	if err := it.Err(); err != nil {
+		t.Fatalf("read conn array: %v", err)
+	}
+	return out
 }
 
 func TestNotInCgroupNotTranslated(t *testing.T) {
@@ -313,8 +352,8 @@ func TestAdoptPinned(t *testing.T) {
 	if got := lb2.AdoptedLinks(); len(got) != 4 {
 		t.Fatalf("adopted links %v, want all four", got)
 	}
-	if got := lb2.Objects().Adopted; len(got) != 4 {
-		t.Fatalf("adopted maps %v, want all four", got)
+	if got := lb2.Objects().Adopted; !slices.Equal(got, mapNames) {
+		t.Fatalf("adopted maps %v, want all of %v", got, mapNames)
 	}
 	if ids2 := linkIDs(t, lb2.Links()); !slices.Equal(ids1, ids2) {
 		t.Fatalf("link IDs %v after reopen, %v before: links were re-created", ids2, ids1)

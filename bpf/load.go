@@ -16,7 +16,9 @@ import (
 // MapSizes are the max_entries of the maps Load creates. A zero field
 // keeps the default compiled into the object (65536 services, 262144
 // slots, 65536 backends, 131072 reverse-translation entries). Pinned maps
-// that Load adopts keep the size they were created with.
+// that Load adopts keep the size they were created with. The connected
+// sockets' reverse-translation array (131072 slots) has a fixed size: the
+// programs find a socket's slot with a mask.
 type MapSizes struct {
 	Services, Slots, Backends, RevNAT uint32
 }
@@ -50,7 +52,7 @@ type Objects struct {
 }
 
 // mapNames are the maps of the object, which are also their pin names.
-var mapNames = []string{socklbMapTrellisSvc4, socklbMapTrellisSlot4, socklbMapTrellisBe4, socklbMapTrellisRev4}
+var mapNames = []string{socklbMapTrellisSvc4, socklbMapTrellisSlot4, socklbMapTrellisBe4, socklbMapTrellisRev4, socklbMapTrellisConn4}
 
 // Load loads the programs into the kernel, creating their maps or adopting
 // the ones pinned in opts.PinDir. Nothing is attached yet.
@@ -94,7 +96,9 @@ func Load(opts LoadOptions) (_ *Objects, err error) {
 				return nil, fmt.Errorf("bpf: load: adopt pinned map %s: %w", path, err)
 			}
 			ms := spec.Maps[name]
-			ms.MaxEntries = m.MaxEntries()
+			if name != socklbMapTrellisConn4 { // fixed size: must match
+				ms.MaxEntries = m.MaxEntries()
+			}
 			if err := ms.Compatible(m); err != nil {
 				m.Close()
 				return nil, fmt.Errorf("bpf: load: adopt pinned map %s: %w (pinned by an incompatible version: run Uninstall on %s)", path, err, opts.PinDir)
@@ -150,6 +154,8 @@ func (o *Objects) mapByName(name string) *ebpf.Map {
 		return o.objs.TrellisBe4
 	case socklbMapTrellisRev4:
 		return o.objs.TrellisRev4
+	case socklbMapTrellisConn4:
+		return o.objs.TrellisConn4
 	}
 	return nil
 }

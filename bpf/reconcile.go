@@ -16,13 +16,16 @@ package bpf
 //  1. backends that are new or differ        (nothing points at them yet)
 //  2. slots that are new or differ           (a changed slot < count swaps
 //     one backend for another atomically; slots >= count are not read yet)
-//  3. services that are new or differ        (the count flips here)
+//  3. services that are new or differ        (the count flips here, with
+//     the inline copies of slots [0, InlineSlots), which programs read
+//     from the service value itself)
 //  4. services no longer desired             (lookups stop matching)
 //  5. slots no longer desired                (nothing reads them any more)
 //  6. backends no longer referenced          (no slot points at them)
 //
 // So a program that reads count=n finds n written slots and each slot's
-// backend. A shrinking service first moves surviving backends into the
+// backend, and the backends a service value inlines stay until a later
+// phase-3 write has replaced that value. A shrinking service first moves surviving backends into the
 // low slots (phase 2), then lowers the count (3), then drops the tail (5).
 //
 // IDs. Service IDs are keyed by ServiceKey and backend IDs by the whole
@@ -459,20 +462,19 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 	placed := make(map[uint32]int, total)
 	counts := make(map[uint32]uint16, len(desired))
 	wantSvc := make(map[ServiceKey]struct{}, len(desired))
-	var slots []uint32
+	var slots, ids []uint32
 	for i, d := range desired {
 		stamp := i + 1
 		id := p.serviceIDs[d.key]
 		count := len(d.backends)
 		counts[id] = uint16(count)
 		wantSvc[d.key] = struct{}{}
-		v := ServiceValue{ID: id, Count: uint16(count)}
-		if cur, ok := curSvc[d.key]; !ok || cur != v {
-			p.serviceUpd[d.key] = v
-		}
 
-		for _, b := range d.backends {
-			mark[p.backendIDs[b]] = stamp
+		// ids[j] is the ID of d.backends[j].
+		ids = slices.Grow(ids[:0], count)[:count]
+		for j, b := range d.backends {
+			ids[j] = p.backendIDs[b]
+			mark[ids[j]] = stamp
 		}
 		slots = slices.Grow(slots[:0], count)[:count]
 		for n := range count {
@@ -487,10 +489,10 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 			if slots[n] != 0 {
 				continue
 			}
-			for placed[p.backendIDs[d.backends[next]]] == stamp {
+			for placed[ids[next]] == stamp {
 				next++
 			}
-			be := p.backendIDs[d.backends[next]]
+			be := ids[next]
 			slots[n] = be
 			placed[be] = stamp
 		}
@@ -501,6 +503,15 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 			}
 		}
 		p.nSlots += count
+
+		v := ServiceValue{ID: id, Count: uint16(count)}
+		for n := range min(count, InlineSlots) {
+			b := d.backends[slices.Index(ids, slots[n])].backend()
+			v.Inline[n] = netip.AddrPortFrom(b.IP, b.Port)
+		}
+		if cur, ok := curSvc[d.key]; !ok || cur != v {
+			p.serviceUpd[d.key] = v
+		}
 	}
 	for k := range curSvc {
 		if _, ok := wantSvc[k]; !ok {

@@ -68,52 +68,82 @@ func (w *fakeWorld) reconciler() *reconciler {
 }
 
 // resolve reads the maps the way the programs do: for each service, the
-// backends its active slots point at. Missing slots or backends are errors.
-func (w *fakeWorld) resolve() (map[ServiceKey][]Backend, error) {
-	out := map[ServiceKey][]Backend{}
+// addresses of the backends its active slots point at, from the service
+// value for the inline slots, from the slots and backends maps for the
+// others. Missing slots or backends are errors.
+func (w *fakeWorld) resolve() (map[ServiceKey][]netip.AddrPort, error) {
+	out := map[ServiceKey][]netip.AddrPort{}
 	for k, v := range w.services.m {
-		bes := []Backend{}
+		addrs := []netip.AddrPort{}
 		for n := range uint32(v.Count) {
-			id, ok := w.slots.m[SlotKey{v.ID, n}]
-			if !ok {
-				return nil, fmt.Errorf("service %v (id %d): slot %d of %d missing", k, v.ID, n, v.Count)
+			if n < InlineSlots {
+				if !v.Inline[n].IsValid() {
+					return nil, fmt.Errorf("service %v (id %d): inline slot %d of %d empty", k, v.ID, n, v.Count)
+				}
+				addrs = append(addrs, v.Inline[n])
+				continue
 			}
-			b, ok := w.backends.m[id]
-			if !ok {
-				return nil, fmt.Errorf("service %v: slot %d: backend %d missing", k, n, id)
+			b, err := w.slotBackend(k, v, n)
+			if err != nil {
+				return nil, err
 			}
-			bes = append(bes, b)
+			addrs = append(addrs, netip.AddrPortFrom(b.IP, b.Port))
 		}
-		out[k] = bes
+		out[k] = addrs
 	}
 	return out, nil
 }
 
-// checkExact verifies the maps hold exactly services and nothing else.
-func (w *fakeWorld) checkExact(services []Service) error {
-	got, err := w.resolve()
-	if err != nil {
-		return err
+// slotBackend returns the backend of slot n of service k from the slots
+// and backends maps.
+func (w *fakeWorld) slotBackend(k ServiceKey, v ServiceValue, n uint32) (Backend, error) {
+	id, ok := w.slots.m[SlotKey{v.ID, n}]
+	if !ok {
+		return Backend{}, fmt.Errorf("service %v (id %d): slot %d of %d missing", k, v.ID, n, v.Count)
 	}
+	b, ok := w.backends.m[id]
+	if !ok {
+		return Backend{}, fmt.Errorf("service %v: slot %d: backend %d missing", k, n, id)
+	}
+	return b, nil
+}
+
+// checkExact verifies the maps hold exactly services and nothing else:
+// every slot in the slots and backends maps with its cluster ID, the same
+// addresses inline in the service values, and no entry beyond.
+func (w *fakeWorld) checkExact(services []Service) error {
 	want := backendSets(services)
-	if len(got) != len(want) {
-		return fmt.Errorf("%d services in the maps, want %d", len(got), len(want))
+	if len(w.services.m) != len(want) {
+		return fmt.Errorf("%d services in the maps, want %d", len(w.services.m), len(want))
 	}
 	slotCount := 0
 	used := map[uint32]bool{}
-	for k, bes := range got {
+	for k, v := range w.services.m {
 		set := map[Backend]bool{}
-		for _, b := range bes {
-			set[b] = true
-		}
-		if len(set) != len(bes) || !maps.Equal(set, want[k]) {
-			return fmt.Errorf("service %v: backends %v, want %v", k, bes, slices.Collect(maps.Keys(want[k])))
-		}
-		slotCount += len(bes)
-		v := w.services.m[k]
 		for n := range uint32(v.Count) {
+			b, err := w.slotBackend(k, v, n)
+			if err != nil {
+				return err
+			}
+			set[b] = true
 			used[w.slots.m[SlotKey{v.ID, n}]] = true
+			var inline netip.AddrPort
+			if n < InlineSlots {
+				inline = v.Inline[n]
+			}
+			if want := netip.AddrPortFrom(b.IP, b.Port); n < InlineSlots && inline != want {
+				return fmt.Errorf("service %v: inline slot %d is %v, slot map says %v", k, n, inline, want)
+			}
 		}
+		for n := int(v.Count); n < InlineSlots; n++ {
+			if v.Inline[n].IsValid() {
+				return fmt.Errorf("service %v: inline slot %d of %d holds %v", k, n, v.Count, v.Inline[n])
+			}
+		}
+		if len(set) != int(v.Count) || !maps.Equal(set, want[k]) {
+			return fmt.Errorf("service %v: backends %v, want %v", k, slices.Collect(maps.Keys(set)), slices.Collect(maps.Keys(want[k])))
+		}
+		slotCount += int(v.Count)
 	}
 	if len(w.slots.m) != slotCount {
 		return fmt.Errorf("%d slots, want %d", len(w.slots.m), slotCount)
@@ -191,22 +221,26 @@ func TestReconcilerRandomStates(t *testing.T) {
 			var prev []Service
 			for step := range 40 {
 				next := randomState(r)
-				allowed := backendSets(prev)
-				for k, set := range backendSets(next) {
-					if allowed[k] == nil {
-						allowed[k] = map[Backend]bool{}
+				allowed := map[ServiceKey]map[netip.AddrPort]bool{}
+				for _, state := range [][]Service{prev, next} {
+					for k, set := range backendSets(state) {
+						if allowed[k] == nil {
+							allowed[k] = map[netip.AddrPort]bool{}
+						}
+						for b := range set {
+							allowed[k][netip.AddrPortFrom(b.IP, b.Port)] = true
+						}
 					}
-					maps.Copy(allowed[k], set)
 				}
 				w.check = func() error {
 					got, err := w.resolve()
 					if err != nil {
 						return err
 					}
-					for k, bes := range got {
-						for _, b := range bes {
-							if !allowed[k][b] {
-								return fmt.Errorf("service %v resolves to %v, in neither the old nor the new state", k, b)
+					for k, addrs := range got {
+						for _, a := range addrs {
+							if !allowed[k][a] {
+								return fmt.Errorf("service %v resolves to %v, in neither the old nor the new state", k, a)
 							}
 						}
 					}
@@ -267,7 +301,7 @@ func TestReconcilerRepairsDrift(t *testing.T) {
 
 func corrupt(r *rand.Rand, w *fakeWorld) {
 	pick := func(n int) int { return r.IntN(max(n, 1)) }
-	switch r.IntN(7) {
+	switch r.IntN(8) {
 	case 0: // delete a service
 		for k := range w.services.m {
 			delete(w.services.m, k)
@@ -299,6 +333,12 @@ func corrupt(r *rand.Rand, w *fakeWorld) {
 		w.services.m[ServiceKey{VIP: netip.MustParseAddr("203.0.113.1"), Port: 1, Proto: TCP}] = ServiceValue{ID: uint32(pick(10)), Count: 1}
 		w.slots.m[SlotKey{uint32(pick(10)), uint32(pick(5))}] = uint32(pick(30))
 		w.backends.m[uint32(100+pick(10))] = Backend{IP: netip.MustParseAddr("203.0.113.2"), Port: 9}
+	case 7: // point an inline slot somewhere else
+		for k, v := range w.services.m {
+			v.Inline[pick(InlineSlots)] = netip.MustParseAddrPort("203.0.113.3:9")
+			w.services.m[k] = v
+			break
+		}
 	case 6: // give a service another service's id
 		var ids []uint32
 		for _, v := range w.services.m {

@@ -21,6 +21,17 @@ type socklbLb4Backend struct {
 	ClusterId uint32
 }
 
+type socklbLb4Conn struct {
+	_       structs.HostLayout
+	Seq     uint64
+	Cookie  uint64
+	BeIp    uint32
+	Vip     uint32
+	BePort  uint16
+	VipPort uint16
+	Pad     uint32
+}
+
 type socklbLb4Key struct {
 	_     structs.HostLayout
 	Vip   uint32
@@ -45,10 +56,16 @@ type socklbLb4RevValue struct {
 }
 
 type socklbLb4Service struct {
-	_     structs.HostLayout
-	Id    uint32
-	Count uint16
-	Flags uint16
+	_        structs.HostLayout
+	Id       uint32
+	Count    uint16
+	Flags    uint16
+	InlineBe [4]struct {
+		_    structs.HostLayout
+		Ip   uint32
+		Port uint16
+		Pad  uint16
+	}
 }
 
 type socklbLb4SlotKey struct {
@@ -62,6 +79,7 @@ type socklbLb4SlotKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	socklbMapTrellisBe4           = "trellis_be4"
+	socklbMapTrellisConn4         = "trellis_conn4"
 	socklbMapTrellisRev4          = "trellis_rev4"
 	socklbMapTrellisSlot4         = "trellis_slot4"
 	socklbMapTrellisSvc4          = "trellis_svc4"
@@ -124,6 +142,7 @@ type socklbProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type socklbMapSpecs struct {
 	TrellisBe4   *ebpf.MapSpec `ebpf:"trellis_be4"`
+	TrellisConn4 *ebpf.MapSpec `ebpf:"trellis_conn4"`
 	TrellisRev4  *ebpf.MapSpec `ebpf:"trellis_rev4"`
 	TrellisSlot4 *ebpf.MapSpec `ebpf:"trellis_slot4"`
 	TrellisSvc4  *ebpf.MapSpec `ebpf:"trellis_svc4"`
@@ -156,6 +175,7 @@ func (o *socklbObjects) Close() error {
 // It can be passed to loadSocklbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type socklbMaps struct {
 	TrellisBe4   *ebpf.Map `ebpf:"trellis_be4"`
+	TrellisConn4 *ebpf.Map `ebpf:"trellis_conn4"`
 	TrellisRev4  *ebpf.Map `ebpf:"trellis_rev4"`
 	TrellisSlot4 *ebpf.Map `ebpf:"trellis_slot4"`
 	TrellisSvc4  *ebpf.Map `ebpf:"trellis_svc4"`
@@ -164,6 +184,7 @@ type socklbMaps struct {
 func (m *socklbMaps) Close() error {
 	return _SocklbClose(
 		m.TrellisBe4,
+		m.TrellisConn4,
 		m.TrellisRev4,
 		m.TrellisSlot4,
 		m.TrellisSvc4,

@@ -41,6 +41,10 @@ func (k ServiceKey) String() string {
 	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.VIP, k.Port), k.Proto)
 }
 
+// InlineSlots is the number of slots whose backends a ServiceValue
+// carries.
+const InlineSlots = 4
+
 // ServiceValue is a value of the services map.
 type ServiceValue struct {
 	// ID names the service in the slots map; IDs start at 1.
@@ -49,6 +53,12 @@ type ServiceValue struct {
 	Count uint16
 	// Flags is reserved and 0.
 	Flags uint16
+	// Inline holds the addresses of the backends in slots [0, min(Count,
+	// InlineSlots)), as the slots and backends maps also have them; the
+	// rest are the zero AddrPort. The programs read a slot below
+	// InlineSlots from here, so connecting to a small service costs one
+	// map lookup instead of three.
+	Inline [InlineSlots]netip.AddrPort
 }
 
 // SlotKey is a key of the slots map. Its value is a backend ID.
@@ -127,11 +137,28 @@ func serviceKeyFromRaw(r socklbLb4Key) ServiceKey {
 }
 
 func (v ServiceValue) raw() (socklbLb4Service, error) {
-	return socklbLb4Service{Id: v.ID, Count: v.Count, Flags: v.Flags}, nil
+	r := socklbLb4Service{Id: v.ID, Count: v.Count, Flags: v.Flags}
+	for i, a := range v.Inline {
+		if !a.IsValid() {
+			continue
+		}
+		ip, err := rawIP4(a.Addr())
+		if err != nil {
+			return r, fmt.Errorf("service id %d: inline slot %d: %w", v.ID, i, err)
+		}
+		r.InlineBe[i].Ip, r.InlineBe[i].Port = ip, rawPort(a.Port())
+	}
+	return r, nil
 }
 
 func serviceValueFromRaw(r socklbLb4Service) ServiceValue {
-	return ServiceValue{ID: r.Id, Count: r.Count, Flags: r.Flags}
+	v := ServiceValue{ID: r.Id, Count: r.Count, Flags: r.Flags}
+	for i, a := range r.InlineBe {
+		if a.Ip != 0 || a.Port != 0 {
+			v.Inline[i] = netip.AddrPortFrom(ip4FromRaw(a.Ip), portFromRaw(a.Port))
+		}
+	}
+	return v
 }
 
 func (k SlotKey) raw() (socklbLb4SlotKey, error) {

@@ -49,6 +49,27 @@ func TestRawLayout(t *testing.T) {
 		t.Fatalf("round trip = %v, want %v", back, b)
 	}
 
+	// A service value: inline slots hold network-order addresses, unused
+	// ones are zero and come back as the zero AddrPort.
+	v := ServiceValue{ID: 3, Count: 2, Inline: [InlineSlots]netip.AddrPort{
+		netip.MustParseAddrPort("192.0.2.7:443"), netip.MustParseAddrPort("192.0.2.8:80")}}
+	rv, err := v.raw()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = marshalRaw(rv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want = append(append(hostU32(3), 2, 0, 0, 0), 192, 0, 2, 7, 0x01, 0xbb, 0, 0, 192, 0, 2, 8, 0, 80, 0, 0)
+	want = append(want, make([]byte, 16)...)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("service value bytes = % x, want % x", got, want)
+	}
+	if back := serviceValueFromRaw(rv); back != v {
+		t.Fatalf("round trip = %+v, want %+v", back, v)
+	}
+
 	// IPv4-mapped IPv6 is unmapped; IPv6 is refused.
 	mapped := ServiceKey{VIP: netip.MustParseAddr("::ffff:10.96.0.1"), Port: 8080, Proto: TCP}
 	if r, err := mapped.raw(); err != nil || serviceKeyFromRaw(r) != k {
@@ -86,6 +107,7 @@ func TestGeneratedTypesMatchMaps(t *testing.T) {
 		{socklbMapTrellisSlot4, socklbLb4SlotKey{}, uint32(0)},
 		{socklbMapTrellisBe4, uint32(0), socklbLb4Backend{}},
 		{socklbMapTrellisRev4, socklbLb4RevKey{}, socklbLb4RevValue{}},
+		{socklbMapTrellisConn4, uint32(0), socklbLb4Conn{}},
 	} {
 		ms := spec.Maps[c.m]
 		k, _ := marshalRaw(c.key)
@@ -96,6 +118,10 @@ func TestGeneratedTypesMatchMaps(t *testing.T) {
 	}
 	if spec.Maps[socklbMapTrellisRev4].Type != ebpf.LRUHash {
 		t.Errorf("revnat map is %v, want LRU hash", spec.Maps[socklbMapTrellisRev4].Type)
+	}
+	// The programs find a slot with cookie & (size-1).
+	if ms := spec.Maps[socklbMapTrellisConn4]; ms.Type != ebpf.Array || ms.MaxEntries&(ms.MaxEntries-1) != 0 {
+		t.Errorf("conn map is %v of %d entries, want an array of a power of two", ms.Type, ms.MaxEntries)
 	}
 }
 
