@@ -22,14 +22,7 @@ func cgroupRootOf(argv []string) string {
 // No lab agent runs without an explicit --cgroup-root: without datapath
 // it says none, since the agent's default is the machine's root cgroup.
 func TestAgentArgsCgroupRoot(t *testing.T) {
-	topo := DefaultTopology()
-	if err := topo.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	lay, err := newLayout("lab", BaseDir, "/sys/fs/cgroup/unified", &topo)
-	if err != nil {
-		t.Fatal(err)
-	}
+	lay := defaultLayout(t)
 	l := &lab{opts: Options{Binary: "/usr/bin/trellis"}, lay: lay}
 	for _, n := range lay.allNodes() {
 		with := l.agentArgs(n, true)

@@ -9,7 +9,10 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-func TestDefaultTopologyLayout(t *testing.T) {
+// defaultLayout lays out the default topology as lab "lab" on a hybrid
+// cgroup host, touching nothing.
+func defaultLayout(t *testing.T) *layout {
+	t.Helper()
 	topo := DefaultTopology()
 	if err := topo.Validate(); err != nil {
 		t.Fatal(err)
@@ -18,6 +21,11 @@ func TestDefaultTopologyLayout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return lay
+}
+
+func TestDefaultTopologyLayout(t *testing.T) {
+	lay := defaultLayout(t)
 	want := map[string]string{
 		"eu api":        "tl-lab-eu-api 192.168.100.10 eu-api",
 		"us/n2":         "tl-lab-us-n2 192.168.100.112 us-n2",
