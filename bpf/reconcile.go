@@ -25,8 +25,9 @@ package bpf
 //
 // So a program that reads count=n finds n written slots and each slot's
 // backend, and the backends a service value inlines stay until a later
-// phase-3 write has replaced that value. A shrinking service first moves surviving backends into the
-// low slots (phase 2), then lowers the count (3), then drops the tail (5).
+// phase-3 write has replaced that value. A shrinking service first moves
+// surviving backends into the low slots (phase 2), then lowers the count
+// (3), then drops the tail (5).
 //
 // IDs. Service IDs are keyed by ServiceKey and backend IDs by the whole
 // Backend (IP, port, cluster): a backend whose cluster changes is a new
