@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
 )
 
 // RemoteCertValidity is how long a remote cluster's client certificate lasts.
@@ -82,7 +83,7 @@ func (s *Server) handleRevokeRemote(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "remote users are managed only with the embedded etcd", http.StatusConflict)
 		return
 	}
-	if err := RemoveRemoteUser(r.Context(), s.admin.Auth(), r.PathValue("name")); err != nil {
+	if err := etcdauth.RemoveRemoteUser(r.Context(), s.admin.Auth(), r.PathValue("name")); err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
 	}
@@ -95,7 +96,7 @@ func (s *Server) IssueRemote(r *http.Request, name string) (v1.RemoteCredentials
 	if s.admin == nil {
 		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: only possible with the embedded etcd; with --etcd-endpoints create the user and certificate with your etcd's own tools", name)
 	}
-	user, err := EnsureRemoteUser(r.Context(), s.admin.Auth(), name)
+	user, err := etcdauth.EnsureRemoteUser(r.Context(), s.admin.Auth(), name)
 	if err != nil {
 		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
 	}

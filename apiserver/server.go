@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
 	"github.com/trellis-mesh/trellis/apiserver/pki"
 	"github.com/trellis-mesh/trellis/apiserver/registry"
 	"github.com/trellis-mesh/trellis/apiserver/source"
@@ -282,7 +283,7 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	}
 	s.etcd = e
 
-	rootCert, rootKey, err := s.clientCert(RootUser)
+	rootCert, rootKey, err := s.clientCert(etcdauth.RootUser)
 	if err != nil {
 		return err
 	}
@@ -296,7 +297,7 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	}
 	authCtx, cancel2 := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel2()
-	if err := EnsureEtcdAuth(authCtx, s.admin.Auth()); err != nil {
+	if err := etcdauth.Ensure(authCtx, s.admin.Auth()); err != nil {
 		return fmt.Errorf("apiserver: etcd users and roles: %w", err)
 	}
 	return nil
@@ -315,7 +316,7 @@ func (s *Server) connectWriter(metrics *kvstore.Metrics) error {
 			cfg.TLS = t
 		}
 	} else {
-		certFile, keyFile, err := s.clientCert(LocalWriterUser)
+		certFile, keyFile, err := s.clientCert(etcdauth.LocalWriterUser)
 		if err != nil {
 			return err
 		}

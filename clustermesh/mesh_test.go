@@ -18,6 +18,7 @@ import (
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver"
+	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
 	"github.com/trellis-mesh/trellis/apiserver/pki"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 	"github.com/trellis-mesh/trellis/kvstore"
@@ -134,7 +135,7 @@ func (c *testCluster) clusterFile(t *testing.T, reader string) ClusterFile {
 // writer is an etcd client with the cluster's own writer certificate, to
 // play a compromised or buggy remote cluster.
 func (c *testCluster) writer(t *testing.T) *clientv3.Client {
-	return c.etcdAs(t, apiserver.LocalWriterUser)
+	return c.etcdAs(t, etcdauth.LocalWriterUser)
 }
 
 // etcdAs is an etcd client with one of the API server's local client
@@ -393,7 +394,7 @@ func TestMeshCompactionDuringDisconnect(t *testing.T) {
 	p.Cut()
 	us.call(t, "DELETE", "/v1/endpoints/10.2.1.11", "")
 	us.pod(t, 12, true)
-	root := us.etcdAs(t, apiserver.RootUser)
+	root := us.etcdAs(t, etcdauth.RootUser)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	resp, err := root.Get(ctx, "trellis/v1/", clientv3.WithPrefix(), clientv3.WithCountOnly())

@@ -1,4 +1,4 @@
-package apiserver_test
+package etcdauth_test
 
 import (
 	"context"
@@ -11,12 +11,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/trellis-mesh/trellis/apiserver"
-	"github.com/trellis-mesh/trellis/apiserver/pki"
-	"github.com/trellis-mesh/trellis/kvstore"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+
+	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
+	"github.com/trellis-mesh/trellis/apiserver/pki"
+	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // etcdAuthEnv is an embedded etcd serving mTLS with client-cert auth,
@@ -102,16 +103,16 @@ func wantDenied(t *testing.T, what string, err error) {
 func TestEtcdAuth(t *testing.T) {
 	env := newEtcdAuthEnv(t)
 	ctx := testCtx(t)
-	root := env.client(t, apiserver.RootUser, nil)
+	root := env.client(t, etcdauth.RootUser, nil)
 
-	if err := apiserver.EnsureEtcdAuth(ctx, root); err != nil {
+	if err := etcdauth.Ensure(ctx, root); err != nil {
 		t.Fatalf("EnsureEtcdAuth (first start): %v", err)
 	}
 	if st, err := root.AuthStatus(ctx); err != nil || !st.Enabled {
 		t.Fatalf("auth status after EnsureEtcdAuth: enabled=%v err=%v", st != nil && st.Enabled, err)
 	}
 
-	writer := env.client(t, apiserver.LocalWriterUser, nil)
+	writer := env.client(t, etcdauth.LocalWriterUser, nil)
 	const nodeKey = "trellis/v1/nodes/eu/n1"
 	if _, err := writer.Put(ctx, nodeKey, "node"); err != nil {
 		t.Fatalf("writer put %s: %v", nodeKey, err)
@@ -121,12 +122,12 @@ func TestEtcdAuth(t *testing.T) {
 	}
 	_, err := writer.Put(ctx, "other/x", "x")
 	wantDenied(t, "writer put outside trellis/", err)
-	err = apiserver.EnsureEtcdAuth(ctx, writer)
+	err = etcdauth.Ensure(ctx, writer)
 	if !errors.Is(err, rpctypes.ErrPermissionDenied) || !strings.Contains(err.Error(), `"root"`) {
 		t.Errorf("EnsureEtcdAuth as the writer: err = %v, want permission denied with a hint to use root", err)
 	}
 
-	user, err := apiserver.EnsureRemoteUser(ctx, root, "eu")
+	user, err := etcdauth.EnsureRemoteUser(ctx, root, "eu")
 	if err != nil || user != "remote-eu" {
 		t.Fatalf("EnsureRemoteUser(eu) = %q, %v; want remote-eu", user, err)
 	}
@@ -163,7 +164,7 @@ func TestEtcdAuth(t *testing.T) {
 		wantDenied(t, "remote delete", err)
 		_, err = remote.Txn(ctx).Then(clientv3.OpPut(nodeKey, "x")).Commit()
 		wantDenied(t, "remote txn put", err)
-		_, err = apiserver.EnsureRemoteUser(ctx, remote, "evil")
+		_, err = etcdauth.EnsureRemoteUser(ctx, remote, "evil")
 		if !errors.Is(err, rpctypes.ErrPermissionDenied) {
 			t.Errorf("remote creating a user: err = %v, want permission denied", err)
 		}
@@ -190,7 +191,7 @@ func TestEtcdAuth(t *testing.T) {
 			t.Fatal(err)
 		}
 		// Even CN root gets nowhere: the TLS handshake refuses the chain.
-		c := env.client(t, apiserver.RootUser, other)
+		c := env.client(t, etcdauth.RootUser, other)
 		gctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
 		if _, err := c.Get(gctx, nodeKey); err == nil {
@@ -199,7 +200,7 @@ func TestEtcdAuth(t *testing.T) {
 		// The client only sees a timeout (it retries an unavailable
 		// endpoint), so show the refusal on a bare TLS connection. With
 		// TLS 1.3 the server's alert arrives on the first read.
-		certPEM, keyPEM, err := other.IssueClient(apiserver.RootUser, time.Hour)
+		certPEM, keyPEM, err := other.IssueClient(etcdauth.RootUser, time.Hour)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -231,38 +232,38 @@ func TestEtcdAuth(t *testing.T) {
 	})
 
 	// Later starts: the root certificate client converges everything again.
-	if err := apiserver.EnsureEtcdAuth(ctx, root); err != nil {
+	if err := etcdauth.Ensure(ctx, root); err != nil {
 		t.Fatalf("EnsureEtcdAuth (second start): %v", err)
 	}
-	if user, err := apiserver.EnsureRemoteUser(ctx, root, "eu"); err != nil || user != "remote-eu" {
+	if user, err := etcdauth.EnsureRemoteUser(ctx, root, "eu"); err != nil || user != "remote-eu" {
 		t.Fatalf("EnsureRemoteUser(eu) again = %q, %v", user, err)
 	}
 
 	t.Run("drift is repaired", func(t *testing.T) {
 		// An operator widens the reader role and gives the remote user the
 		// writer role.
-		if _, err := root.RoleGrantPermission(ctx, apiserver.RemoteReaderRole, "\x00", "\x00", clientv3.PermissionType(clientv3.PermReadWrite)); err != nil {
+		if _, err := root.RoleGrantPermission(ctx, etcdauth.RemoteReaderRole, "\x00", "\x00", clientv3.PermissionType(clientv3.PermReadWrite)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := root.UserGrantRole(ctx, "remote-eu", apiserver.LocalWriterRole); err != nil {
+		if _, err := root.UserGrantRole(ctx, "remote-eu", etcdauth.LocalWriterRole); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := remote.Put(ctx, "other/y", "x"); err != nil {
 			t.Fatalf("setup: widened role cannot write: %v", err)
 		}
-		if err := apiserver.EnsureEtcdAuth(ctx, root); err != nil {
+		if err := etcdauth.Ensure(ctx, root); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := apiserver.EnsureRemoteUser(ctx, root, "eu"); err != nil {
+		if _, err := etcdauth.EnsureRemoteUser(ctx, root, "eu"); err != nil {
 			t.Fatal(err)
 		}
-		role, err := root.RoleGet(ctx, apiserver.RemoteReaderRole)
+		role, err := root.RoleGet(ctx, etcdauth.RemoteReaderRole)
 		if err != nil || len(role.Perm) != 1 || string(role.Perm[0].Key) != "trellis/v1/" ||
 			string(role.Perm[0].RangeEnd) != "trellis/v10" || role.Perm[0].PermType != clientv3.PermRead {
 			t.Fatalf("reader role after repair: %+v err=%v", role, err)
 		}
 		u, err := root.UserGet(ctx, "remote-eu")
-		if err != nil || len(u.Roles) != 1 || u.Roles[0] != apiserver.RemoteReaderRole {
+		if err != nil || len(u.Roles) != 1 || u.Roles[0] != etcdauth.RemoteReaderRole {
 			t.Fatalf("remote-eu roles after repair: %+v err=%v", u, err)
 		}
 		_, err = remote.Put(ctx, "other/z", "x")
@@ -272,17 +273,17 @@ func TestEtcdAuth(t *testing.T) {
 	})
 
 	t.Run("remove remote user", func(t *testing.T) {
-		if err := apiserver.RemoveRemoteUser(ctx, root, "eu"); err != nil {
+		if err := etcdauth.RemoveRemoteUser(ctx, root, "eu"); err != nil {
 			t.Fatalf("RemoveRemoteUser: %v", err)
 		}
 		_, err := remote.Get(ctx, nodeKey)
 		wantDenied(t, "get after the remote user was removed", err)
-		if err := apiserver.RemoveRemoteUser(ctx, root, "eu"); err != nil {
+		if err := etcdauth.RemoveRemoteUser(ctx, root, "eu"); err != nil {
 			t.Fatalf("RemoveRemoteUser twice: %v", err)
 		}
 	})
 
-	if _, err := apiserver.EnsureRemoteUser(ctx, root, "Bad/Name"); err == nil {
+	if _, err := etcdauth.EnsureRemoteUser(ctx, root, "Bad/Name"); err == nil {
 		t.Error("EnsureRemoteUser accepted an invalid cluster name")
 	}
 }
@@ -302,10 +303,10 @@ func TestEnsureEtcdAuthWithoutRoot(t *testing.T) {
 	}
 	t.Cleanup(func() { c.Close() })
 
-	if err := apiserver.EnsureEtcdAuth(ctx, c.Auth()); err != nil {
+	if err := etcdauth.Ensure(ctx, c.Auth()); err != nil {
 		t.Fatalf("EnsureEtcdAuth with auth off: %v", err)
 	}
-	err = apiserver.EnsureEtcdAuth(ctx, c.Auth())
+	err = etcdauth.Ensure(ctx, c.Auth())
 	if !errors.Is(err, rpctypes.ErrUserEmpty) || !strings.Contains(err.Error(), `"root"`) {
 		t.Fatalf("EnsureEtcdAuth unauthenticated with auth on: err = %v, want user-empty with a hint to use root", err)
 	}

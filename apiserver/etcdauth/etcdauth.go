@@ -1,6 +1,6 @@
-package apiserver
-
-// etcd users and roles.
+// Package etcdauth manages the users and roles of a mesh API server's
+// etcd. It is the one place outside kvstore that holds etcd's client API,
+// and it holds only its auth part (kvstore.Client.Auth).
 //
 // Design notes. etcd started with --client-cert-auth takes the user of a
 // request from the common name of the client certificate's verified leaf
@@ -28,6 +28,7 @@ package apiserver
 // The writer's prefix is trellis/ rather than trellis/v1/ so that it can
 // also use keys beside the versioned tree (a future trellis/v2/, the
 // kvstore health probe trellis/health).
+package etcdauth
 
 import (
 	"context"
@@ -36,9 +37,10 @@ import (
 	"log/slog"
 	"slices"
 
-	apiv1 "github.com/trellis-mesh/trellis/api/v1"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	apiv1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
 // etcd users and roles the API server manages.
@@ -89,15 +91,15 @@ func permName(p clientv3.PermissionType) string {
 	return fmt.Sprintf("permission(%d)", p)
 }
 
-// EnsureEtcdAuth creates the root user, the local writer user and role,
+// Ensure creates the root user, the local writer user and role,
 // and the remote reader role, then enables auth. It is idempotent and
 // converges the roles' permissions. On first start cli may be any client
 // (auth is off); once auth is on, cli must authenticate as RootUser,
 // i.e. use a client certificate with CN "root".
-func EnsureEtcdAuth(ctx context.Context, cli clientv3.Auth) error {
+func Ensure(ctx context.Context, cli clientv3.Auth) error {
 	st, err := cli.AuthStatus(ctx)
 	if err != nil {
-		return fmt.Errorf("apiserver: etcd auth status: %w", err)
+		return fmt.Errorf("etcdauth: etcd auth status: %w", err)
 	}
 	users, err := listUsers(ctx, cli, st.Enabled)
 	if err != nil {
@@ -119,7 +121,7 @@ func EnsureEtcdAuth(ctx context.Context, cli clientv3.Auth) error {
 		return nil
 	}
 	if _, err := cli.AuthEnable(ctx); err != nil {
-		return fmt.Errorf("apiserver: enable etcd auth: %w", err)
+		return fmt.Errorf("etcdauth: enable etcd auth: %w", err)
 	}
 	slog.InfoContext(ctx, "enabled etcd auth; from now on connect as root with the root client certificate",
 		"rootUser", RootUser, "writerUser", LocalWriterUser, "remoteReaderRole", RemoteReaderRole)
@@ -129,10 +131,10 @@ func EnsureEtcdAuth(ctx context.Context, cli clientv3.Auth) error {
 // EnsureRemoteUser creates the etcd user of remoteCluster (no password;
 // it authenticates with a client certificate whose CN is the returned
 // name) and makes RemoteReaderRole its only role. cli must be root once
-// auth is enabled. Run EnsureEtcdAuth first: the role must exist.
+// auth is enabled. Run Ensure first: the role must exist.
 func EnsureRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) (user string, err error) {
 	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
-		return "", fmt.Errorf("apiserver: etcd user for remote cluster: %w", err)
+		return "", fmt.Errorf("etcdauth: etcd user for remote cluster: %w", err)
 	}
 	user = RemoteUser(remoteCluster)
 	users, err := listUsers(ctx, cli, true)
@@ -152,11 +154,11 @@ func EnsureRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster stri
 // the certificate's trust (a new CA) or restart etcd to cut them.
 func RemoveRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) error {
 	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
-		return fmt.Errorf("apiserver: remove etcd user for remote cluster: %w", err)
+		return fmt.Errorf("etcdauth: remove etcd user for remote cluster: %w", err)
 	}
 	user := RemoteUser(remoteCluster)
 	if _, err := cli.UserDelete(ctx, user); err != nil && !errors.Is(err, rpctypes.ErrUserNotFound) {
-		return fmt.Errorf("apiserver: delete etcd user %s: %w", user, adminHint(err))
+		return fmt.Errorf("etcdauth: delete etcd user %s: %w", user, adminHint(err))
 	}
 	return nil
 }
@@ -170,7 +172,7 @@ func listUsers(ctx context.Context, cli clientv3.Auth, authEnabled bool) ([]stri
 		if authEnabled {
 			err = adminHint(err)
 		}
-		return nil, fmt.Errorf("apiserver: list etcd users: %w", err)
+		return nil, fmt.Errorf("etcdauth: list etcd users: %w", err)
 	}
 	return resp.Users, nil
 }
@@ -192,16 +194,16 @@ func ensureUser(ctx context.Context, cli clientv3.Auth, users []string, user, ro
 	if !slices.Contains(users, user) {
 		_, err := cli.UserAddWithOptions(ctx, user, "", &clientv3.UserAddOptions{NoPassword: true})
 		if err != nil && !errors.Is(err, rpctypes.ErrUserAlreadyExist) {
-			return fmt.Errorf("apiserver: add etcd user %s: %w", user, adminHint(err))
+			return fmt.Errorf("etcdauth: add etcd user %s: %w", user, adminHint(err))
 		}
 	}
 	resp, err := cli.UserGet(ctx, user)
 	if err != nil {
-		return fmt.Errorf("apiserver: get etcd user %s: %w", user, adminHint(err))
+		return fmt.Errorf("etcdauth: get etcd user %s: %w", user, adminHint(err))
 	}
 	if !slices.Contains(resp.Roles, role) {
 		if _, err := cli.UserGrantRole(ctx, user, role); err != nil {
-			return fmt.Errorf("apiserver: grant etcd role %s to user %s: %w", role, user, adminHint(err))
+			return fmt.Errorf("etcdauth: grant etcd role %s to user %s: %w", role, user, adminHint(err))
 		}
 	}
 	for _, r := range resp.Roles {
@@ -209,7 +211,7 @@ func ensureUser(ctx context.Context, cli clientv3.Auth, users []string, user, ro
 			continue
 		}
 		if _, err := cli.UserRevokeRole(ctx, user, r); err != nil && !errors.Is(err, rpctypes.ErrRoleNotGranted) {
-			return fmt.Errorf("apiserver: revoke unexpected etcd role %s from user %s: %w", r, user, adminHint(err))
+			return fmt.Errorf("etcdauth: revoke unexpected etcd role %s from user %s: %w", r, user, adminHint(err))
 		}
 		slog.WarnContext(ctx, "revoked an unexpected etcd role", "user", user, "role", r)
 	}
@@ -221,12 +223,12 @@ func ensureRole(ctx context.Context, cli clientv3.Auth, role string, want rolePe
 	resp, err := cli.RoleGet(ctx, role)
 	if errors.Is(err, rpctypes.ErrRoleNotFound) {
 		if _, err := cli.RoleAdd(ctx, role); err != nil && !errors.Is(err, rpctypes.ErrRoleAlreadyExist) {
-			return fmt.Errorf("apiserver: add etcd role %s: %w", role, adminHint(err))
+			return fmt.Errorf("etcdauth: add etcd role %s: %w", role, adminHint(err))
 		}
 		resp, err = cli.RoleGet(ctx, role)
 	}
 	if err != nil {
-		return fmt.Errorf("apiserver: get etcd role %s: %w", role, adminHint(err))
+		return fmt.Errorf("etcdauth: get etcd role %s: %w", role, adminHint(err))
 	}
 	wantEnd := clientv3.GetPrefixRangeEnd(want.prefix)
 	have := false
@@ -239,7 +241,7 @@ func ensureRole(ctx context.Context, cli clientv3.Auth, role string, want rolePe
 	}
 	if !have {
 		if _, err := cli.RoleGrantPermission(ctx, role, want.prefix, wantEnd, want.perm); err != nil {
-			return fmt.Errorf("apiserver: grant %s to etcd role %s: %w", want, role, adminHint(err))
+			return fmt.Errorf("etcdauth: grant %s to etcd role %s: %w", want, role, adminHint(err))
 		}
 	}
 	for _, p := range resp.Perm {
@@ -248,7 +250,7 @@ func ensureRole(ctx context.Context, cli clientv3.Auth, role string, want rolePe
 			continue // the wanted range: granted (or its type updated) above
 		}
 		if _, err := cli.RoleRevokePermission(ctx, role, key, end); err != nil && !errors.Is(err, rpctypes.ErrPermissionNotGranted) {
-			return fmt.Errorf("apiserver: revoke unexpected permission [%q, %q) from etcd role %s: %w", key, end, role, adminHint(err))
+			return fmt.Errorf("etcdauth: revoke unexpected permission [%q, %q) from etcd role %s: %w", key, end, role, adminHint(err))
 		}
 		slog.WarnContext(ctx, "revoked an unexpected etcd permission", "role", role,
 			"key", key, "rangeEnd", end, "perm", permName(clientv3.PermissionType(p.PermType)))
