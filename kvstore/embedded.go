@@ -97,6 +97,11 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 	ec.ListenPeerUrls = []url.URL{peerURL}
 	ec.AdvertisePeerUrls = []url.URL{peerURL}
 	ec.InitialCluster = ec.InitialClusterFromName(cfg.Name)
+	// No gRPC gateway (embed enables it by default): nothing here speaks
+	// etcd's JSON API, and the gateway dials the server itself presenting
+	// the server certificate as a client certificate, which a server whose
+	// client CA differs from its server CA refuses.
+	ec.EnableGRPCGateway = false
 	if cfg.AutoCompactionRetention > 0 {
 		ec.AutoCompactionMode = "periodic"
 		ec.AutoCompactionRetention = cfg.AutoCompactionRetention.String()
