@@ -31,7 +31,8 @@ const (
 	clockSkew = time.Hour
 )
 
-// CA is a cluster's certificate authority.
+// CA is one of a cluster's two certificate authorities (the server CA or
+// the client CA).
 type CA struct {
 	Cert *x509.Certificate
 	Key  crypto.Signer
@@ -49,81 +50,97 @@ type CA struct {
 // and writes it there; created reports which happened. It fails when only
 // one of the two files exists, when they do not match, when the
 // certificate is not a CA, or when it has expired.
+//
+// This is the server CA: it signs etcd's serving certificate, and remote
+// clusters trust its certificate. Client certificates come from the
+// client CA (LoadOrCreateClientCA).
 func LoadOrCreateCA(dir string, clusterName string) (ca *CA, created bool, err error) {
-	certFile := filepath.Join(dir, CACertFile)
-	keyFile := filepath.Join(dir, CAKeyFile)
+	return loadOrCreate(dir, CACertFile, CAKeyFile, "CA", "trellis-ca-", clusterName)
+}
+
+// LoadOrCreateClientCA is LoadOrCreateCA for the client CA, client-ca.crt
+// and client-ca.key (CN "trellis-client-ca-<clusterName>"): the only CA
+// whose client certificates the cluster's etcd accepts. Its key never
+// leaves the state dir, and no other cluster trusts it.
+func LoadOrCreateClientCA(dir string, clusterName string) (ca *CA, created bool, err error) {
+	return loadOrCreate(dir, ClientCACertFile, ClientCAKeyFile, "client CA", "trellis-client-ca-", clusterName)
+}
+
+func loadOrCreate(dir, certName, keyName, what, cnPrefix, clusterName string) (ca *CA, created bool, err error) {
+	certFile := filepath.Join(dir, certName)
+	keyFile := filepath.Join(dir, keyName)
 	certOK, err := fileExists(certFile)
 	if err != nil {
-		return nil, false, fmt.Errorf("pki: stat CA certificate %s: %w", certFile, err)
+		return nil, false, fmt.Errorf("pki: stat %s certificate %s: %w", what, certFile, err)
 	}
 	keyOK, err := fileExists(keyFile)
 	if err != nil {
-		return nil, false, fmt.Errorf("pki: stat CA key %s: %w", keyFile, err)
+		return nil, false, fmt.Errorf("pki: stat %s key %s: %w", what, keyFile, err)
 	}
 	switch {
 	case certOK && keyOK:
-		ca, err := loadCA(certFile, keyFile)
+		ca, err := loadCA(certFile, keyFile, what)
 		if err != nil {
 			return nil, false, err
 		}
 		return ca, false, nil
 	case certOK:
-		return nil, false, fmt.Errorf("pki: load CA: %s exists but %s does not; restore the key, or remove both to create a new CA (every issued certificate then stops working)", certFile, keyFile)
+		return nil, false, fmt.Errorf("pki: load %s: %s exists but %s does not; restore the key, or remove both to create a new %s (every certificate it issued then stops working)", what, certFile, keyFile, what)
 	case keyOK:
-		return nil, false, fmt.Errorf("pki: load CA: %s exists but %s does not; restore the certificate, or remove both to create a new CA (every issued certificate then stops working)", keyFile, certFile)
+		return nil, false, fmt.Errorf("pki: load %s: %s exists but %s does not; restore the certificate, or remove both to create a new %s (every certificate it issued then stops working)", what, keyFile, certFile, what)
 	}
-	ca, err = createCA(certFile, keyFile, clusterName)
+	if clusterName == "" {
+		return nil, false, fmt.Errorf("pki: create %s: cluster name is empty", what)
+	}
+	ca, err = createCA(certFile, keyFile, what, cnPrefix+clusterName)
 	if err != nil {
 		return nil, false, err
 	}
 	return ca, true, nil
 }
 
-func loadCA(certFile, keyFile string) (*CA, error) {
+func loadCA(certFile, keyFile, what string) (*CA, error) {
 	certPEM, err := os.ReadFile(certFile)
 	if err != nil {
-		return nil, fmt.Errorf("pki: read CA certificate: %w", err)
+		return nil, fmt.Errorf("pki: read %s certificate: %w", what, err)
 	}
 	cert, err := parseCertPEM(certPEM)
 	if err != nil {
-		return nil, fmt.Errorf("pki: load CA certificate %s: %w", certFile, err)
+		return nil, fmt.Errorf("pki: load %s certificate %s: %w", what, certFile, err)
 	}
 	keyPEM, err := os.ReadFile(keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("pki: read CA key: %w", err)
+		return nil, fmt.Errorf("pki: read %s key: %w", what, err)
 	}
 	key, err := parseKeyPEM(keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("pki: load CA key %s: %w", keyFile, err)
+		return nil, fmt.Errorf("pki: load %s key %s: %w", what, keyFile, err)
 	}
 	if !keyMatches(cert, key) {
-		return nil, fmt.Errorf("pki: load CA: key %s does not match certificate %s (%q); put the matching pair back", keyFile, certFile, cert.Subject.CommonName)
+		return nil, fmt.Errorf("pki: load %s: key %s does not match certificate %s (%q); put the matching pair back", what, keyFile, certFile, cert.Subject.CommonName)
 	}
 	if !cert.IsCA || !cert.BasicConstraintsValid || cert.KeyUsage&x509.KeyUsageCertSign == 0 {
-		return nil, fmt.Errorf("pki: load CA: certificate %s (%q) is not a CA (needs basic constraints CA:TRUE and the certSign key usage)", certFile, cert.Subject.CommonName)
+		return nil, fmt.Errorf("pki: load %s: certificate %s (%q) is not a CA (needs basic constraints CA:TRUE and the certSign key usage)", what, certFile, cert.Subject.CommonName)
 	}
 	if now := time.Now(); now.After(cert.NotAfter) {
-		return nil, fmt.Errorf("pki: load CA: certificate %s (%q) expired at %s", certFile, cert.Subject.CommonName, cert.NotAfter.Format(time.RFC3339))
+		return nil, fmt.Errorf("pki: load %s: certificate %s (%q) expired at %s", what, certFile, cert.Subject.CommonName, cert.NotAfter.Format(time.RFC3339))
 	}
 	return &CA{Cert: cert, Key: key, CertPEM: encodeCert(cert.Raw)}, nil
 }
 
-func createCA(certFile, keyFile, clusterName string) (*CA, error) {
-	if clusterName == "" {
-		return nil, errors.New("pki: create CA: cluster name is empty")
-	}
+func createCA(certFile, keyFile, what, commonName string) (*CA, error) {
 	key, keyPEM, err := newKey()
 	if err != nil {
-		return nil, fmt.Errorf("pki: create CA for cluster %s: %w", clusterName, err)
+		return nil, fmt.Errorf("pki: create %s %s: %w", what, commonName, err)
 	}
 	serial, err := newSerial()
 	if err != nil {
-		return nil, fmt.Errorf("pki: create CA for cluster %s: %w", clusterName, err)
+		return nil, fmt.Errorf("pki: create %s %s: %w", what, commonName, err)
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: "trellis-ca-" + clusterName, Organization: []string{"trellis"}},
+		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"trellis"}},
 		NotBefore:             now.Add(-clockSkew),
 		NotAfter:              now.Add(CAValidity),
 		IsCA:                  true,
@@ -133,20 +150,20 @@ func createCA(certFile, keyFile, clusterName string) (*CA, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
-		return nil, fmt.Errorf("pki: create CA for cluster %s: sign: %w", clusterName, err)
+		return nil, fmt.Errorf("pki: create %s %s: sign: %w", what, commonName, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		return nil, fmt.Errorf("pki: create CA for cluster %s: parse: %w", clusterName, err)
+		return nil, fmt.Errorf("pki: create %s %s: parse: %w", what, commonName, err)
 	}
 	certPEM := encodeCert(der)
 	// Key first: a crash between the two writes leaves a lone key, which
 	// LoadOrCreateCA reports rather than silently replacing.
 	if err := writeFileAtomic(keyFile, keyPEM, keyMode); err != nil {
-		return nil, fmt.Errorf("pki: write CA key %s: %w", keyFile, err)
+		return nil, fmt.Errorf("pki: write %s key %s: %w", what, keyFile, err)
 	}
 	if err := writeFileAtomic(certFile, certPEM, certMode); err != nil {
-		return nil, fmt.Errorf("pki: write CA certificate %s: %w", certFile, err)
+		return nil, fmt.Errorf("pki: write %s certificate %s: %w", what, certFile, err)
 	}
 	return &CA{Cert: cert, Key: key, CertPEM: certPEM}, nil
 }

@@ -17,10 +17,14 @@ import (
 
 // File names inside a state dir.
 const (
-	CACertFile     = "ca.crt"
-	CAKeyFile      = "ca.key"
-	ServerCertFile = "server.crt"
-	ServerKeyFile  = "server.key"
+	// CACertFile and CAKeyFile are the server CA.
+	CACertFile = "ca.crt"
+	CAKeyFile  = "ca.key"
+	// ClientCACertFile and ClientCAKeyFile are the client CA.
+	ClientCACertFile = "client-ca.crt"
+	ClientCAKeyFile  = "client-ca.key"
+	ServerCertFile   = "server.crt"
+	ServerKeyFile    = "server.key"
 )
 
 // File modes: keys are private to the owner, certificates are public.
@@ -65,9 +69,9 @@ func checkFileName(name string) error {
 		return fmt.Errorf("file name %q must not contain a path separator", name)
 	case strings.HasPrefix(name, "."):
 		return fmt.Errorf("file name %q must not start with a dot", name)
-	case name == "ca" || name == "server":
-		// WriteClientCert into the state dir must never clobber the CA or
-		// server pair.
+	case name == "ca" || name == "client-ca" || name == "server":
+		// WriteClientCert into the state dir must never clobber a CA or
+		// the server pair.
 		return fmt.Errorf("file name %q is reserved for the %s certificate", name, name)
 	}
 	return nil

@@ -162,7 +162,7 @@ func TestServerCert(t *testing.T) {
 			t.Errorf("IP SANs %v lack %s", cert.IPAddresses, want)
 		}
 	}
-	if !slices.Equal(cert.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}) {
+	if !slices.Equal(cert.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}) {
 		t.Errorf("ExtKeyUsage = %v", cert.ExtKeyUsage)
 	}
 	pool := x509.NewCertPool()
@@ -314,7 +314,7 @@ func TestWriteClientCertRejectsBadNames(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"", "..", "a/b", "ca", "server", ".hidden"} {
+	for _, name := range []string{"", "..", "a/b", "ca", "client-ca", "server", ".hidden"} {
 		if _, _, err := WriteClientCert(dir, name, certPEM, keyPEM); err == nil {
 			t.Errorf("WriteClientCert(%q) succeeded", name)
 		}
@@ -325,5 +325,152 @@ func TestWriteClientCertRejectsBadNames(t *testing.T) {
 	// The CA is untouched.
 	if _, created, err := LoadOrCreateCA(dir, "test"); err != nil || created {
 		t.Errorf("CA damaged: created=%v err=%v", created, err)
+	}
+}
+
+// The client CA lives beside the server CA in the same dir and is a CA of
+// its own: a certificate one signs does not verify against the other.
+func TestClientCA(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	server := newCA(t, dir)
+	client, created, err := LoadOrCreateClientCA(dir, "test")
+	if err != nil || !created {
+		t.Fatalf("LoadOrCreateClientCA beside a server CA: created=%v err=%v", created, err)
+	}
+	if got, want := client.Cert.Subject.CommonName, "trellis-client-ca-test"; got != want {
+		t.Errorf("client CA CN = %q, want %q", got, want)
+	}
+	if client.Cert.Equal(server.Cert) || keyMatches(client.Cert, server.Key) {
+		t.Fatal("client CA is the server CA")
+	}
+	if got := mode(t, filepath.Join(dir, ClientCAKeyFile)); got != 0o600 {
+		t.Errorf("client-ca.key mode = %v, want 0600", got)
+	}
+	again, created, err := LoadOrCreateClientCA(dir, "test")
+	if err != nil || created || !again.Cert.Equal(client.Cert) {
+		t.Fatalf("second LoadOrCreateClientCA: created=%v err=%v same=%v", created, err, err == nil && again.Cert.Equal(client.Cert))
+	}
+	if s, created, err := LoadOrCreateCA(dir, "test"); err != nil || created || !s.Cert.Equal(server.Cert) {
+		t.Fatalf("server CA changed by the client CA: created=%v err=%v", created, err)
+	}
+
+	certPEM, _, err := client.IssueClient("root", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ParseCertPEM(certPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverPool := x509.NewCertPool()
+	serverPool.AddCert(server.Cert)
+	if _, err := cert.Verify(x509.VerifyOptions{Roots: serverPool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err == nil {
+		t.Error("a client CA certificate verifies against the server CA")
+	}
+
+	os.Remove(filepath.Join(dir, ClientCAKeyFile))
+	if _, _, err := LoadOrCreateClientCA(dir, "test"); err == nil || !strings.Contains(err.Error(), "client-ca.key does not") {
+		t.Errorf("client CA without its key: err = %v, want one naming client-ca.key", err)
+	}
+}
+
+func TestEnsureClientCert(t *testing.T) {
+	dir := t.TempDir()
+	server := newCA(t, dir)
+	client, _, err := LoadOrCreateClientCA(dir, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clients := filepath.Join(dir, "clients")
+
+	// A state dir from before the client CA: root was signed by the
+	// (then only) CA, which is now the server CA.
+	oldPEM, oldKey, err := server.IssueClient("root", CAValidity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := WriteClientCert(clients, "root", oldPEM, oldKey); err != nil {
+		t.Fatal(err)
+	}
+	crt, key, why, err := client.EnsureClientCert(clients, "root", CAValidity)
+	if err != nil {
+		t.Fatalf("EnsureClientCert: %v", err)
+	}
+	if !strings.Contains(why, "not signed by trellis-client-ca-test") {
+		t.Errorf("reissue reason = %q, want one naming the client CA", why)
+	}
+	cert := readCert(t, crt)
+	if err := cert.CheckSignatureFrom(client.Cert); err != nil {
+		t.Fatalf("root not reissued under the client CA: %v", err)
+	}
+	if cert.Subject.CommonName != "root" || !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
+		t.Errorf("reissued certificate: CN %q, EKU %v", cert.Subject.CommonName, cert.ExtKeyUsage)
+	}
+	if got := mode(t, key); got != 0o600 {
+		t.Errorf("client key mode = %v, want 0600", got)
+	}
+
+	// Kept when fine.
+	if _, _, why, err := client.EnsureClientCert(clients, "root", CAValidity); err != nil || why != "" {
+		t.Fatalf("second EnsureClientCert: reissued (%q), err %v", why, err)
+	}
+	if !readCert(t, crt).Equal(cert) {
+		t.Error("a good client certificate was reissued")
+	}
+
+	// A file whose certificate names another user is replaced.
+	wrongPEM, wrongKey, err := client.IssueClient("trellis-writer", CAValidity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := WriteClientCert(clients, "root", wrongPEM, wrongKey); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, why, err := client.EnsureClientCert(clients, "root", CAValidity); err != nil || !strings.Contains(why, "common name") {
+		t.Errorf("root.crt with CN trellis-writer: reason %q err %v, want a common-name reissue", why, err)
+	}
+
+	// Renewed before it expires.
+	shortPEM, shortKey, err := client.IssueClient("root", 10*24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := WriteClientCert(clients, "root", shortPEM, shortKey); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, why, err := client.EnsureClientCert(clients, "root", CAValidity); err != nil || !strings.Contains(why, "expires") {
+		t.Errorf("root expiring in 10 days: reason %q err %v, want a renewal", why, err)
+	}
+	if _, _, _, err := client.EnsureClientCert(clients, "../x", CAValidity); err == nil {
+		t.Error("EnsureClientCert accepted a path as a name")
+	}
+}
+
+// A server certificate from before the client CA was a client certificate
+// too; it is replaced by one that is not.
+func TestServerCertLosesClientAuth(t *testing.T) {
+	dir := t.TempDir()
+	ca := newCA(t, dir)
+	key, keyPEM, err := newKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ips := []net.IP{net.ParseIP("127.0.0.1"), net.ParseIP("::1")}
+	der, err := ca.sign(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: ServerCommonName},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		DNSNames:    []string{"localhost"}, IPAddresses: ips,
+	}, key.Public(), ServerValidity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, ServerKeyFile), keyPEM, 0o600)
+	os.WriteFile(filepath.Join(dir, ServerCertFile), encodeCert(der), 0o644)
+	crt, _, err := ca.EnsureServerCert(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readCert(t, crt).ExtKeyUsage; !slices.Equal(got, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}) {
+		t.Errorf("server certificate extended key usage after EnsureServerCert = %v, want serverAuth only", got)
 	}
 }

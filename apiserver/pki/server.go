@@ -1,15 +1,11 @@
 package pki
 
 import (
-	"bytes"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,21 +13,20 @@ import (
 )
 
 // ServerCommonName is the CN of server certificates. It names no etcd
-// user: etcd ignores the CN of its own gateway's connections, and anyone
-// else presenting the server certificate as a client gets no access once
-// auth is enabled.
+// user, and the certificate is not a client certificate (no clientAuth
+// usage; the client CA, not the server CA, signs those).
 const ServerCommonName = "trellis-apiserver"
 
 // DefaultHosts are always in a server certificate: local clients and
-// etcd's own gRPC gateway dial loopback. It returns a new slice.
+// the etcd front door dial the internal etcd on loopback. It returns a new slice.
 func DefaultHosts() []string { return []string{"127.0.0.1", "::1", "localhost"} }
 
 // EnsureServerCert makes sure dir holds server.crt and server.key signed by
 // ca, valid for more than RenewBefore, and naming every host (IP addresses
 // and DNS names, plus 127.0.0.1, ::1 and localhost). Otherwise it issues a
-// new pair (ECDSA P-256, ServerValidity, extended key usage serverAuth and
-// clientAuth, because etcd presents it as a client too). It returns the
-// two paths.
+// new pair (ECDSA P-256, ServerValidity, extended key usage serverAuth
+// only; a pair from before that is also a client certificate is
+// replaced). It returns the two paths.
 func (ca *CA) EnsureServerCert(dir string, hosts []string) (certFile, keyFile string, err error) {
 	certFile = filepath.Join(dir, ServerCertFile)
 	keyFile = filepath.Join(dir, ServerKeyFile)
@@ -54,7 +49,7 @@ func (ca *CA) EnsureServerCert(dir string, hosts []string) (certFile, keyFile st
 	tmpl := &x509.Certificate{
 		Subject:     pkix.Name{CommonName: ServerCommonName, Organization: []string{"trellis"}},
 		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames:    names,
 	}
 	for _, ip := range ips {
@@ -81,40 +76,14 @@ func (ca *CA) EnsureServerCert(dir string, hosts []string) (certFile, keyFile st
 // it is fine. err is for failures to read what exists, not for bad
 // content.
 func (ca *CA) serverCertProblem(certFile, keyFile string, ips []netip.Addr, names []string, now time.Time) (string, error) {
-	certPEM, err := os.ReadFile(certFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		return "certificate missing", nil
-	} else if err != nil {
-		return "", err
+	cert, reason, err := ca.pairProblem(certFile, keyFile, now)
+	if reason != "" || err != nil {
+		return reason, err
 	}
-	keyPEM, err := os.ReadFile(keyFile)
-	if errors.Is(err, fs.ErrNotExist) {
-		return "key missing", nil
-	} else if err != nil {
-		return "", err
-	}
-	cert, err := parseCertPEM(certPEM)
-	if err != nil {
-		return "unreadable certificate: " + err.Error(), nil
-	}
-	key, err := parseKeyPEM(keyPEM)
-	if err != nil {
-		return "unreadable key: " + err.Error(), nil
-	}
-	if !keyMatches(cert, key) {
-		return "key does not match certificate", nil
-	}
-	if err := cert.CheckSignatureFrom(ca.Cert); err != nil || !bytes.Equal(cert.RawIssuer, ca.Cert.RawSubject) {
-		return "not signed by " + ca.Cert.Subject.CommonName, nil
-	}
-	if now.Before(cert.NotBefore) {
-		return "not valid before " + cert.NotBefore.Format(time.RFC3339), nil
-	}
-	if now.Add(RenewBefore).After(cert.NotAfter) {
-		return "expires at " + cert.NotAfter.Format(time.RFC3339), nil
-	}
-	if !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageServerAuth) || !slices.Contains(cert.ExtKeyUsage, x509.ExtKeyUsageClientAuth) {
-		return "extended key usage lacks serverAuth or clientAuth", nil
+	if !slices.Equal(cert.ExtKeyUsage, []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}) {
+		// Before the client CA, the server certificate was also a client
+		// certificate (etcd's gRPC gateway dialled itself with it).
+		return "extended key usage is not serverAuth alone", nil
 	}
 	for _, ip := range ips {
 		if !slices.ContainsFunc(cert.IPAddresses, func(have net.IP) bool {
