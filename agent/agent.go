@@ -14,9 +14,14 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
 	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/clustermesh"
+	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // Config describes one node's agent.
@@ -88,6 +93,9 @@ type Agent struct {
 	log      *slog.Logger
 	mesh     *clustermesh.Mesh
 	datapath Datapath
+	// metrics are served on the status socket at /metrics: the mesh's
+	// store operations and rejections, and the process.
+	metrics *prometheus.Registry
 
 	mu          sync.Mutex
 	applied     uint64
@@ -112,14 +120,21 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 		cfg.InitialSyncTimeout = time.Minute
 	}
 	log := cfg.Logger.With("node", cfg.NodeName)
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	var localIPs []netip.Addr
+	if cfg.NodeIP.IsValid() {
+		localIPs = append(localIPs, cfg.NodeIP)
+	}
 	mesh, err := clustermesh.New(clustermesh.Config{
-		LocalCluster: cfg.ClusterName, ConfigDir: cfg.ConfigDir,
-		MaxConnectedClusters: cfg.MaxConnectedClusters, Logger: log,
+		LocalCluster: cfg.ClusterName, ConfigDir: cfg.ConfigDir, LocalNodeIPs: localIPs,
+		MaxConnectedClusters: cfg.MaxConnectedClusters, Logger: log, Metrics: kvstore.NewMetrics(metrics),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath}, nil
+	metrics.MustRegister(mesh.Collector())
+	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics}, nil
 }
 
 // Mesh exposes the agent's view of the mesh.
@@ -295,6 +310,7 @@ func (a *Agent) statusHandler() http.Handler {
 		json.NewEncoder(w).Encode(a.Status())
 	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
 	return mux
 }
 

@@ -65,7 +65,12 @@ func (c *cluster) fileFor(t *testing.T, reader string) clustermesh.ClusterFile {
 	if err := json.Unmarshal([]byte(c.call(t, "POST", "/admin/v1/remotes/"+reader, "")), &creds); err != nil {
 		t.Fatal(err)
 	}
-	return clustermesh.ClusterFile{Name: c.name, Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM}
+	var info v1.ClusterInfo
+	if err := json.Unmarshal([]byte(c.call(t, "GET", "/admin/v1/info", "")), &info); err != nil {
+		t.Fatal(err)
+	}
+	return clustermesh.ClusterFile{Name: c.name, ID: info.ID, PodCIDRs: info.PodCIDRs,
+		Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM}
 }
 
 const echoService = `{"ports":[{"name":"http","protocol":"TCP","port":80,"targetPort":8080}],"frontendIPs":["10.96.0.10"],

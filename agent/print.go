@@ -49,8 +49,14 @@ func PrintStatus(w io.Writer, st Status) {
 		} else if synced == "" {
 			synced = "-"
 		}
+		// Rejected (failed validation, counted since start) and excluded
+		// (decoded, but held out now) share the column: both are what
+		// the cluster published and this node does not use.
 		var rejected []string
 		for reason, n := range c.Rejected {
+			rejected = append(rejected, fmt.Sprintf("%s=%d", reason, n))
+		}
+		for reason, n := range c.Excluded {
 			rejected = append(rejected, fmt.Sprintf("%s=%d", reason, n))
 		}
 		slices.Sort(rejected)

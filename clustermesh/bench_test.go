@@ -12,6 +12,7 @@ package clustermesh
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"runtime"
@@ -122,7 +123,9 @@ func BenchmarkMeshSync16(b *testing.B) {
 	for range b.N {
 		dir := b.TempDir()
 		for i, u := range urls {
-			if err := WriteClusterFile(dir, ClusterFile{Name: fmt.Sprintf("c%02d", i+1), Endpoints: []string{u}}); err != nil {
+			f := ClusterFile{Name: fmt.Sprintf("c%02d", i+1), ID: v1.ClusterID(i + 1),
+				PodCIDRs: []netip.Prefix{netip.MustParsePrefix(fmt.Sprintf("10.%d.0.0/16", i+1))}, Endpoints: []string{u}}
+			if err := WriteClusterFile(dir, f); err != nil {
 				b.Fatal(err)
 			}
 		}
@@ -229,7 +232,7 @@ func median(v []float64) float64 {
 // update into a new snapshot with 16 clusters of state loaded: merge the
 // service across clusters and copy the services map.
 func BenchmarkMergeUpdate(b *testing.B) {
-	st := newState("c01")
+	st := newState("c01", nil, slog.New(slog.DiscardHandler))
 	for c := 1; c <= 16; c++ {
 		name := fmt.Sprintf("c%02d", c)
 		st.setCluster(v1.ClusterConfig{Name: name, Region: fmt.Sprintf("r%d", c%4)})

@@ -6,8 +6,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"maps"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"sigs.k8s.io/yaml"
@@ -19,13 +22,21 @@ import (
 const FileSuffix = ".yaml"
 
 // ClusterFile is one cluster's entry in the config directory: how to reach
-// its mesh API server's etcd. PEM material is inline so one file is the
-// whole credential; `trellis connect` writes these.
+// its mesh API server's etcd, and what it said of itself when it was
+// connected. PEM material is inline so one file is the whole credential;
+// `trellis connect` writes these.
 type ClusterFile struct {
 	// Name is the cluster's name; it must equal the file name without
 	// FileSuffix and the name the cluster publishes.
-	Name      string   `json:"name"`
-	Endpoints []string `json:"endpoints"`
+	Name string `json:"name"`
+	// ID and PodCIDRs pin the cluster's identity as `trellis connect` saw
+	// it. An agent refuses the cluster while its published cluster-config
+	// says otherwise, so a compromised cluster can neither widen its pod
+	// CIDRs nor take another's ID, and the pins, checked against each
+	// other here and at connect, settle who owns an address.
+	ID        v1.ClusterID   `json:"id"`
+	PodCIDRs  []netip.Prefix `json:"podCIDRs"`
+	Endpoints []string       `json:"endpoints"`
 	// CA is the PEM of the CA(s) that signed the cluster's etcd server
 	// certificate (a bundle when CAs are mixed).
 	CA string `json:"ca"`
@@ -41,6 +52,9 @@ func (f *ClusterFile) Validate() error {
 	if err := v1.ValidateClusterName(f.Name); err != nil {
 		errs = append(errs, fmt.Errorf("name: %w", err))
 	}
+	if err := f.validatePin(); err != nil {
+		errs = append(errs, err)
+	}
 	if len(f.Endpoints) == 0 {
 		errs = append(errs, errors.New("endpoints: at least one etcd URL is required"))
 	}
@@ -53,6 +67,45 @@ func (f *ClusterFile) Validate() error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// validatePin checks the pinned identity: a file without one predates
+// pinning and must be written again.
+func (f *ClusterFile) validatePin() error {
+	if f.ID == 0 && len(f.PodCIDRs) == 0 {
+		return fmt.Errorf("no pinned id and podCIDRs (the file predates pinning): run trellis connect again to write it")
+	}
+	// The pin must be a cluster-config a cluster could publish.
+	cc := v1.ClusterConfig{Name: f.Name, ID: f.ID, PodCIDRs: f.PodCIDRs, Capabilities: v1.Capabilities{MaxConnectedClusters: v1.MaxClusterID}}
+	if err := cc.Validate(); err != nil {
+		return fmt.Errorf("pin: %w", err)
+	}
+	return nil
+}
+
+// checkPin compares what a cluster publishes with what its file pinned,
+// naming the field and both values.
+func (f *ClusterFile) checkPin(cfg v1.ClusterConfig) error {
+	switch {
+	case cfg.ID != f.ID:
+		return fmt.Errorf("cluster %s publishes cluster ID %d, but %d was pinned when it was connected: refusing it (if its ID really changed, run trellis connect again)", f.Name, cfg.ID, f.ID)
+	case !samePrefixes(cfg.PodCIDRs, f.PodCIDRs):
+		return fmt.Errorf("cluster %s publishes pod CIDRs %v, but %v were pinned when it was connected: refusing it (if its pod CIDRs really changed, run trellis connect again)", f.Name, cfg.PodCIDRs, f.PodCIDRs)
+	}
+	return nil
+}
+
+// samePrefixes compares two prefix lists as sets.
+func samePrefixes(a, b []netip.Prefix) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for _, p := range a {
+		if !slices.Contains(b, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // TLSConfig builds the client TLS configuration; nil when the file has no
@@ -157,4 +210,46 @@ func scanDir(dir string) (map[string]loadedFile, error) {
 		out[cluster] = lf
 	}
 	return out, nil
+}
+
+// checkPins refuses cluster files whose pins conflict: two clusters with
+// one ID, or overlapping pod CIDRs. The local cluster's file is never the
+// one refused; between two other files both are, so the outcome depends on
+// neither the order files were written nor which cluster connected first.
+// `trellis connect` refuses such a mesh before it writes anything; this is
+// the check for hand-made or stale files.
+func checkPins(files map[string]loadedFile, local string) {
+	names := slices.Sorted(maps.Keys(files))
+	refuse := make(map[string][]string)
+	for i, a := range names {
+		fa := files[a]
+		if fa.err != nil {
+			continue
+		}
+		for _, b := range names[i+1:] {
+			fb := files[b]
+			if fb.err != nil {
+				continue
+			}
+			var why string
+			if fa.file.ID == fb.file.ID {
+				why = fmt.Sprintf("pinned cluster ID %d", fa.file.ID)
+			} else if pa, pb, ok := v1.PrefixesOverlap(fa.file.PodCIDRs, fb.file.PodCIDRs); ok {
+				why = fmt.Sprintf("pinned pod CIDRs (%s and %s)", pa, pb)
+			} else {
+				continue
+			}
+			if b != local {
+				refuse[b] = append(refuse[b], fmt.Sprintf("%s shares %s with %s", b+FileSuffix, why, a))
+			}
+			if a != local {
+				refuse[a] = append(refuse[a], fmt.Sprintf("%s shares %s with %s", a+FileSuffix, why, b))
+			}
+		}
+	}
+	for name, whys := range refuse {
+		lf := files[name]
+		lf.err = fmt.Errorf("%s: clusters in a mesh need unique IDs and disjoint pod CIDRs; disconnect one of them", strings.Join(whys, "; "))
+		files[name] = lf
+	}
 }

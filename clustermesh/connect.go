@@ -6,9 +6,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/trellis-mesh/trellis/api/client"
@@ -16,10 +16,12 @@ import (
 )
 
 // Connecting clusters: each side mints a client certificate for the other,
-// and each side's agents get a cluster file for the other. The exchange is
-// here; how a cluster is reached (its admin API and where its agents read
-// cluster files) is a Peer, so a Kubernetes flavour (kubeconfig contexts,
-// Secrets) can plug in beside the state-dir one.
+// signed by its own client CA, and each side's agents get a cluster file
+// for the other that carries the other's server CA and pins its ID and pod
+// CIDRs. No CA is shared. The exchange is here; how a cluster is reached
+// (its admin API and where its agents read cluster files) is a Peer, so a
+// Kubernetes flavour (kubeconfig contexts, Secrets) can plug in beside the
+// state-dir one.
 
 // Peer is one cluster as `connect` reaches it.
 type Peer interface {
@@ -30,6 +32,9 @@ type Peer interface {
 	Issue(ctx context.Context, forCluster string) (v1.RemoteCredentials, error)
 	// Revoke removes forCluster's access.
 	Revoke(ctx context.Context, forCluster string) error
+	// ClusterFiles are the cluster files this cluster's agents read now:
+	// their pins must not conflict with a cluster being connected.
+	ClusterFiles(ctx context.Context) ([]ClusterFile, error)
 	// WriteClusterFile and RemoveClusterFile change what this cluster's
 	// agents connect to.
 	WriteClusterFile(ctx context.Context, f ClusterFile) error
@@ -38,9 +43,6 @@ type Peer interface {
 
 // ConnectOptions tune Connect.
 type ConnectOptions struct {
-	// AllowMismatchingCA joins clusters whose API servers use different
-	// CAs, trusting a bundle of all of them.
-	AllowMismatchingCA bool
 	// DialTimeout bounds the reachability check of etcd endpoints.
 	DialTimeout time.Duration
 }
@@ -67,7 +69,10 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 		}
 		infos[i] = info
 	}
-	if err := checkMesh(infos, opts); err != nil {
+	if err := checkMesh(infos); err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	if err := checkPinned(ctx, peers, infos); err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
 	for _, info := range infos {
@@ -75,12 +80,11 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 			return fmt.Errorf("connect: %w", err)
 		}
 	}
-	bundle := caBundle(infos)
 	for i, reader := range peers {
 		for j, target := range peers {
 			// j == i too: a cluster's agents read their own cluster through
 			// the same read-only path.
-			if err := link(ctx, reader, infos[i], target, infos[j], bundle, opts.AllowMismatchingCA); err != nil {
+			if err := link(ctx, reader, infos[i], target, infos[j]); err != nil {
 				return err
 			}
 		}
@@ -88,17 +92,31 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 	return nil
 }
 
-// link makes reader's agents connect to target.
-func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Peer, targetInfo v1.ClusterInfo, bundle string, mixed bool) error {
+// ConnectSelf gives a lone cluster's agents the cluster file of their own
+// cluster, as ConnectMesh gives every cluster it joins.
+func ConnectSelf(ctx context.Context, p Peer) error {
+	info, err := p.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("connect: cluster at %s is unreachable: %w (is its mesh API server running?)", p.Describe(), err)
+	}
+	return link(ctx, p, info, p, info)
+}
+
+// link makes reader's agents connect to target, pinning what target said
+// of itself.
+func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Peer, targetInfo v1.ClusterInfo) error {
 	creds, err := target.Issue(ctx, readerInfo.Name)
 	if err != nil {
 		return fmt.Errorf("connect: %s issuing credentials for %s: %w", targetInfo.Name, readerInfo.Name, err)
 	}
-	ca := creds.CAPEM
-	if mixed {
-		ca = bundle
+	if creds.Cluster != targetInfo.Name || creds.ClusterID != targetInfo.ID {
+		return fmt.Errorf("connect: credentials from %s name cluster %s (ID %d), its info said %s (ID %d): was its API server replaced meanwhile? run connect again",
+			target.Describe(), creds.Cluster, creds.ClusterID, targetInfo.Name, targetInfo.ID)
 	}
-	f := ClusterFile{Name: targetInfo.Name, Endpoints: creds.Endpoints, CA: ca, Cert: creds.CertPEM, Key: creds.KeyPEM}
+	f := ClusterFile{
+		Name: targetInfo.Name, ID: targetInfo.ID, PodCIDRs: targetInfo.PodCIDRs,
+		Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM,
+	}
 	if err := reader.WriteClusterFile(ctx, f); err != nil {
 		return fmt.Errorf("connect: writing %s's cluster file for %s: %w", targetInfo.Name, readerInfo.Name, err)
 	}
@@ -106,7 +124,7 @@ func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Pe
 }
 
 // checkMesh refuses what would not work, saying what to change.
-func checkMesh(infos []v1.ClusterInfo, opts ConnectOptions) error {
+func checkMesh(infos []v1.ClusterInfo) error {
 	var errs []error
 	for i := range infos {
 		for j := i + 1; j < len(infos); j++ {
@@ -115,17 +133,52 @@ func checkMesh(infos []v1.ClusterInfo, opts ConnectOptions) error {
 				errs = append(errs, fmt.Errorf("two clusters are both named %q: give each a unique --cluster-name", a.Name))
 				continue
 			}
-			if a.ID == b.ID {
-				errs = append(errs, fmt.Errorf("clusters %s and %s both use cluster ID %d: restart one with a unique --cluster-id (1-%d)", a.Name, b.Name, a.ID, v1.MaxClusterID))
-			}
-			if pa, pb, ok := v1.PrefixesOverlap(a.PodCIDRs, b.PodCIDRs); ok {
-				errs = append(errs, fmt.Errorf("pod CIDR %s of %s overlaps %s of %s: clusters in a mesh need disjoint --pod-cidrs", pa, a.Name, pb, b.Name))
+			if err := pinConflict(a.Name, a.ID, a.PodCIDRs, b.Name, b.ID, b.PodCIDRs); err != nil {
+				errs = append(errs, err)
 			}
 			if a.MaxConnectedClusters != b.MaxConnectedClusters {
 				errs = append(errs, fmt.Errorf("%s allows %d connected clusters and %s %d: use the same --max-connected-clusters everywhere", a.Name, a.MaxConnectedClusters, b.Name, b.MaxConnectedClusters))
 			}
-			if !opts.AllowMismatchingCA && strings.TrimSpace(a.CAPEM) != strings.TrimSpace(b.CAPEM) {
-				errs = append(errs, fmt.Errorf("clusters %s and %s have different CAs: give every API server the same CA (ca.crt and ca.key in <state-dir>/pki before its first start), or pass --allow-mismatching-ca to trust a bundle of both", a.Name, b.Name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// pinConflict says why clusters a and b cannot be in one mesh, or returns
+// nil.
+func pinConflict(a string, aID v1.ClusterID, aCIDRs []netip.Prefix, b string, bID v1.ClusterID, bCIDRs []netip.Prefix) error {
+	if aID == bID {
+		return fmt.Errorf("clusters %s and %s both use cluster ID %d: restart one with a unique --cluster-id (1-%d)", a, b, aID, v1.MaxClusterID)
+	}
+	if pa, pb, ok := v1.PrefixesOverlap(aCIDRs, bCIDRs); ok {
+		return fmt.Errorf("pod CIDR %s of %s overlaps %s of %s: clusters in a mesh need disjoint --pod-cidrs", pa, a, pb, b)
+	}
+	return nil
+}
+
+// checkPinned refuses to add a cluster that conflicts with one a peer's
+// agents already read: connecting A with B and later A with C must not
+// give A's agents two clusters that claim one range. A file for a cluster
+// being connected is replaced, so it is not compared.
+func checkPinned(ctx context.Context, peers []Peer, infos []v1.ClusterInfo) error {
+	connecting := make(map[string]bool, len(infos))
+	for _, info := range infos {
+		connecting[info.Name] = true
+	}
+	var errs []error
+	for _, p := range peers {
+		files, err := p.ClusterFiles(ctx)
+		if err != nil {
+			return fmt.Errorf("read the cluster files of %s: %w", p.Describe(), err)
+		}
+		for _, f := range files {
+			if connecting[f.Name] {
+				continue
+			}
+			for _, info := range infos {
+				if err := pinConflict(info.Name, info.ID, info.PodCIDRs, f.Name, f.ID, f.PodCIDRs); err != nil {
+					errs = append(errs, fmt.Errorf("%w (%s is already connected to %s; disconnect it first)", err, f.Name, p.Describe()))
+				}
 			}
 		}
 	}
@@ -150,24 +203,9 @@ func checkReachable(ctx context.Context, info v1.ClusterInfo, timeout time.Durat
 	return nil
 }
 
-// caBundle concatenates the distinct CAs of the clusters.
-func caBundle(infos []v1.ClusterInfo) string {
-	seen := map[string]bool{}
-	var b strings.Builder
-	for _, info := range infos {
-		ca := strings.TrimSpace(info.CAPEM)
-		if ca == "" || seen[ca] {
-			continue
-		}
-		seen[ca] = true
-		b.WriteString(ca)
-		b.WriteString("\n")
-	}
-	return b.String()
-}
-
 // Disconnect separates a and b: each side's agents drop the other (their
-// cluster file goes) and each side revokes the other's etcd user.
+// cluster file goes) and each side revokes the certificate it issued to
+// the other, which also ends the other's open connections.
 func Disconnect(ctx context.Context, a, b Peer) error {
 	ia, err := a.Info(ctx)
 	if err != nil {
@@ -249,6 +287,21 @@ func (p *StateDirPeer) Revoke(ctx context.Context, forCluster string) error {
 		return err
 	}
 	return c.RevokeRemote(ctx, forCluster)
+}
+
+func (p *StateDirPeer) ClusterFiles(context.Context) ([]ClusterFile, error) {
+	loaded, err := scanDir(p.configDir())
+	if err != nil {
+		return nil, err
+	}
+	var out []ClusterFile
+	for _, lf := range loaded {
+		// An unreadable file pins nothing; agents refuse it too.
+		if lf.err == nil {
+			out = append(out, lf.file)
+		}
+	}
+	return out, nil
 }
 
 func (p *StateDirPeer) WriteClusterFile(_ context.Context, f ClusterFile) error {

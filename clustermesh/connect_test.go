@@ -2,6 +2,7 @@ package clustermesh
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,15 +25,13 @@ func TestConnectRefusesWhatCannotWork(t *testing.T) {
 
 	for _, tc := range []struct {
 		peers []Peer
-		opts  ConnectOptions
 		want  string
 	}{
-		{[]Peer{peer(eu), peer(us)}, ConnectOptions{}, "different CAs"},
-		{[]Peer{peer(eu), peer(dupID)}, ConnectOptions{AllowMismatchingCA: true}, "both use cluster ID 1"},
-		{[]Peer{peer(eu), peer(overlap)}, ConnectOptions{AllowMismatchingCA: true}, "overlaps"},
-		{[]Peer{peer(eu), &StateDirPeer{Dir: t.TempDir()}}, ConnectOptions{AllowMismatchingCA: true}, "unreachable"},
+		{[]Peer{peer(eu), peer(dupID)}, "both use cluster ID 1"},
+		{[]Peer{peer(eu), peer(overlap)}, "overlaps"},
+		{[]Peer{peer(eu), &StateDirPeer{Dir: t.TempDir()}}, "unreachable"},
 	} {
-		err := ConnectMesh(ctx, tc.peers, tc.opts)
+		err := ConnectMesh(ctx, tc.peers, ConnectOptions{})
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("connect %v: err %v, want %q", tc.peers, err, tc.want)
 		}
@@ -44,9 +43,35 @@ func TestConnectRefusesWhatCannotWork(t *testing.T) {
 		}
 	}
 
+	// Clusters with different CAs connect (each keeps its own), and the
+	// files pin what each said of itself. A cluster that conflicts with
+	// one eu is already connected to is refused even when connected to eu
+	// alone: eu's agents would read both.
+	if err := Connect(ctx, peer(eu), peer(us), ConnectOptions{}); err != nil {
+		t.Fatalf("connect eu us: %v", err)
+	}
+	files, err := peer(eu).ClusterFiles(ctx)
+	if err != nil || len(files) != 2 {
+		t.Fatalf("eu's cluster files: %+v, %v", files, err)
+	}
+	for _, f := range files {
+		want := map[string]string{"eu": "1 [10.1.0.0/16]", "us": "2 [10.2.0.0/16]"}[f.Name]
+		if got := fmt.Sprintf("%d %v", f.ID, f.PodCIDRs); got != want {
+			t.Errorf("%s's pin in eu's file: %s, want %s", f.Name, got, want)
+		}
+	}
+	usLike := startCluster(t, "uslike", 7, "10.2.128.0/17", "us")
+	err = Connect(ctx, peer(usLike), peer(eu), ConnectOptions{})
+	if err == nil || !strings.Contains(err.Error(), "overlaps") || !strings.Contains(err.Error(), "us is already connected") {
+		t.Errorf("connect a cluster overlapping one eu already reads: %v", err)
+	}
+	if entries, _ := os.ReadDir(ClustersDir(usLike.stateDir)); len(entries) != 0 {
+		t.Errorf("the refused cluster got %d cluster files", len(entries))
+	}
+
 	// A stopped API server is unreachable.
 	us.stop()
-	if err := Connect(ctx, peer(eu), peer(us), ConnectOptions{AllowMismatchingCA: true}); err == nil || !strings.Contains(err.Error(), "unreachable") {
+	if err := Connect(ctx, peer(eu), peer(us), ConnectOptions{}); err == nil || !strings.Contains(err.Error(), "unreachable") {
 		t.Errorf("connect to a stopped cluster: %v", err)
 	}
 }
@@ -63,7 +88,7 @@ func TestConnectAndDisconnect(t *testing.T) {
 	us.populate(t, "none")
 	a, b := &StateDirPeer{Dir: eu.stateDir}, &StateDirPeer{Dir: us.stateDir}
 	ctx := context.Background()
-	if err := Connect(ctx, a, b, ConnectOptions{AllowMismatchingCA: true}); err != nil {
+	if err := Connect(ctx, a, b, ConnectOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	for _, c := range []*testCluster{eu, us} {
@@ -92,7 +117,7 @@ func TestConnectAndDisconnect(t *testing.T) {
 	})
 
 	// And reconnect.
-	if err := Connect(ctx, a, b, ConnectOptions{AllowMismatchingCA: true}); err != nil {
+	if err := Connect(ctx, a, b, ConnectOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitBackends(t, mEU, map[string]int{"eu": 2, "us": 2})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -69,16 +70,24 @@ func (c *rawCluster) publish(t *testing.T, id v1.ClusterID, cidr string) {
 	}
 }
 
-// A cluster whose ID changes is drained and re-admitted under the new ID:
-// entries carrying the old ID's identity bits do not survive.
+// pinnedFile is c's cluster file pinning id and cidr.
+func (c *rawCluster) pinnedFile(id v1.ClusterID, cidr string) ClusterFile {
+	return ClusterFile{Name: c.name, ID: id, PodCIDRs: []netip.Prefix{netip.MustParsePrefix(cidr)}, Endpoints: []string{c.url}}
+}
+
+// A cluster whose published ID stops matching its pin is refused and keeps
+// what it had: a compromised cluster cannot switch identity spaces. Once
+// the operator connects it again (a new pin), it is drained and
+// re-admitted under the new ID: entries carrying the old ID's identity
+// bits do not survive.
 func TestMeshClusterIDChangeDrains(t *testing.T) {
 	local := startRawCluster(t, "eu")
 	local.publish(t, 1, "10.1.0.0/16")
 	remote := startRawCluster(t, "us")
 	remote.publish(t, 2, "10.2.0.0/16")
 	dir := t.TempDir()
-	for _, c := range []*rawCluster{local, remote} {
-		if err := WriteClusterFile(dir, ClusterFile{Name: c.name, Endpoints: []string{c.url}}); err != nil {
+	for _, f := range []ClusterFile{local.pinnedFile(1, "10.1.0.0/16"), remote.pinnedFile(2, "10.2.0.0/16")} {
+		if err := WriteClusterFile(dir, f); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -89,10 +98,22 @@ func TestMeshClusterIDChangeDrains(t *testing.T) {
 		return ok && e.Identity.ClusterID() == 2
 	})
 
-	// us changes its ID to 5 but its endpoint still carries ID 2's bits:
-	// drained, then rejected under the new ID.
+	// us publishes ID 5: refused against its pin, its entries kept.
 	remote.put(t, v1.ClusterConfigKey("us"), v1.ClusterConfig{Name: "us", ID: 5, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/16")},
 		Capabilities: v1.Capabilities{SyncedCanaries: true, MaxConnectedClusters: 255}})
+	testutil.Eventually(t, 30*time.Second, "the ID change refused against the pin", func() bool {
+		st := clusterStatus(m, "us")
+		return strings.Contains(st.LastError, "publishes cluster ID 5, but 2 was pinned")
+	})
+	if e, ok := m.Snapshot().LookupIP(ip); !ok || e.Identity.ClusterID() != 2 {
+		t.Fatalf("us's accepted endpoint changed after a refused ID change: %+v %v", e, ok)
+	}
+
+	// The operator connects us again: the new pin says ID 5. Entries
+	// carrying ID 2's bits are drained and rejected under the new ID.
+	if err := WriteClusterFile(dir, remote.pinnedFile(5, "10.2.0.0/16")); err != nil {
+		t.Fatal(err)
+	}
 	testutil.Eventually(t, 30*time.Second, "old-ID entries drained and rejected", func() bool {
 		_, ok := m.Snapshot().LookupIP(ip)
 		st := clusterStatus(m, "us")
@@ -112,7 +133,7 @@ func TestMeshPeriodicResync(t *testing.T) {
 	local := startRawCluster(t, "eu")
 	local.publish(t, 1, "10.1.0.0/16")
 	dir := t.TempDir()
-	if err := WriteClusterFile(dir, ClusterFile{Name: "eu", Endpoints: []string{local.url}}); err != nil {
+	if err := WriteClusterFile(dir, local.pinnedFile(1, "10.1.0.0/16")); err != nil {
 		t.Fatal(err)
 	}
 	m, err := New(Config{LocalCluster: "eu", ConfigDir: dir, PollInterval: 50 * time.Millisecond, ResyncInterval: 100 * time.Millisecond})
@@ -126,4 +147,43 @@ func TestMeshPeriodicResync(t *testing.T) {
 	testutil.Eventually(t, 30*time.Second, "eu ready", func() bool { return clusterStatus(m, "eu").Ready })
 	v := m.Snapshot().Version
 	testutil.Eventually(t, 10*time.Second, fmt.Sprintf("three resyncs after v%d", v), func() bool { return m.Snapshot().Version >= v+3 })
+}
+
+// The lock-out probe: ap widens its published pod CIDRs to 10.0.0.0/8
+// before eu's file appears, and publishes an endpoint with one of eu's pod
+// IPs. The first cluster to connect used to win the conflict, locking eu
+// out and putting ap's entry for eu's pod into the ipcache. Against its
+// pin, ap is refused (status names the field and both values), eu is
+// admitted, and the ipcache has eu's pod as eu's.
+func TestMeshPinnedClusterCannotLockOut(t *testing.T) {
+	ap := startRawCluster(t, "ap")
+	ap.publish(t, 3, "10.3.0.0/16")
+	eu := startRawCluster(t, "eu")
+	eu.publish(t, 1, "10.1.0.0/16")
+	dir := t.TempDir()
+	if err := WriteClusterFile(dir, ap.pinnedFile(3, "10.3.0.0/16")); err != nil {
+		t.Fatal(err)
+	}
+	m := startMesh(t, "us", dir)
+	apPod := netip.MustParseAddr("10.3.0.1")
+	testutil.Eventually(t, 30*time.Second, "ap merged", func() bool { _, ok := m.Snapshot().LookupIP(apPod); return ok })
+
+	ap.put(t, v1.ClusterConfigKey("ap"), v1.ClusterConfig{Name: "ap", ID: 3, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")},
+		Capabilities: v1.Capabilities{SyncedCanaries: true, MaxConnectedClusters: 255}})
+	euPod := netip.MustParseAddr("10.1.0.1")
+	ap.put(t, v1.EndpointKey("ap", euPod), v1.Endpoint{Cluster: "ap", IP: euPod, Identity: v1.MakeIdentity(3, 7), NodeIP: netip.MustParseAddr("192.168.0.3")})
+	testutil.Eventually(t, 30*time.Second, "ap refused against its pin", func() bool {
+		return strings.Contains(clusterStatus(m, "ap").LastError, "publishes pod CIDRs [10.0.0.0/8], but [10.3.0.0/16] were pinned")
+	})
+	if err := WriteClusterFile(dir, eu.pinnedFile(1, "10.1.0.0/16")); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 30*time.Second, "eu admitted despite ap's claim", func() bool {
+		e, ok := m.Snapshot().LookupIP(euPod)
+		return ok && e.Cluster == "eu" && clusterStatus(m, "eu").Ready
+	})
+	// What ap had before the refusal stays; nothing of its new claim came in.
+	if e, ok := m.Snapshot().LookupIP(apPod); !ok || e.Cluster != "ap" {
+		t.Errorf("ap's accepted endpoint is gone after the refusal: %+v %v", e, ok)
+	}
 }

@@ -1,6 +1,7 @@
 package clustermesh
 
 import (
+	"log/slog"
 	"net/netip"
 	"slices"
 	"testing"
@@ -226,7 +227,7 @@ func TestMergeServiceResolvesBackends(t *testing.T) {
 // A cluster whose ID changes has its backends merged again under the new
 // ID.
 func TestStateClusterIDReachesBackends(t *testing.T) {
-	st := newState("eu")
+	st := newState("eu", nil, slog.New(slog.DiscardHandler))
 	st.setCluster(v1.ClusterConfig{Name: "eu", ID: 1})
 	st.setCluster(v1.ClusterConfig{Name: "us", ID: 2})
 	st.upsertService("eu", svc("eu", true, true, v1.AffinityNone, backends(v1.BackendActive)))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sort"
 	"strings"
@@ -21,6 +22,9 @@ type Config struct {
 	LocalCluster string
 	// ConfigDir holds one <cluster>.yaml per cluster.
 	ConfigDir string
+	// LocalNodeIPs are this agent's own node's IPs: no remote cluster's
+	// node may claim them.
+	LocalNodeIPs []netip.Addr
 	// MaxConnectedClusters every cluster must advertise; 255 by default.
 	MaxConnectedClusters int
 	// PollInterval is how often ConfigDir is re-read; default 1s.
@@ -76,7 +80,7 @@ func New(cfg Config) (*Mesh, error) {
 	return &Mesh{
 		cfg:     cfg,
 		log:     cfg.Logger,
-		state:   newState(cfg.LocalCluster),
+		state:   newState(cfg.LocalCluster, cfg.LocalNodeIPs, cfg.Logger),
 		remotes: make(map[string]*remote),
 		files:   make(map[string]loadedFile),
 		claims:  make(map[string]v1.ClusterConfig),
@@ -125,6 +129,7 @@ func (m *Mesh) Run(ctx context.Context) error {
 // syncDir starts, restarts and stops remotes to match the directory.
 func (m *Mesh) syncDir(ctx context.Context) {
 	files, err := scanDir(m.cfg.ConfigDir)
+	checkPins(files, m.cfg.LocalCluster)
 	m.mu.Lock()
 	m.dirErr = err
 	if err != nil {
@@ -289,17 +294,22 @@ func (m *Mesh) Ready() bool {
 
 // ClusterStatus is one cluster as `trellis status` shows it.
 type ClusterStatus struct {
-	Name        string            `json:"name"`
-	Local       bool              `json:"local,omitempty"`
-	ClusterID   uint32            `json:"clusterID,omitempty"`
-	Region      string            `json:"region,omitempty"`
-	Connected   bool              `json:"connected"`
-	Ready       bool              `json:"ready"`
-	SyncedKinds []string          `json:"syncedKinds,omitempty"`
-	Entries     map[string]int    `json:"entries,omitempty"`
-	Rejected    map[string]uint64 `json:"rejected,omitempty"`
-	LastError   string            `json:"lastError,omitempty"`
-	LastErrorAt time.Time         `json:"lastErrorAt,omitzero"`
+	Name        string         `json:"name"`
+	Local       bool           `json:"local,omitempty"`
+	ClusterID   uint32         `json:"clusterID,omitempty"`
+	Region      string         `json:"region,omitempty"`
+	Connected   bool           `json:"connected"`
+	Ready       bool           `json:"ready"`
+	SyncedKinds []string       `json:"syncedKinds,omitempty"`
+	Entries     map[string]int `json:"entries,omitempty"`
+	// Rejected counts the entries the cluster published that failed
+	// validation, by reason, since the agent started.
+	Rejected map[string]uint64 `json:"rejected,omitempty"`
+	// Excluded counts the cluster's nodes that decoded but are kept out of
+	// the merged state now, by reason (a node IP another node holds).
+	Excluded    map[string]int `json:"excluded,omitempty"`
+	LastError   string         `json:"lastError,omitempty"`
+	LastErrorAt time.Time      `json:"lastErrorAt,omitzero"`
 }
 
 // ServiceStatus is one merged service as `trellis status` shows it.
@@ -341,8 +351,11 @@ func (m *Mesh) Status() Status {
 		}
 	}
 	m.mu.Unlock()
+	excluded := m.state.excludedNodes()
 	for _, r := range remotes {
-		st.Clusters = append(st.Clusters, r.status())
+		cs := r.status()
+		cs.Excluded = excluded[r.name]
+		st.Clusters = append(st.Clusters, cs)
 	}
 	st.Clusters = append(st.Clusters, broken...)
 	slices.SortFunc(st.Clusters, func(a, b ClusterStatus) int {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	nip "net/netip"
 	"os"
 	"path/filepath"
@@ -129,7 +130,8 @@ func (c *testCluster) clusterFile(t *testing.T, reader string) ClusterFile {
 	if err := json.Unmarshal([]byte(c.call(t, "POST", "/admin/v1/remotes/"+reader, "")), &creds); err != nil {
 		t.Fatal(err)
 	}
-	return ClusterFile{Name: c.name, Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM}
+	return ClusterFile{Name: c.name, ID: v1.ClusterID(c.id), PodCIDRs: []netip.Prefix{netip.MustParsePrefix(c.cidr)},
+		Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM}
 }
 
 // writer is an etcd client with the cluster's own writer certificate, to
@@ -139,14 +141,20 @@ func (c *testCluster) writer(t *testing.T) *clientv3.Client {
 }
 
 // etcdAs is an etcd client with one of the API server's local client
-// certificates (root or the writer).
+// certificates (root or the writer), on the etcd's internal listener
+// (<state-dir>/etcd.addr): the front door on the public port admits
+// remote readers only.
 func (c *testCluster) etcdAs(t *testing.T, user string) *clientv3.Client {
 	dir := filepath.Join(c.stateDir, "pki")
 	tlsCfg, err := kvstore.LoadClientTLS(filepath.Join(dir, pki.CACertFile), filepath.Join(dir, "clients", user+".crt"), filepath.Join(dir, "clients", user+".key"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{fmt.Sprintf("https://127.0.0.1:%d", c.etcdPort)}, TLS: tlsCfg, Logger: zap.NewNop()})
+	addr, err := os.ReadFile(filepath.Join(c.stateDir, "etcd.addr"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{strings.TrimSpace(string(addr))}, TLS: tlsCfg, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -334,17 +342,24 @@ func TestMeshThreeClusters(t *testing.T) {
 		t.Error("an endpoint claiming another cluster was merged")
 	}
 
-	// A cluster with an ID already in use is refused and says why.
+	// A cluster whose pinned ID is already in use is refused and says
+	// why; us, admitted before, keeps running.
 	dup := startCluster(t, "dup", 2, "10.9.0.0/16", "eu")
 	if err := WriteClusterFile(dir, dup.clusterFile(t, "eu")); err != nil {
 		t.Fatal(err)
 	}
 	testutil.Eventually(t, 30*time.Second, "conflict in status", func() bool {
-		return strings.Contains(clusterStatus(m, "dup").LastError, "cluster id 2 already used by us")
+		return strings.Contains(clusterStatus(m, "dup").LastError, "dup.yaml shares pinned cluster ID 2 with us")
 	})
+	if st := clusterStatus(m, "us"); !st.Ready {
+		t.Errorf("us lost its session to a conflicting file: %+v", st)
+	}
+	if err := RemoveClusterFile(dir, "dup"); err != nil {
+		t.Fatal(err)
+	}
 	// A cluster file with the wrong CA shows the TLS cause.
 	bad := dup.clusterFile(t, "eu")
-	bad.Name = "badca"
+	bad.Name, bad.ID, bad.PodCIDRs = "badca", 9, []nip.Prefix{nip.MustParsePrefix("10.99.0.0/16")}
 	bad.CA = us.clusterFile(t, "eu").CA
 	if err := WriteClusterFile(dir, bad); err != nil {
 		t.Fatal(err)

@@ -106,6 +106,12 @@ func (r *remote) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// Before anything is drained or admitted: a cluster that publishes
+	// other than its pin keeps what it had (last known state), gains
+	// nothing, and says why in status.
+	if err := r.file.checkPin(cfg); err != nil {
+		return err
+	}
 	r.mu.Lock()
 	prev := r.config
 	r.mu.Unlock()

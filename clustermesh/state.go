@@ -2,6 +2,7 @@ package clustermesh
 
 import (
 	"context"
+	"log/slog"
 	"maps"
 	"net/netip"
 	"sync"
@@ -18,8 +19,10 @@ import (
 // deltas fold into one copy, which keeps the cost per update small.
 type state struct {
 	local string
+	log   *slog.Logger
 
 	mu       sync.Mutex
+	underlay *underlay // every decoded node, and who holds which node IP
 	services map[string]map[ServiceName]v1.Service // cluster → name → published service
 	clusters map[string]clusterInfo
 	pending  pendingChanges
@@ -49,9 +52,13 @@ func (p *pendingChanges) reset() {
 	}
 }
 
-func newState(local string) *state {
+// newState is the merged state of an agent of cluster local whose own
+// node has localIPs.
+func newState(local string, localIPs []netip.Addr, log *slog.Logger) *state {
 	s := &state{
 		local:    local,
+		log:      log,
+		underlay: newUnderlay(local, localIPs),
 		services: make(map[string]map[ServiceName]v1.Service),
 		clusters: make(map[string]clusterInfo),
 		wake:     make(chan struct{}, 1),
@@ -79,21 +86,39 @@ func (s *state) changed() {
 func (s *state) upsertNode(cluster string, n v1.Node) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.pending.nodes[cluster] == nil {
-		s.pending.nodes[cluster] = make(map[string]*v1.Node)
-	}
-	s.pending.nodes[cluster][n.Name] = &n
-	s.changed()
+	s.applyNodesLocked(s.underlay.upsert(cluster, n))
 }
 
 func (s *state) deleteNode(cluster, name string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.pending.nodes[cluster] == nil {
-		s.pending.nodes[cluster] = make(map[string]*v1.Node)
+	s.applyNodesLocked(s.underlay.remove(cluster, name))
+}
+
+// applyNodesLocked records the underlay's verdicts as pending node
+// changes: an accepted node is upserted, any other removed from the next
+// snapshot.
+func (s *state) applyNodesLocked(verdicts []verdict) {
+	for _, v := range verdicts {
+		if s.pending.nodes[v.ref.cluster] == nil {
+			s.pending.nodes[v.ref.cluster] = make(map[string]*v1.Node)
+		}
+		s.pending.nodes[v.ref.cluster][v.ref.name] = v.node
+		if v.why != "" {
+			s.log.Warn("node kept out of the merged state", "node", v.ref.String(), "reason", v.why)
+		}
 	}
-	s.pending.nodes[cluster][name] = nil
-	s.changed()
+	if len(verdicts) > 0 {
+		s.changed()
+	}
+}
+
+// excludedNodes counts, per cluster and reason, the nodes kept out of the
+// merged state.
+func (s *state) excludedNodes() map[string]map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.underlay.excluded()
 }
 
 func (s *state) upsertEndpoint(cluster string, ep v1.Endpoint) {
@@ -163,6 +188,8 @@ func (s *state) drain(cluster string) {
 	delete(s.pending.ipcache, cluster)
 	s.pending.dropped[cluster] = true
 	s.changed()
+	// Node IPs the cluster held are free for claims it kept out.
+	s.applyNodesLocked(s.underlay.drop(cluster))
 }
 
 func (s *state) remergeAllLocked() {
@@ -305,30 +332,11 @@ func (s *state) subscribe() (<-chan struct{}, func()) {
 func (s *state) pruneNodes(cluster string, keep func(name string) bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for name := range s.currentNodesLocked(cluster) {
+	for _, name := range s.underlay.names(cluster) {
 		if !keep(name) {
-			if s.pending.nodes[cluster] == nil {
-				s.pending.nodes[cluster] = make(map[string]*v1.Node)
-			}
-			s.pending.nodes[cluster][name] = nil
-			s.changed()
+			s.applyNodesLocked(s.underlay.remove(cluster, name))
 		}
 	}
-}
-
-// currentNodesLocked is the cluster's node set as the next snapshot will
-// see it before pruning.
-func (s *state) currentNodesLocked(cluster string) map[string]bool {
-	out := make(map[string]bool)
-	if !s.pending.dropped[cluster] {
-		for name := range s.snap.Load().Nodes[cluster] {
-			out[name] = true
-		}
-	}
-	for name, n := range s.pending.nodes[cluster] {
-		out[name] = n != nil
-	}
-	return out
 }
 
 // pruneEndpoints deletes the cluster's endpoints for which keep is false.

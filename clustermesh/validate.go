@@ -8,10 +8,28 @@ import (
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
-// Rejection reasons beyond v1.Reason's.
+// Rejection reasons beyond v1.Reason's. The first four are decided entry
+// by entry as values arrive (validator); the last two by comparing a
+// node with every other cluster's (state), since no single entry shows
+// them.
 const (
+	// ReasonForeignIdentity: an identity without the cluster's ID bits.
 	ReasonForeignIdentity = "foreign-identity"
+	// ReasonOutsidePodCIDRs: an address or a node pod CIDR not wholly
+	// inside the cluster's pinned pod CIDRs.
 	ReasonOutsidePodCIDRs = "outside-pod-cidrs"
+	// ReasonBadUnderlay: a node IP (or an endpoint's node IP) that is not
+	// an address other machines reach: loopback, link-local, multicast,
+	// unspecified.
+	ReasonBadUnderlay = "bad-underlay"
+	// ReasonBadFrontend: a service frontend that is not a reachable
+	// unicast address, or lies inside the cluster's pod CIDRs.
+	ReasonBadFrontend = "bad-frontend"
+	// ReasonLocalNodeIP: a remote node claiming this agent's own node IP.
+	ReasonLocalNodeIP = "local-node-ip"
+	// ReasonUnderlayConflict: a node claiming an IP another node of the
+	// mesh already holds.
+	ReasonUnderlayConflict = "underlay-conflict"
 )
 
 // errHijack marks an entry that is well formed but claims something that
@@ -32,8 +50,10 @@ func reason(err error) string {
 	return v1.Reason(err)
 }
 
-// validator holds what a cluster's entries are checked against: the
-// cluster-config it published when the session started.
+// validator holds what a cluster's entries are checked against: its
+// cluster-config, which equals what its cluster file pinned at connect
+// time (a session starts only when it does), so a cluster can never widen
+// what it may claim.
 type validator struct {
 	cfg v1.ClusterConfig
 }
@@ -43,6 +63,20 @@ func (v validator) inPodCIDRs(what string, ip netip.Addr) error {
 		return nil
 	}
 	return &errHijack{ReasonOutsidePodCIDRs, fmt.Sprintf("%s %s is outside cluster %s's pod CIDRs %v", what, ip, v.cfg.Name, v.cfg.PodCIDRs)}
+}
+
+func (v validator) ownPrefix(what string, p netip.Prefix) error {
+	if v.cfg.ContainsPrefix(p) {
+		return nil
+	}
+	return &errHijack{ReasonOutsidePodCIDRs, fmt.Sprintf("%s %s is not inside cluster %s's pod CIDRs %v", what, p, v.cfg.Name, v.cfg.PodCIDRs)}
+}
+
+func (v validator) reachable(reason, what string, ip netip.Addr) error {
+	if err := v1.CheckReachable(ip); err != nil {
+		return &errHijack{reason, fmt.Sprintf("%s: %v", what, err)}
+	}
+	return nil
 }
 
 func (v validator) ownIdentity(what string, id v1.NumericIdentity) error {
@@ -58,7 +92,12 @@ func (v validator) node(key string, data []byte) (v1.Node, error) {
 		return n, err
 	}
 	for _, p := range n.PodCIDRs {
-		if err := v.inPodCIDRs("node "+n.Name+" pod CIDR", p.Addr()); err != nil {
+		if err := v.ownPrefix("node "+n.Name+" pod CIDR", p); err != nil {
+			return n, err
+		}
+	}
+	for _, ip := range n.IPs {
+		if err := v.reachable(ReasonBadUnderlay, "node "+n.Name+" IP", ip); err != nil {
 			return n, err
 		}
 	}
@@ -71,6 +110,9 @@ func (v validator) endpoint(key string, data []byte) (v1.Endpoint, error) {
 		return ep, err
 	}
 	if err := v.inPodCIDRs("endpoint", ep.IP); err != nil {
+		return ep, err
+	}
+	if err := v.reachable(ReasonBadUnderlay, "endpoint "+ep.IP.String()+" node IP", ep.NodeIP); err != nil {
 		return ep, err
 	}
 	return ep, v.ownIdentity("endpoint "+ep.IP.String(), ep.Identity)
@@ -89,9 +131,21 @@ func (v validator) service(key string, data []byte) (v1.Service, error) {
 	if err != nil {
 		return svc, err
 	}
+	name := svc.Namespace + "/" + svc.Name
 	for _, b := range svc.Backends {
-		if err := v.inPodCIDRs("service "+svc.Namespace+"/"+svc.Name+" backend", b.IP); err != nil {
+		if err := v.inPodCIDRs("service "+name+" backend", b.IP); err != nil {
 			return svc, err
+		}
+	}
+	// The merge serves a service at the local cluster's frontends only,
+	// but a remote's are still checked: a frontend that is a pod IP or
+	// not reachable says the entry is not what it claims to be.
+	for _, ip := range svc.FrontendIPs {
+		if err := v.reachable(ReasonBadFrontend, "service "+name+" frontend", ip); err != nil {
+			return svc, err
+		}
+		if v.cfg.Contains(ip) {
+			return svc, &errHijack{ReasonBadFrontend, fmt.Sprintf("service %s frontend %s is inside cluster %s's pod CIDRs %v", name, ip, v.cfg.Name, v.cfg.PodCIDRs)}
 		}
 	}
 	return svc, nil

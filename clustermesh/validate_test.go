@@ -13,8 +13,7 @@ import (
 // The agent-side checks of what a remote cluster publishes, as pure
 // functions: each decoder of validator gets entries that are fine, outside
 // the cluster's pod CIDRs, with another cluster's identity bits, or whose
-// key and body disagree. These tests document what is accepted today; they
-// do not change it.
+// key and body disagree, or that claim more than the cluster owns.
 
 // euConfig is the cluster-config the validator checks eu's entries
 // against: cluster ID 1, pod CIDRs 10.1.0.0/16 and fd01::/48.
@@ -88,24 +87,42 @@ func TestValidatorNode(t *testing.T) {
 	}
 }
 
-// TestValidatorNodeCIDRFirstAddressOnly documents a gap: a node's pod CIDR
-// is checked by its first address only, so a node of a cluster whose pod
-// CIDR is 10.0.0.0/16 may claim 10.0.0.0/8, which covers every other
-// cluster's 10.x range. The agent accepts it today; the hardening issue
-// should require each node CIDR to lie inside one of the cluster's.
-func TestValidatorNodeCIDRFirstAddressOnly(t *testing.T) {
+// A node's pod CIDR must lie wholly inside the cluster's: a node of a
+// cluster whose pod CIDR is 10.0.0.0/16 claiming 10.0.0.0/8 (which starts
+// inside it and covers every other cluster's 10.x range) was accepted when
+// only the first address was checked, and a third cluster's tunnel then
+// routed other clusters' pods to it.
+func TestValidatorNodeCIDRWhollyInside(t *testing.T) {
 	cfg := euConfig
 	cfg.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/16"), netip.MustParsePrefix("fd01::/48")}
 	val := validator{cfg: cfg}
-	for _, wide := range []string{"10.0.0.0/8", "fd01::/16"} {
+	for _, wide := range []string{"10.0.0.0/15", "10.0.0.0/8", "fd01::/16", "8.0.0.0/5"} {
 		_, err := val.node(v1.NodeKey("eu", "n1"), encode(t, euNode("n1", wide)))
-		if err != nil {
-			t.Errorf("node pod CIDR %s: %v; the gap this test documents is closed: make it expect %s", wide, err, ReasonOutsidePodCIDRs)
+		checkVerdict(t, err, ReasonOutsidePodCIDRs, wide)
+	}
+	for _, inside := range []string{"10.0.0.0/16", "10.0.255.0/24", "fd01:0:0:7::/64"} {
+		if _, err := val.node(v1.NodeKey("eu", "n1"), encode(t, euNode("n1", inside))); err != nil {
+			t.Errorf("node pod CIDR %s: %v", inside, err)
 		}
 	}
-	// A wider CIDR that does not start inside is caught.
-	_, err := val.node(v1.NodeKey("eu", "n1"), encode(t, euNode("n1", "8.0.0.0/5")))
-	checkVerdict(t, err, ReasonOutsidePodCIDRs, "8.0.0.0")
+}
+
+// Node IPs are the tunnels' underlay: one that is not an address other
+// machines reach would point a reader's tunnel at itself or its segment.
+func TestValidatorNodeUnderlay(t *testing.T) {
+	val := validator{cfg: euConfig}
+	// (Multicast and unspecified addresses do not even decode: api/v1's
+	// own tests cover them.)
+	for _, ip := range []string{"127.0.0.1", "169.254.169.254", "::1", "fe80::1"} {
+		n := euNode("n1", "10.1.1.0/24")
+		n.IPs = []netip.Addr{netip.MustParseAddr("192.168.100.101"), netip.MustParseAddr(ip)}
+		_, err := val.node(v1.NodeKey("eu", "n1"), encode(t, n))
+		checkVerdict(t, err, ReasonBadUnderlay, ip)
+	}
+	ep := euEndpoint("10.1.1.10", v1.MakeIdentity(1, 100))
+	ep.NodeIP = netip.MustParseAddr("127.0.0.1")
+	_, err := val.endpoint(v1.EndpointKey("eu", ep.IP), encode(t, ep))
+	checkVerdict(t, err, ReasonBadUnderlay, "127.0.0.1")
 }
 
 func euEndpoint(ip string, id v1.NumericIdentity) v1.Endpoint {
@@ -191,20 +208,25 @@ func TestValidatorService(t *testing.T) {
 		reason  string
 		mention string
 	}{
-		// The frontend 10.96.1.10 is outside the pod CIDRs: frontends are
-		// not checked, as the merge takes them from the local cluster's
-		// service only.
 		{"fine", entry{key, encode(t, euService("default", "echo", "10.1.1.10", "fd01::a"))}, "", ""},
 		{"fine without backends", entry{key, encode(t, euService("default", "echo"))}, "", ""},
 		{"one backend outside", entry{key, encode(t, euService("default", "echo", "10.1.1.10", "10.2.1.10"))}, ReasonOutsidePodCIDRs, "service default/echo backend 10.2.1.10"},
 		{"namespace differs from key", entry{key, encode(t, euService("other", "echo", "10.1.1.10"))}, "key-mismatch", ""},
 		{"name differs from key", entry{key, encode(t, euService("default", "web", "10.1.1.10"))}, "key-mismatch", ""},
+		{"loopback frontend", entry{key, encode(t, withFrontend(euService("default", "echo", "10.1.1.10"), "127.0.0.1"))}, ReasonBadFrontend, "127.0.0.1"},
+		{"link-local frontend", entry{key, encode(t, withFrontend(euService("default", "echo"), "169.254.169.254"))}, ReasonBadFrontend, "169.254.169.254"},
+		{"frontend is a pod IP", entry{key, encode(t, withFrontend(euService("default", "echo"), "10.1.1.10"))}, ReasonBadFrontend, "10.1.1.10"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := val.service(tc.e.key, tc.e.data)
 			checkVerdict(t, err, tc.reason, tc.mention)
 		})
 	}
+}
+
+func withFrontend(svc v1.Service, ip string) v1.Service {
+	svc.FrontendIPs = []netip.Addr{netip.MustParseAddr(ip)}
+	return svc
 }
 
 // TestReason checks the labels rejected entries are counted under: the

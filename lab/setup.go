@@ -58,13 +58,10 @@ func (l *lab) connect(ctx context.Context) error {
 	first := l.lay.clusters[0]
 	if len(l.lay.clusters) == 1 {
 		peer := &clustermesh.StateDirPeer{Dir: first.stateDir, Client: httpIn(first.ns, 30*time.Second)}
-		creds, err := peer.Issue(ctx, first.Name)
-		if err != nil {
-			return fmt.Errorf("lab: issue %s's own credentials: %w", first.Name, err)
+		if err := clustermesh.ConnectSelf(ctx, peer); err != nil {
+			return fmt.Errorf("lab: %s's own cluster file: %w", first.Name, err)
 		}
-		return peer.WriteClusterFile(ctx, clustermesh.ClusterFile{
-			Name: first.Name, Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM,
-		})
+		return nil
 	}
 	argv := []string{l.opts.Binary, "connect", "--mesh"}
 	for _, c := range l.lay.clusters {

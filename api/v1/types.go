@@ -277,6 +277,18 @@ func (c *ClusterConfig) Contains(ip netip.Addr) bool {
 	return false
 }
 
+// ContainsPrefix reports whether p lies wholly inside one of c's pod
+// CIDRs: the test for a node's pod CIDR, which must not claim a single
+// address beyond its cluster's ranges.
+func (c *ClusterConfig) ContainsPrefix(p netip.Prefix) bool {
+	for _, q := range c.PodCIDRs {
+		if q.Bits() <= p.Bits() && q.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
+}
+
 // PrefixesOverlap returns the first pair (x from a, y from b) that overlap,
 // and whether there is one. Use it to refuse connecting clusters whose pod
 // CIDRs collide. It is quadratic; the lists are short.

@@ -2,6 +2,7 @@ package v1
 
 import (
 	"encoding/base64"
+	"fmt"
 	"net"
 	"net/netip"
 	"strconv"
@@ -563,4 +564,25 @@ func isLabelKey(s string) bool {
 		return isDNS1123Subdomain(prefix) && isLabelName(name)
 	}
 	return isLabelName(s)
+}
+
+// CheckReachable says why a is not an address machines of other clusters
+// can reach a node or a service at, or returns nil; the error matches
+// ErrInvalid. It is stricter than what a value must be to decode: a node IP
+// (the tunnels' underlay) or a service frontend that is loopback,
+// link-local, multicast, unspecified or broadcast would point a reader's
+// traffic at itself or at its own segment, so agents refuse such entries
+// from remote clusters and writers refuse to publish them.
+func CheckReachable(a netip.Addr) error {
+	msg := checkUnicast(a)
+	switch {
+	case msg != "":
+	case a.IsLoopback():
+		msg = "loopback; want an address other machines reach"
+	case a.IsLinkLocalUnicast():
+		msg = "link-local; want an address other machines reach"
+	default:
+		return nil
+	}
+	return fmt.Errorf("address %s: %s: %w", a, msg, ErrInvalid)
 }

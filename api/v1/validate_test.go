@@ -362,3 +362,31 @@ func TestIdentityValidateIsDeterministic(t *testing.T) {
 		t.Errorf("Validate() = %q, want it to report the smallest bad key", want)
 	}
 }
+
+func TestContainsPrefix(t *testing.T) {
+	c := ClusterConfig{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16"), netip.MustParsePrefix("fd01::/48")}}
+	for p, want := range map[string]bool{
+		"10.1.0.0/16": true, "10.1.7.0/24": true, "10.1.7.9/32": true, "fd01:0:0:1::/64": true,
+		"10.0.0.0/15": false, "10.0.0.0/8": false, "10.2.0.0/24": false, "fd01::/16": false, "fd02::/64": false,
+	} {
+		if got := c.ContainsPrefix(netip.MustParsePrefix(p)); got != want {
+			t.Errorf("ContainsPrefix(%s) = %v, want %v", p, got, want)
+		}
+	}
+}
+
+func TestCheckReachable(t *testing.T) {
+	for a, ok := range map[string]bool{
+		"192.168.100.101": true, "10.0.0.1": true, "203.0.113.9": true, "2001:db8::1": true, "fd00::1": true,
+		"127.0.0.1": false, "127.1.2.3": false, "::1": false, "169.254.169.254": false, "fe80::1": false,
+		"224.0.0.1": false, "ff02::1": false, "0.0.0.0": false, "::": false, "255.255.255.255": false, "::ffff:10.0.0.1": false,
+	} {
+		err := CheckReachable(netip.MustParseAddr(a))
+		if (err == nil) != ok {
+			t.Errorf("CheckReachable(%s) = %v, want ok=%v", a, err, ok)
+		}
+		if err != nil && (!errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), a)) {
+			t.Errorf("CheckReachable(%s) = %v: want an ErrInvalid naming the address", a, err)
+		}
+	}
+}

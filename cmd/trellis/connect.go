@@ -22,9 +22,15 @@ cluster file (in <state-dir>/clusters) for every other cluster and for their
 own. Two clusters are joined both ways; with --mesh, every pair of the
 clusters given.
 
-It refuses, and changes nothing, when clusters share an ID, their pod CIDRs
-overlap, an etcd endpoint is unreachable, or their CAs differ (unless
---allow-mismatching-ca, which trusts a bundle of all the CAs).`,
+Every cluster keeps its own CAs: the cluster file it writes for a reader
+carries the target's server CA, and the certificate in it is signed by the
+target's own client CA, which never leaves the target. The file also pins
+the target's cluster ID and pod CIDRs: agents refuse a cluster whose
+published config later says otherwise.
+
+It refuses, and changes nothing, when clusters share an ID or their pod
+CIDRs overlap (also with a cluster one of them is already connected to),
+or an etcd endpoint is unreachable.`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 2 && !mesh {
@@ -34,7 +40,7 @@ overlap, an etcd endpoint is unreachable, or their CAs differ (unless
 			for i, dir := range args {
 				peers[i] = &clustermesh.StateDirPeer{Dir: dir}
 			}
-			if err := clustermesh.ConnectMesh(cmd.Context(), peers, clustermesh.ConnectOptions{AllowMismatchingCA: allowCA}); err != nil {
+			if err := clustermesh.ConnectMesh(cmd.Context(), peers, clustermesh.ConnectOptions{}); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "connected %d clusters; their agents pick up the new cluster files within a second\n", len(args))
@@ -42,7 +48,10 @@ overlap, an etcd endpoint is unreachable, or their CAs differ (unless
 		},
 	}
 	cmd.Flags().BoolVar(&mesh, "mesh", false, "connect every pair of the clusters given")
-	cmd.Flags().BoolVar(&allowCA, "allow-mismatching-ca", false, "join clusters whose API servers use different CAs")
+	// Kept so scripts that pass it still run: CAs are exchanged at connect
+	// now, so mismatching CAs are the normal case.
+	cmd.Flags().BoolVar(&allowCA, "allow-mismatching-ca", false, "no effect: every cluster keeps its own CAs, exchanged at connect")
+	cmd.Flags().MarkDeprecated("allow-mismatching-ca", "every cluster keeps its own CAs now and connect exchanges them; the flag has no effect")
 	return cmd
 }
 

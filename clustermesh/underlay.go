@@ -1,0 +1,203 @@
+package clustermesh
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+)
+
+// Underlay arbitration: which node may use which node IP.
+//
+// A node's pod CIDRs are settled entry by entry (each must lie inside its
+// cluster's pinned CIDRs, and pins are disjoint), but its IPs, the
+// tunnels' underlay, belong to no pinned range: a compromised cluster can
+// publish a node with another cluster's node IP, or with this very node's.
+// The tunnel refuses two nodes with one IP, and used to keep whichever
+// name sorted first, so such a claim could take a legitimate node out of
+// every other cluster's tunnels.
+//
+// The rules, applied as nodes arrive:
+//   - a remote cluster's node may never claim an IP of this agent's own
+//     node (ReasonLocalNodeIP);
+//   - an IP held by an accepted node stays with it: a later claim by any
+//     other node, of any cluster (the local one included), is excluded
+//     (ReasonUnderlayConflict), whatever the names;
+//   - when a holder goes (deleted, changed, its cluster drained), the
+//     excluded claims are tried again in cluster and node name order.
+//
+// So what was accepted before stays untouched, and a conflict is never
+// settled by name order. The local cluster gets no precedence on purpose:
+// if it did, a compromised cluster's own agents would drop another
+// cluster's node for a rogue claim of its IP. What is left to a
+// compromised cluster: when its claim and the real owner's arrive
+// together (an agent restart), the first one delivered wins. It gains no
+// traffic by that (a node's pod CIDRs are its own cluster's), but the real
+// owner's node may be unreachable from that agent until the rogue claim
+// goes; status shows the conflict.
+
+// nodeRef names a node of the mesh.
+type nodeRef struct {
+	cluster, name string
+}
+
+func (r nodeRef) String() string { return r.cluster + "/" + r.name }
+
+// nodeClaim is a node as its cluster published it, and why it is kept out
+// of the merged state ("" when it is in).
+type nodeClaim struct {
+	node     v1.Node
+	excluded string
+}
+
+// underlay holds every decoded node and who holds each node IP. Guarded by
+// state.mu.
+type underlay struct {
+	local    string
+	localIPs map[netip.Addr]bool
+	claims   map[string]map[string]*nodeClaim // cluster → name
+	owners   map[netip.Addr]nodeRef
+}
+
+func newUnderlay(local string, localIPs []netip.Addr) *underlay {
+	u := &underlay{
+		local:    local,
+		localIPs: make(map[netip.Addr]bool, len(localIPs)),
+		claims:   make(map[string]map[string]*nodeClaim),
+		owners:   make(map[netip.Addr]nodeRef),
+	}
+	for _, ip := range localIPs {
+		u.localIPs[ip] = true
+	}
+	return u
+}
+
+// verdict is the outcome for one node: in the merged state (node set) or
+// out of it (node nil).
+type verdict struct {
+	ref  nodeRef
+	node *v1.Node
+	// why a node is out, for the log; "" for a node that was deleted.
+	why string
+}
+
+// upsert records cluster's node n and returns the nodes whose place in
+// the merged state changed (n and any node a change of n freed).
+func (u *underlay) upsert(cluster string, n v1.Node) []verdict {
+	ref := nodeRef{cluster, n.Name}
+	u.release(ref)
+	if u.claims[cluster] == nil {
+		u.claims[cluster] = make(map[string]*nodeClaim)
+	}
+	u.claims[cluster][n.Name] = &nodeClaim{node: n}
+	out := u.admit(ref)
+	return append(out, u.retry()...)
+}
+
+// remove forgets cluster's node name.
+func (u *underlay) remove(cluster, name string) []verdict {
+	ref := nodeRef{cluster, name}
+	u.release(ref)
+	delete(u.claims[cluster], name)
+	out := []verdict{{ref: ref}}
+	return append(out, u.retry()...)
+}
+
+// drop forgets every node of cluster (it was drained).
+func (u *underlay) drop(cluster string) []verdict {
+	for name := range u.claims[cluster] {
+		u.release(nodeRef{cluster, name})
+	}
+	delete(u.claims, cluster)
+	return u.retry()
+}
+
+// names lists cluster's nodes, accepted or not.
+func (u *underlay) names(cluster string) []string {
+	return slices.Collect(maps.Keys(u.claims[cluster]))
+}
+
+// release gives up the IPs ref holds.
+func (u *underlay) release(ref nodeRef) {
+	c := u.claims[ref.cluster][ref.name]
+	if c == nil || c.excluded != "" {
+		return
+	}
+	for _, ip := range c.node.IPs {
+		if u.owners[ip] == ref {
+			delete(u.owners, ip)
+		}
+	}
+}
+
+// admit decides for ref's claim, which holds no IP yet.
+func (u *underlay) admit(ref nodeRef) []verdict {
+	c := u.claims[ref.cluster][ref.name]
+	for _, ip := range c.node.IPs {
+		if ref.cluster != u.local && u.localIPs[ip] {
+			return []verdict{u.exclude(ref, ReasonLocalNodeIP, fmt.Sprintf("node IP %s is this agent's own node's", ip))}
+		}
+		if holder, held := u.owners[ip]; held && holder != ref {
+			return []verdict{u.exclude(ref, ReasonUnderlayConflict, fmt.Sprintf("node IP %s is held by node %s", ip, holder))}
+		}
+	}
+	for _, ip := range c.node.IPs {
+		u.owners[ip] = ref
+	}
+	c.excluded = ""
+	n := c.node
+	return []verdict{{ref: ref, node: &n}}
+}
+
+func (u *underlay) exclude(ref nodeRef, reason, why string) verdict {
+	u.claims[ref.cluster][ref.name].excluded = reason
+	return verdict{ref: ref, why: reason + ": " + why}
+}
+
+// retry admits excluded claims whose conflict is gone, in a fixed order.
+func (u *underlay) retry() []verdict {
+	var out []verdict
+	for _, cluster := range slices.Sorted(maps.Keys(u.claims)) {
+		for _, name := range slices.Sorted(maps.Keys(u.claims[cluster])) {
+			c := u.claims[cluster][name]
+			if c.excluded == "" || !u.free(nodeRef{cluster, name}) {
+				continue
+			}
+			out = append(out, u.admit(nodeRef{cluster, name})...)
+		}
+	}
+	return out
+}
+
+// free reports whether ref's claim would now be admitted.
+func (u *underlay) free(ref nodeRef) bool {
+	for _, ip := range u.claims[ref.cluster][ref.name].node.IPs {
+		if ref.cluster != u.local && u.localIPs[ip] {
+			return false
+		}
+		if holder, held := u.owners[ip]; held && holder != ref {
+			return false
+		}
+	}
+	return true
+}
+
+// excluded counts, per cluster, the nodes kept out of the merged state by
+// reason.
+func (u *underlay) excluded() map[string]map[string]int {
+	out := make(map[string]map[string]int)
+	for cluster, claims := range u.claims {
+		for _, c := range claims {
+			if c.excluded == "" {
+				continue
+			}
+			if out[cluster] == nil {
+				out[cluster] = make(map[string]int)
+			}
+			out[cluster][c.excluded]++
+		}
+	}
+	return out
+}
