@@ -25,6 +25,10 @@ import (
 //   - an IP held by an accepted node stays with it: a later claim by any
 //     other node, of any cluster (the local one included), is excluded
 //     (ReasonUnderlayConflict), whatever the names;
+//   - likewise a pod CIDR: a node whose range overlaps one an accepted
+//     node of its cluster holds is excluded (ReasonPodCIDRConflict);
+//     across clusters ranges cannot overlap, each being inside its
+//     cluster's pin;
 //   - when a holder goes (deleted, changed, its cluster drained), the
 //     excluded claims are tried again in cluster and node name order.
 //
@@ -135,13 +139,8 @@ func (u *underlay) release(ref nodeRef) {
 // admit decides for ref's claim, which holds no IP yet.
 func (u *underlay) admit(ref nodeRef) []verdict {
 	c := u.claims[ref.cluster][ref.name]
-	for _, ip := range c.node.IPs {
-		if ref.cluster != u.local && u.localIPs[ip] {
-			return []verdict{u.exclude(ref, ReasonLocalNodeIP, fmt.Sprintf("node IP %s is this agent's own node's", ip))}
-		}
-		if holder, held := u.owners[ip]; held && holder != ref {
-			return []verdict{u.exclude(ref, ReasonUnderlayConflict, fmt.Sprintf("node IP %s is held by node %s", ip, holder))}
-		}
+	if reason, why := u.conflict(ref); reason != "" {
+		return []verdict{u.exclude(ref, reason, why)}
 	}
 	for _, ip := range c.node.IPs {
 		u.owners[ip] = ref
@@ -149,6 +148,32 @@ func (u *underlay) admit(ref nodeRef) []verdict {
 	c.excluded = ""
 	n := c.node
 	return []verdict{{ref: ref, node: &n}}
+}
+
+// conflict says why ref's claim cannot be admitted now, or "".
+func (u *underlay) conflict(ref nodeRef) (reason, why string) {
+	c := u.claims[ref.cluster][ref.name]
+	for _, ip := range c.node.IPs {
+		if ref.cluster != u.local && u.localIPs[ip] {
+			return ReasonLocalNodeIP, fmt.Sprintf("node IP %s is this agent's own node's", ip)
+		}
+		if holder, held := u.owners[ip]; held && holder != ref {
+			return ReasonUnderlayConflict, fmt.Sprintf("node IP %s is held by node %s", ip, holder)
+		}
+	}
+	// Pod CIDRs of different clusters cannot overlap (each lies inside its
+	// cluster's pin, and pins are disjoint); within one cluster the node
+	// that holds a range keeps it, as with IPs, so the tunnel never has
+	// to choose.
+	for name, other := range u.claims[ref.cluster] {
+		if name == ref.name || other.excluded != "" {
+			continue
+		}
+		if a, b, ok := v1.PrefixesOverlap(c.node.PodCIDRs, other.node.PodCIDRs); ok {
+			return ReasonPodCIDRConflict, fmt.Sprintf("pod CIDR %s overlaps %s of node %s", a, b, nodeRef{ref.cluster, name})
+		}
+	}
+	return "", ""
 }
 
 func (u *underlay) exclude(ref nodeRef, reason, why string) verdict {
@@ -173,15 +198,8 @@ func (u *underlay) retry() []verdict {
 
 // free reports whether ref's claim would now be admitted.
 func (u *underlay) free(ref nodeRef) bool {
-	for _, ip := range u.claims[ref.cluster][ref.name].node.IPs {
-		if ref.cluster != u.local && u.localIPs[ip] {
-			return false
-		}
-		if holder, held := u.owners[ip]; held && holder != ref {
-			return false
-		}
-	}
-	return true
+	reason, _ := u.conflict(ref)
+	return reason == ""
 }
 
 // excluded counts, per cluster, the nodes kept out of the merged state by

@@ -126,3 +126,19 @@ func TestUnderlayWithinCluster(t *testing.T) {
 	wantAccepted(t, s, "us/n1")
 	wantExcluded(t, s, map[string]map[string]int{"us": {ReasonUnderlayConflict: 1}})
 }
+
+// Within a cluster the node holding a pod CIDR keeps it; the overlapping
+// newcomer comes in once the range is free.
+func TestUnderlayPodCIDRConflict(t *testing.T) {
+	s := newTestState()
+	n1 := ulNode("us", "n1", "192.168.100.111")
+	n1.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.2.1.0/24")}
+	greedy := ulNode("us", "a-greedy", "192.168.100.119")
+	greedy.PodCIDRs = []netip.Prefix{netip.MustParsePrefix("10.2.0.0/20")}
+	s.upsertNode("us", n1)
+	s.upsertNode("us", greedy)
+	wantAccepted(t, s, "us/n1")
+	wantExcluded(t, s, map[string]map[string]int{"us": {ReasonPodCIDRConflict: 1}})
+	s.deleteNode("us", "n1")
+	wantAccepted(t, s, "us/a-greedy")
+}

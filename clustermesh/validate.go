@@ -9,8 +9,8 @@ import (
 )
 
 // Rejection reasons beyond v1.Reason's. The first four are decided entry
-// by entry as values arrive (validator); the last two by comparing a
-// node with every other cluster's (state), since no single entry shows
+// by entry as values arrive (validator); the last three by comparing a
+// node with the mesh's other nodes (state), since no single entry shows
 // them.
 const (
 	// ReasonForeignIdentity: an identity without the cluster's ID bits.
@@ -30,6 +30,9 @@ const (
 	// ReasonUnderlayConflict: a node claiming an IP another node of the
 	// mesh already holds.
 	ReasonUnderlayConflict = "underlay-conflict"
+	// ReasonPodCIDRConflict: a node whose pod CIDR overlaps one another
+	// node of its cluster already holds.
+	ReasonPodCIDRConflict = "pod-cidr-conflict"
 )
 
 // errHijack marks an entry that is well formed but claims something that
