@@ -43,7 +43,8 @@ type Config struct {
 	EtcdCAFile    string   `json:"etcdCAFile,omitempty"`
 	EtcdCertFile  string   `json:"etcdCertFile,omitempty"`
 	EtcdKeyFile   string   `json:"etcdKeyFile,omitempty"`
-	// EtcdListen is host:port of the embedded etcd's client (TLS) listener.
+	// EtcdListen is host:port of the etcd front door, which remote
+	// clusters dial (embedded etcd only; etcd itself listens on loopback).
 	EtcdListen string `json:"etcdListen,omitempty"`
 	// AdvertiseAddress is the address remote clusters dial for etcd; the
 	// EtcdListen host when empty (and that host must then not be a

@@ -27,15 +27,23 @@ import (
 
 // apiServerProcess is `trellis apiserver` run as a real process.
 type apiServerProcess struct {
-	bin, stateDir, httpURL string
-	etcdPort, httpPort     int
-	proc                   *testutil.Process
+	bin, name, stateDir, httpURL string
+	id, etcdPort, httpPort       int
+	proc                         *testutil.Process
+}
+
+// newAPIServerProcess describes API server name (cluster ID id, pod CIDR
+// 10.<id>.0.0/16) with a fresh state dir and free ports; start runs it.
+func newAPIServerProcess(t *testing.T, bin, name string, id int) *apiServerProcess {
+	a := &apiServerProcess{bin: bin, name: name, id: id, stateDir: t.TempDir(), etcdPort: testutil.FreePort(t), httpPort: testutil.FreePort(t)}
+	a.httpURL = fmt.Sprintf("http://127.0.0.1:%d", a.httpPort)
+	return a
 }
 
 func (a *apiServerProcess) start(t *testing.T) {
 	t.Helper()
 	a.proc = testutil.Start(t, a.bin, "apiserver",
-		"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--region", "eu",
+		"--cluster-name", a.name, "--cluster-id", fmt.Sprint(a.id), "--pod-cidrs", fmt.Sprintf("10.%d.0.0/16", a.id), "--region", a.name,
 		"--state-dir", a.stateDir,
 		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", a.etcdPort),
 		"--http-listen", fmt.Sprintf("127.0.0.1:%d", a.httpPort),
@@ -129,8 +137,7 @@ func TestAPIServerProcess(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts the trellis binary; skipped in -short")
 	}
-	a := &apiServerProcess{bin: testutil.BuildTrellis(t), stateDir: t.TempDir(), etcdPort: testutil.FreePort(t), httpPort: testutil.FreePort(t)}
-	a.httpURL = fmt.Sprintf("http://127.0.0.1:%d", a.httpPort)
+	a := newAPIServerProcess(t, testutil.BuildTrellis(t), "eu", 1)
 	a.start(t)
 
 	a.mustCall(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.1.0/24"]}`)

@@ -3,6 +3,7 @@ package apiserver
 import (
 	"crypto/subtle"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
@@ -11,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
 )
 
 // RemoteCertValidity is how long a remote cluster's client certificate lasts.
@@ -59,8 +59,11 @@ func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {
 	json.NewEncoder(w).Encode(info)
 }
 
-// handleIssueRemote mints a client certificate for a remote cluster and
-// makes sure its read-only etcd user exists.
+// errExternalEtcd: remote clusters' credentials are the operator's to
+// manage when etcd is external (there is no front door to enforce them).
+var errExternalEtcd = errors.New("remote clusters' credentials are managed only with the embedded etcd; with --etcd-endpoints use your etcd's own tools")
+
+// handleIssueRemote mints a client certificate for a remote cluster.
 func (s *Server) handleIssueRemote(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
 	if err := v1.ValidateClusterName(name); err != nil {
@@ -69,7 +72,7 @@ func (s *Server) handleIssueRemote(w http.ResponseWriter, r *http.Request) {
 	}
 	// The cluster's own name is allowed: its agents read their own cluster
 	// through the same read-only path as everyone else's.
-	creds, err := s.IssueRemote(r, name)
+	creds, err := s.IssueRemote(r.Context(), name)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
 		return
@@ -78,37 +81,21 @@ func (s *Server) handleIssueRemote(w http.ResponseWriter, r *http.Request) {
 	json.NewEncoder(w).Encode(creds)
 }
 
+// handleRevokeRemote invalidates a remote cluster's certificate and cuts
+// its connections.
 func (s *Server) handleRevokeRemote(w http.ResponseWriter, r *http.Request) {
-	if s.admin == nil {
-		http.Error(w, "remote users are managed only with the embedded etcd", http.StatusConflict)
+	name := r.PathValue("name")
+	if err := v1.ValidateClusterName(name); err != nil {
+		http.Error(w, "remote cluster name: "+err.Error(), http.StatusBadRequest)
 		return
 	}
-	if err := etcdauth.RemoveRemoteUser(r.Context(), s.admin.Auth(), r.PathValue("name")); err != nil {
+	err := s.RevokeRemote(r.Context(), name)
+	switch {
+	case errors.Is(err, errExternalEtcd):
+		http.Error(w, err.Error(), http.StatusConflict)
+	case err != nil:
 		http.Error(w, err.Error(), http.StatusServiceUnavailable)
-		return
+	default:
+		w.WriteHeader(http.StatusNoContent)
 	}
-	w.WriteHeader(http.StatusNoContent)
-}
-
-// IssueRemote creates the etcd user of remote cluster name and returns its
-// credentials.
-func (s *Server) IssueRemote(r *http.Request, name string) (v1.RemoteCredentials, error) {
-	if s.admin == nil {
-		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: only possible with the embedded etcd; with --etcd-endpoints create the user and certificate with your etcd's own tools", name)
-	}
-	user, err := etcdauth.EnsureRemoteUser(r.Context(), s.admin.Auth(), name)
-	if err != nil {
-		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
-	}
-	certPEM, keyPEM, err := s.ca.IssueClient(user, RemoteCertValidity)
-	if err != nil {
-		return v1.RemoteCredentials{}, fmt.Errorf("issue credentials for %s: %w", name, err)
-	}
-	s.log.Info("issued remote cluster credentials", "remote", name, "user", user)
-	return v1.RemoteCredentials{
-		Cluster: s.cfg.ClusterName, ClusterID: v1.ClusterID(s.cfg.ClusterID),
-		Endpoints: []string{s.cfg.advertisedEtcdEndpoint()},
-		For:       name, User: user,
-		CAPEM: string(s.ca.CertPEM), CertPEM: string(certPEM), KeyPEM: string(keyPEM),
-	}, nil
 }

@@ -3,12 +3,15 @@ package apiserver
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +23,7 @@ import (
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/etcdauth"
+	"github.com/trellis-mesh/trellis/apiserver/frontdoor"
 	"github.com/trellis-mesh/trellis/apiserver/pki"
 	"github.com/trellis-mesh/trellis/apiserver/registry"
 	"github.com/trellis-mesh/trellis/apiserver/source"
@@ -38,18 +42,25 @@ type Server struct {
 	// tests use it to drive the server without a Kubernetes API.
 	NewSource func(sink source.Sink, ids source.IdentityAllocator) (runner, error)
 
-	ready   chan struct{} // closed once HTTP serves (Addr is valid)
-	mu      sync.Mutex
-	httpLn  net.Listener
-	etcd    *kvstore.Embedded
-	ca      *pki.CA
-	admin   *kvstore.Client
-	writer  *kvstore.Client
-	pub     *Publisher
-	srcUp   bool
-	pkiDir  string
-	token   string
-	metrics *prometheus.Registry
+	ready    chan struct{} // closed once HTTP serves (Addr is valid)
+	mu       sync.Mutex
+	httpLn   net.Listener
+	etcd     *kvstore.Embedded
+	internal string  // URL of the embedded etcd, loopback only
+	ca       *pki.CA // the server CA
+	clientCA *pki.CA // nil with an external etcd
+	door     *frontdoor.Door
+	doorLn   net.Listener
+	admin    *kvstore.Client
+	writer   *kvstore.Client
+	pub      *Publisher
+	srcUp    bool
+	pkiDir   string
+	token    string
+	metrics  *prometheus.Registry
+
+	remotesMu sync.Mutex // serializes issuing and revoking
+	remotes   *kvstore.RecordStore[remoteRecord]
 }
 
 // runner is what a source does once wired.
@@ -94,6 +105,14 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	if err := s.connectWriter(metrics); err != nil {
 		return err
 	}
+	if s.door != nil {
+		if err := s.door.Register(s.metrics); err != nil {
+			return err
+		}
+		if err := s.loadRemotes(ctx); err != nil {
+			return err
+		}
+	}
 	if err := s.publishClusterConfig(ctx); err != nil {
 		return err
 	}
@@ -132,7 +151,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg sync.WaitGroup
-	errc := make(chan error, 4)
+	errc := make(chan error, 6)
 	start := func(name string, fn func(context.Context) error) {
 		wg.Add(1)
 		go func() {
@@ -141,6 +160,9 @@ func (s *Server) Run(ctx context.Context) (err error) {
 				errc <- fmt.Errorf("%s: %w", name, err)
 			}
 		}()
+	}
+	if s.door != nil {
+		start("etcd front door", func(ctx context.Context) error { return s.door.Serve(ctx, s.doorLn) })
 	}
 	start("publisher", func(ctx context.Context) error { pub.Run(ctx); return nil })
 	start("heartbeat", s.heartbeat)
@@ -166,7 +188,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		}
 		return nil
 	})
-	s.log.Info("mesh API server running", "etcd", s.cfg.advertisedEtcdEndpoint(), "http", ln.Addr().String(), "source", s.cfg.Source)
+	s.log.Info("mesh API server running", "etcd", s.cfg.advertisedEtcdEndpoint(), "internalEtcd", s.internal, "http", ln.Addr().String(), "source", s.cfg.Source)
 
 	select {
 	case <-ctx.Done():
@@ -179,12 +201,15 @@ func (s *Server) Run(ctx context.Context) (err error) {
 }
 
 func (s *Server) close() {
+	if s.doorLn != nil {
+		s.doorLn.Close() // the door closes it too once it serves; twice is harmless
+	}
 	s.writer.Close()
 	s.admin.Close()
 	s.etcd.Close()
 }
 
-// setupState creates the state dir, the CA, the server certificate and the
+// setupState creates the state dir, the server and client CAs and the
 // admin token.
 func (s *Server) setupState() error {
 	if err := os.MkdirAll(s.cfg.StateDir, 0o700); err != nil {
@@ -198,7 +223,25 @@ func (s *Server) setupState() error {
 	ca.Log = s.log
 	s.ca = ca
 	if created {
-		s.log.Info("created cluster CA", "dir", s.pkiDir)
+		s.log.Info("created the server CA", "dir", s.pkiDir)
+	}
+	if len(s.cfg.EtcdEndpoints) == 0 {
+		clientCA, clientCreated, err := pki.LoadOrCreateClientCA(s.pkiDir, s.cfg.ClusterName)
+		if err != nil {
+			return fmt.Errorf("apiserver: %w", err)
+		}
+		clientCA.Log = s.log
+		s.clientCA = clientCA
+		switch {
+		case clientCreated && !created:
+			// A state dir from before the client CA: the one CA signed
+			// client certificates too, and may be shared with other
+			// clusters.
+			s.log.Warn("created a client CA for an existing state dir: remote credentials issued before no longer work; run `trellis connect` again for every connected cluster",
+				"dir", s.pkiDir, "clientCA", pki.ClientCACertFile)
+		case clientCreated:
+			s.log.Info("created the client CA", "dir", s.pkiDir)
+		}
 	}
 	token, err := loadOrCreateToken(s.cfg.path(v1.StateAdminTokenFile))
 	if err != nil {
@@ -226,35 +269,40 @@ func loadOrCreateToken(path string) (string, error) {
 	return token, nil
 }
 
-// clientCert returns files of a local client certificate (root or
-// writer), issuing it on first use.
+// clientCert returns the files of a local client certificate (root, the
+// writer, the front door's identity), issuing it under the client CA when
+// it is missing, expiring, or signed by another CA (a state dir from
+// before the client CA).
 func (s *Server) clientCert(user string) (certFile, keyFile string, err error) {
-	dir := filepath.Join(s.pkiDir, "clients")
-	certFile, keyFile = filepath.Join(dir, user+".crt"), filepath.Join(dir, user+".key")
-	if _, err := os.Stat(certFile); err == nil {
-		return certFile, keyFile, nil
-	}
-	certPEM, keyPEM, err := s.ca.IssueClient(user, pki.CAValidity)
+	certFile, keyFile, reissued, err := s.clientCA.EnsureClientCert(filepath.Join(s.pkiDir, "clients"), user, pki.CAValidity)
 	if err != nil {
-		return "", "", fmt.Errorf("apiserver: issue %s client certificate: %w", user, err)
+		return "", "", fmt.Errorf("apiserver: %s client certificate: %w", user, err)
 	}
-	return pki.WriteClientCert(dir, user, certPEM, keyPEM)
+	if reissued != "" {
+		s.log.Info("issued local client certificate", "user", user, "reason", reissued)
+	}
+	return certFile, keyFile, nil
 }
 
-// localEndpoint is the URL this process dials its own embedded etcd at.
-func (s *Server) localEndpoint() string {
-	host, port, _ := net.SplitHostPort(s.cfg.EtcdListen)
-	if isWildcard(host) {
-		host = "127.0.0.1"
+// localTLS is the client TLS config of a local user of the embedded etcd.
+func (s *Server) localTLS(user string) (*tls.Config, error) {
+	certFile, keyFile, err := s.clientCert(user)
+	if err != nil {
+		return nil, err
 	}
-	return "https://" + net.JoinHostPort(host, port)
+	return kvstore.LoadClientTLS(filepath.Join(s.pkiDir, pki.CACertFile), certFile, keyFile)
 }
 
-// setupEtcd starts the embedded etcd with client-certificate auth and
-// converges users and roles; with an external etcd it only checks it.
+// setupEtcd starts the embedded etcd with client-certificate auth on a
+// loopback port, converges users and roles, and prepares the etcd front
+// door on --etcd-listen; with an external etcd it does nothing.
 func (s *Server) setupEtcd(ctx context.Context) error {
+	etcdAddrFile := s.cfg.path(v1.StateEtcdAddrFile)
 	if len(s.cfg.EtcdEndpoints) > 0 {
-		s.log.Info("using external etcd; its users and roles are the operator's to manage", "endpoints", s.cfg.EtcdEndpoints)
+		s.log.Info("using external etcd; its users, roles and remote credentials are the operator's to manage (no etcd front door)", "endpoints", s.cfg.EtcdEndpoints)
+		if err := os.Remove(etcdAddrFile); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("apiserver: remove stale %s: %w", etcdAddrFile, err)
+		}
 		return nil
 	}
 	hosts := pki.DefaultHosts()
@@ -268,30 +316,40 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("apiserver: server certificate: %w", err)
 	}
+	// The front door's address first: a taken --etcd-listen fails the
+	// start before etcd does anything.
+	doorLn, err := net.Listen("tcp", s.cfg.EtcdListen)
+	if err != nil {
+		return fmt.Errorf("apiserver: --etcd-listen %s: %w", s.cfg.EtcdListen, err)
+	}
+	s.doorLn = doorLn
+
 	startCtx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	e, err := kvstore.StartEmbedded(startCtx, kvstore.EmbeddedConfig{
 		Dir:        s.cfg.path("etcd"),
-		ClientAddr: s.cfg.EtcdListen,
+		ClientAddr: "127.0.0.1:0",
 		TLS: &kvstore.EmbeddedTLS{
 			CertFile: certFile, KeyFile: keyFile,
-			TrustedCAFile: filepath.Join(s.pkiDir, pki.CACertFile), ClientCertAuth: true,
+			TrustedCAFile: filepath.Join(s.pkiDir, pki.ClientCACertFile), ClientCertAuth: true,
 		},
 	})
 	if err != nil {
-		return fmt.Errorf("apiserver: embedded etcd on --etcd-listen %s: %w", s.cfg.EtcdListen, err)
+		return fmt.Errorf("apiserver: embedded etcd: %w", err)
 	}
 	s.etcd = e
+	s.internal = e.Endpoints()[0]
+	// Tools and tests on this machine find the internal etcd here; the
+	// local root and writer certificates work only there.
+	if err := os.WriteFile(etcdAddrFile, []byte(s.internal+"\n"), 0o600); err != nil {
+		return fmt.Errorf("apiserver: write %s: %w", etcdAddrFile, err)
+	}
 
-	rootCert, rootKey, err := s.clientCert(etcdauth.RootUser)
+	rootTLS, err := s.localTLS(etcdauth.RootUser)
 	if err != nil {
 		return err
 	}
-	tlsCfg, err := kvstore.LoadClientTLS(filepath.Join(s.pkiDir, pki.CACertFile), rootCert, rootKey)
-	if err != nil {
-		return err
-	}
-	s.admin, err = kvstore.NewClient(kvstore.Config{Endpoints: []string{s.localEndpoint()}, TLS: tlsCfg, Logger: s.log})
+	s.admin, err = kvstore.NewClient(kvstore.Config{Endpoints: []string{s.internal}, TLS: rootTLS, Logger: s.log})
 	if err != nil {
 		return err
 	}
@@ -300,6 +358,36 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	if err := etcdauth.Ensure(authCtx, s.admin.Auth()); err != nil {
 		return fmt.Errorf("apiserver: etcd users and roles: %w", err)
 	}
+	return s.setupFrontDoor(certFile, keyFile)
+}
+
+// setupFrontDoor builds the etcd front door: the server certificate
+// outside, client certificates of the client CA only, and the remote
+// reader identity towards the internal etcd.
+func (s *Server) setupFrontDoor(certFile, keyFile string) error {
+	serverCert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return fmt.Errorf("apiserver: etcd front door: load %s: %w", certFile, err)
+	}
+	upTLS, err := s.localTLS(etcdauth.RemoteReaderUser)
+	if err != nil {
+		return err
+	}
+	u, err := url.Parse(s.internal)
+	if err != nil {
+		return fmt.Errorf("apiserver: etcd front door: internal etcd URL %q: %w", s.internal, err)
+	}
+	upTLS.ServerName = u.Hostname()
+	clientCAs := x509.NewCertPool()
+	clientCAs.AddCert(s.clientCA.Cert)
+	door, err := frontdoor.New(frontdoor.Config{
+		Certificate: serverCert, ClientCAs: clientCAs,
+		Upstream: u.Host, UpstreamTLS: upTLS, Logger: s.log,
+	})
+	if err != nil {
+		return fmt.Errorf("apiserver: %w", err)
+	}
+	s.door = door
 	return nil
 }
 
@@ -316,15 +404,11 @@ func (s *Server) connectWriter(metrics *kvstore.Metrics) error {
 			cfg.TLS = t
 		}
 	} else {
-		certFile, keyFile, err := s.clientCert(etcdauth.LocalWriterUser)
+		t, err := s.localTLS(etcdauth.LocalWriterUser)
 		if err != nil {
 			return err
 		}
-		t, err := kvstore.LoadClientTLS(filepath.Join(s.pkiDir, pki.CACertFile), certFile, keyFile)
-		if err != nil {
-			return err
-		}
-		cfg.Endpoints, cfg.TLS = []string{s.localEndpoint()}, t
+		cfg.Endpoints, cfg.TLS = []string{s.internal}, t
 	}
 	c, err := kvstore.NewClient(cfg)
 	if err != nil {

@@ -69,16 +69,20 @@ type ClusterInfo struct {
 }
 
 // RemoteCredentials let one cluster's agents read another cluster's store
-// (POST /admin/v1/remotes/{for}): where its etcd is, the CA that signed
-// the etcd server's certificate, and a client certificate whose CN is the
-// reader's read-only etcd user.
+// (POST /admin/v1/remotes/{for}): where its etcd front door is, the
+// server CA that signed the etcd server's certificate, and a client
+// certificate (CN remote-<for>) signed by the issuing cluster's client CA.
+// Each issue supersedes the certificate issued to the same reader before.
 type RemoteCredentials struct {
 	// Cluster and ClusterID name the cluster that issued the credentials.
 	Cluster   string    `json:"cluster"`
 	ClusterID ClusterID `json:"clusterID"`
 	Endpoints []string  `json:"endpoints"`
 	// For is the cluster the credentials were minted for.
-	For     string `json:"for"`
+	For string `json:"for"`
+	// User is the certificate's common name, remote-<for>. It names no
+	// etcd user: the front door checks it and reads as one shared
+	// read-only user.
 	User    string `json:"user"`
 	CAPEM   string `json:"caPEM"`
 	CertPEM string `json:"certPEM"`
@@ -93,6 +97,11 @@ const (
 	// StateAdminTokenFile holds the bearer token of the registry and admin
 	// APIs.
 	StateAdminTokenFile = "admin.token"
+	// StateEtcdAddrFile holds the https URL of the embedded etcd itself
+	// (loopback only, a new port every start), where the local root and
+	// writer certificates work; remote clusters dial the etcd front door
+	// at --etcd-listen instead. Absent with an external etcd.
+	StateEtcdAddrFile = "etcd.addr"
 	// StateClustersDir is the config dir, one <cluster>.yaml per connected
 	// cluster, that `trellis connect` writes for the cluster's agents.
 	StateClustersDir = "clusters"

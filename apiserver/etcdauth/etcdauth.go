@@ -23,7 +23,14 @@
 //
 //	root                 role root (built in): everything, including auth.
 //	trellis-writer       role trellis-writer: readwrite on trellis/.
-//	remote-<cluster>     role trellis-remote-reader: read on trellis/v1/.
+//	trellis-remote       role trellis-remote-reader: read on trellis/v1/.
+//
+// trellis-remote is the etcd front door's identity: every remote cluster
+// reads through the door (apiserver/frontdoor), which checks the remote's
+// own certificate and forwards as this one user, since every remote
+// cluster has the same rights. Per-remote users (remote-<cluster>, from
+// before the door) are deleted by Ensure: a remote's certificate names no
+// etcd user any more, so presenting it to etcd directly gets nothing.
 //
 // The writer's prefix is trellis/ rather than trellis/v1/ so that it can
 // also use keys beside the versioned tree (a future trellis/v2/, the
@@ -36,6 +43,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -58,16 +66,16 @@ const (
 	// WriterPrefix is the key prefix LocalWriterRole owns.
 	WriterPrefix = "trellis/"
 
-	// RemoteReaderRole may read apiv1.Prefix and nothing else; every remote
-	// cluster's user has it.
+	// RemoteReaderRole may read apiv1.Prefix and nothing else.
 	RemoteReaderRole = "trellis-remote-reader"
-	// RemoteUserPrefix prefixes a remote cluster's name to form its user.
-	RemoteUserPrefix = "remote-"
-)
+	// RemoteReaderUser is the one user every remote cluster reads as,
+	// through the etcd front door; it has RemoteReaderRole.
+	RemoteReaderUser = "trellis-remote"
 
-// RemoteUser is the etcd user (and client certificate CN) of a remote
-// cluster: "remote-<cluster>".
-func RemoteUser(remoteCluster string) string { return RemoteUserPrefix + remoteCluster }
+	// legacyRemoteUserPrefix is the prefix of the per-remote users of
+	// before the front door, which Ensure deletes.
+	legacyRemoteUserPrefix = "remote-"
+)
 
 // rolePermission is the one permission a managed role holds.
 type rolePermission struct {
@@ -91,11 +99,12 @@ func permName(p clientv3.PermissionType) string {
 	return fmt.Sprintf("permission(%d)", p)
 }
 
-// Ensure creates the root user, the local writer user and role,
-// and the remote reader role, then enables auth. It is idempotent and
-// converges the roles' permissions. On first start cli may be any client
-// (auth is off); once auth is on, cli must authenticate as RootUser,
-// i.e. use a client certificate with CN "root".
+// Ensure creates the root user, the local writer user and role, and the
+// remote reader user and role, deletes leftover per-remote users, then
+// enables auth. It is idempotent and converges the roles' permissions. On
+// first start cli may be any client (auth is off); once auth is on, cli
+// must authenticate as RootUser, i.e. use a client certificate with CN
+// "root".
 func Ensure(ctx context.Context, cli clientv3.Auth) error {
 	st, err := cli.AuthStatus(ctx)
 	if err != nil {
@@ -117,6 +126,18 @@ func Ensure(ctx context.Context, cli clientv3.Auth) error {
 	if err := ensureRole(ctx, cli, RemoteReaderRole, rolePermission{apiv1.Prefix, clientv3.PermissionType(clientv3.PermRead)}); err != nil {
 		return err
 	}
+	if err := ensureUser(ctx, cli, users, RemoteReaderUser, RemoteReaderRole); err != nil {
+		return err
+	}
+	for _, u := range users {
+		if !strings.HasPrefix(u, legacyRemoteUserPrefix) {
+			continue
+		}
+		if _, err := cli.UserDelete(ctx, u); err != nil && !errors.Is(err, rpctypes.ErrUserNotFound) {
+			return fmt.Errorf("etcdauth: delete leftover etcd user %s: %w", u, adminHint(err))
+		}
+		slog.InfoContext(ctx, "deleted a per-remote etcd user from before the etcd front door", "user", u)
+	}
 	if st.Enabled {
 		return nil
 	}
@@ -124,42 +145,7 @@ func Ensure(ctx context.Context, cli clientv3.Auth) error {
 		return fmt.Errorf("etcdauth: enable etcd auth: %w", err)
 	}
 	slog.InfoContext(ctx, "enabled etcd auth; from now on connect as root with the root client certificate",
-		"rootUser", RootUser, "writerUser", LocalWriterUser, "remoteReaderRole", RemoteReaderRole)
-	return nil
-}
-
-// EnsureRemoteUser creates the etcd user of remoteCluster (no password;
-// it authenticates with a client certificate whose CN is the returned
-// name) and makes RemoteReaderRole its only role. cli must be root once
-// auth is enabled. Run Ensure first: the role must exist.
-func EnsureRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) (user string, err error) {
-	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
-		return "", fmt.Errorf("etcdauth: etcd user for remote cluster: %w", err)
-	}
-	user = RemoteUser(remoteCluster)
-	users, err := listUsers(ctx, cli, true)
-	if err != nil {
-		return "", err
-	}
-	if err := ensureUser(ctx, cli, users, user, RemoteReaderRole); err != nil {
-		return "", err
-	}
-	return user, nil
-}
-
-// RemoveRemoteUser deletes the etcd user of remoteCluster; a missing user
-// is fine. New requests with that cluster's certificate fail from then on,
-// but etcd checks a watch's permission only when it is created: watches
-// already open keep delivering events until the remote reconnects. Revoke
-// the certificate's trust (a new CA) or restart etcd to cut them.
-func RemoveRemoteUser(ctx context.Context, cli clientv3.Auth, remoteCluster string) error {
-	if err := apiv1.ValidateClusterName(remoteCluster); err != nil {
-		return fmt.Errorf("etcdauth: remove etcd user for remote cluster: %w", err)
-	}
-	user := RemoteUser(remoteCluster)
-	if _, err := cli.UserDelete(ctx, user); err != nil && !errors.Is(err, rpctypes.ErrUserNotFound) {
-		return fmt.Errorf("etcdauth: delete etcd user %s: %w", user, adminHint(err))
-	}
+		"rootUser", RootUser, "writerUser", LocalWriterUser, "remoteReaderUser", RemoteReaderUser)
 	return nil
 }
 

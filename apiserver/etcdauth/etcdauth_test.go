@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -20,10 +21,12 @@ import (
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
-// etcdAuthEnv is an embedded etcd serving mTLS with client-cert auth,
-// and the CA that signs its server and client certificates.
+// etcdAuthEnv is an embedded etcd serving mTLS with client-cert auth, as
+// the API server runs it: the server CA signs its serving certificate,
+// the client CA every client certificate it accepts.
 type etcdAuthEnv struct {
-	ca        *pki.CA
+	serverCA  *pki.CA
+	ca        *pki.CA // the client CA
 	dir       string
 	endpoints []string
 }
@@ -31,11 +34,15 @@ type etcdAuthEnv struct {
 func newEtcdAuthEnv(t *testing.T) *etcdAuthEnv {
 	t.Helper()
 	dir := t.TempDir()
-	ca, _, err := pki.LoadOrCreateCA(filepath.Join(dir, "pki"), "test")
+	serverCA, _, err := pki.LoadOrCreateCA(filepath.Join(dir, "pki"), "test")
 	if err != nil {
 		t.Fatal(err)
 	}
-	crt, key, err := ca.EnsureServerCert(filepath.Join(dir, "pki"), nil)
+	ca, _, err := pki.LoadOrCreateClientCA(filepath.Join(dir, "pki"), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	crt, key, err := serverCA.EnsureServerCert(filepath.Join(dir, "pki"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +53,7 @@ func newEtcdAuthEnv(t *testing.T) *etcdAuthEnv {
 		TLS: &kvstore.EmbeddedTLS{
 			CertFile:       crt,
 			KeyFile:        key,
-			TrustedCAFile:  filepath.Join(dir, "pki", pki.CACertFile),
+			TrustedCAFile:  filepath.Join(dir, "pki", pki.ClientCACertFile),
 			ClientCertAuth: true,
 		},
 	})
@@ -54,11 +61,11 @@ func newEtcdAuthEnv(t *testing.T) *etcdAuthEnv {
 		t.Fatalf("start etcd: %v", err)
 	}
 	t.Cleanup(func() { e.Close() })
-	return &etcdAuthEnv{ca: ca, dir: dir, endpoints: e.Endpoints()}
+	return &etcdAuthEnv{serverCA: serverCA, ca: ca, dir: dir, endpoints: e.Endpoints()}
 }
 
 // client connects with a certificate for commonName issued by ca (the
-// env's CA when nil).
+// env's client CA when nil).
 func (env *etcdAuthEnv) client(t *testing.T, commonName string, ca *pki.CA) *clientv3.Client {
 	t.Helper()
 	if ca == nil {
@@ -127,11 +134,8 @@ func TestEtcdAuth(t *testing.T) {
 		t.Errorf("EnsureEtcdAuth as the writer: err = %v, want permission denied with a hint to use root", err)
 	}
 
-	user, err := etcdauth.EnsureRemoteUser(ctx, root, "eu")
-	if err != nil || user != "remote-eu" {
-		t.Fatalf("EnsureRemoteUser(eu) = %q, %v; want remote-eu", user, err)
-	}
-	remote := env.client(t, user, nil)
+	// The user the etcd front door forwards every remote cluster as.
+	remote := env.client(t, etcdauth.RemoteReaderUser, nil)
 
 	t.Run("remote reads trellis/v1", func(t *testing.T) {
 		resp, err := remote.Get(ctx, nodeKey)
@@ -164,10 +168,8 @@ func TestEtcdAuth(t *testing.T) {
 		wantDenied(t, "remote delete", err)
 		_, err = remote.Txn(ctx).Then(clientv3.OpPut(nodeKey, "x")).Commit()
 		wantDenied(t, "remote txn put", err)
-		_, err = etcdauth.EnsureRemoteUser(ctx, remote, "evil")
-		if !errors.Is(err, rpctypes.ErrPermissionDenied) {
-			t.Errorf("remote creating a user: err = %v, want permission denied", err)
-		}
+		_, err = remote.UserAddWithOptions(ctx, "evil", "", &clientv3.UserAddOptions{NoPassword: true})
+		wantDenied(t, "remote creating a user", err)
 	})
 	t.Run("remote cannot read outside trellis/v1", func(t *testing.T) {
 		_, err := remote.Get(ctx, "trellis/health")
@@ -181,9 +183,19 @@ func TestEtcdAuth(t *testing.T) {
 			t.Errorf("remote watch trellis/: canceled=%v err=%v, want refused", wr.Canceled, wr.Err())
 		}
 	})
-	t.Run("certificate of an unknown cluster", func(t *testing.T) {
+	t.Run("remote cluster certificate straight to etcd", func(t *testing.T) {
+		// A remote's own certificate names no etcd user: only the front
+		// door, which checks its serial, gets a remote in.
 		_, err := env.client(t, "remote-us", nil).Get(ctx, nodeKey)
 		wantDenied(t, "get as a user that does not exist", err)
+	})
+	t.Run("certificate from the server CA", func(t *testing.T) {
+		c := env.client(t, etcdauth.RootUser, env.serverCA)
+		gctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		if _, err := c.Get(gctx, nodeKey); err == nil {
+			t.Fatal("get with a root certificate from the server CA succeeded")
+		}
 	})
 	t.Run("certificate from another CA", func(t *testing.T) {
 		other, _, err := pki.LoadOrCreateCA(t.TempDir(), "other")
@@ -209,7 +221,7 @@ func TestEtcdAuth(t *testing.T) {
 			t.Fatal(err)
 		}
 		pool := x509.NewCertPool()
-		pool.AppendCertsFromPEM(env.ca.CertPEM)
+		pool.AppendCertsFromPEM(env.serverCA.CertPEM)
 		host := strings.TrimPrefix(env.endpoints[0], "https://")
 		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", host,
 			&tls.Config{
@@ -235,9 +247,6 @@ func TestEtcdAuth(t *testing.T) {
 	if err := etcdauth.Ensure(ctx, root); err != nil {
 		t.Fatalf("EnsureEtcdAuth (second start): %v", err)
 	}
-	if user, err := etcdauth.EnsureRemoteUser(ctx, root, "eu"); err != nil || user != "remote-eu" {
-		t.Fatalf("EnsureRemoteUser(eu) again = %q, %v", user, err)
-	}
 
 	t.Run("drift is repaired", func(t *testing.T) {
 		// An operator widens the reader role and gives the remote user the
@@ -245,7 +254,7 @@ func TestEtcdAuth(t *testing.T) {
 		if _, err := root.RoleGrantPermission(ctx, etcdauth.RemoteReaderRole, "\x00", "\x00", clientv3.PermissionType(clientv3.PermReadWrite)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := root.UserGrantRole(ctx, "remote-eu", etcdauth.LocalWriterRole); err != nil {
+		if _, err := root.UserGrantRole(ctx, etcdauth.RemoteReaderUser, etcdauth.LocalWriterRole); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := remote.Put(ctx, "other/y", "x"); err != nil {
@@ -254,17 +263,14 @@ func TestEtcdAuth(t *testing.T) {
 		if err := etcdauth.Ensure(ctx, root); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := etcdauth.EnsureRemoteUser(ctx, root, "eu"); err != nil {
-			t.Fatal(err)
-		}
 		role, err := root.RoleGet(ctx, etcdauth.RemoteReaderRole)
 		if err != nil || len(role.Perm) != 1 || string(role.Perm[0].Key) != "trellis/v1/" ||
 			string(role.Perm[0].RangeEnd) != "trellis/v10" || role.Perm[0].PermType != clientv3.PermRead {
 			t.Fatalf("reader role after repair: %+v err=%v", role, err)
 		}
-		u, err := root.UserGet(ctx, "remote-eu")
+		u, err := root.UserGet(ctx, etcdauth.RemoteReaderUser)
 		if err != nil || len(u.Roles) != 1 || u.Roles[0] != etcdauth.RemoteReaderRole {
-			t.Fatalf("remote-eu roles after repair: %+v err=%v", u, err)
+			t.Fatalf("%s roles after repair: %+v err=%v", etcdauth.RemoteReaderUser, u, err)
 		}
 		_, err = remote.Put(ctx, "other/z", "x")
 		wantDenied(t, "remote put after repair", err)
@@ -272,20 +278,32 @@ func TestEtcdAuth(t *testing.T) {
 		wantDenied(t, "remote put under trellis/v1 after repair", err)
 	})
 
-	t.Run("remove remote user", func(t *testing.T) {
-		if err := etcdauth.RemoveRemoteUser(ctx, root, "eu"); err != nil {
-			t.Fatalf("RemoveRemoteUser: %v", err)
+	t.Run("per-remote users of before the front door are deleted", func(t *testing.T) {
+		// A state dir from before the front door: remote-eu is an etcd
+		// user of its own, so eu's certificate reads straight from etcd.
+		if _, err := root.UserAddWithOptions(ctx, "remote-eu", "", &clientv3.UserAddOptions{NoPassword: true}); err != nil {
+			t.Fatal(err)
 		}
-		_, err := remote.Get(ctx, nodeKey)
-		wantDenied(t, "get after the remote user was removed", err)
-		if err := etcdauth.RemoveRemoteUser(ctx, root, "eu"); err != nil {
-			t.Fatalf("RemoveRemoteUser twice: %v", err)
+		if _, err := root.UserGrantRole(ctx, "remote-eu", etcdauth.RemoteReaderRole); err != nil {
+			t.Fatal(err)
 		}
+		legacy := env.client(t, "remote-eu", nil)
+		if _, err := legacy.Get(ctx, nodeKey); err != nil {
+			t.Fatalf("setup: remote-eu cannot read: %v", err)
+		}
+		if err := etcdauth.Ensure(ctx, root); err != nil {
+			t.Fatal(err)
+		}
+		users, err := root.UserList(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := []string{etcdauth.RootUser, etcdauth.RemoteReaderUser, etcdauth.LocalWriterUser}; !slices.Equal(users.Users, want) {
+			t.Errorf("users after Ensure = %v, want %v", users.Users, want)
+		}
+		_, err = legacy.Get(ctx, nodeKey)
+		wantDenied(t, "get as remote-eu after Ensure", err)
 	})
-
-	if _, err := etcdauth.EnsureRemoteUser(ctx, root, "Bad/Name"); err == nil {
-		t.Error("EnsureRemoteUser accepted an invalid cluster name")
-	}
 }
 
 // TestEnsureEtcdAuthWithoutRoot: on plain etcd an unauthenticated client

@@ -64,7 +64,7 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 	f.StringVar(&cfg.EtcdCAFile, "etcd-ca-file", "", "CA of the external etcd")
 	f.StringVar(&cfg.EtcdCertFile, "etcd-cert-file", "", "client certificate for the external etcd")
 	f.StringVar(&cfg.EtcdKeyFile, "etcd-key-file", "", "client key for the external etcd")
-	f.StringVar(&cfg.EtcdListen, "etcd-listen", apiserver.DefaultEtcdListen, "host:port for the embedded etcd's TLS client listener")
+	f.StringVar(&cfg.EtcdListen, "etcd-listen", apiserver.DefaultEtcdListen, "host:port remote clusters dial: the etcd front door (the embedded etcd itself listens on loopback, see <state-dir>/etcd.addr)")
 	f.StringVar(&cfg.AdvertiseAddress, "advertise-address", "", "address remote clusters dial for etcd (default: the --etcd-listen host)")
 	f.StringVar(&cfg.HTTPListen, "http-listen", apiserver.DefaultHTTPListen, "host:port for /healthz, /readyz, /metrics, the registry and admin APIs")
 	f.StringVar(&cfg.Source, "source", apiserver.SourceRegistry, "source of truth: registry (standalone) or kubernetes")
@@ -113,8 +113,10 @@ func newIssueRemoteCmd() *cobra.Command {
 		Use:   "issue-remote --name REMOTE",
 		Short: "Mint read-only credentials for a remote cluster",
 		Long: `Ask a running mesh API server for a client certificate for remote cluster
-REMOTE and create REMOTE's read-only etcd user. Prints the credentials as
-JSON, or writes ca.crt, REMOTE.crt and REMOTE.key into --out.`,
+REMOTE, which reads through the etcd front door. The new certificate is the
+only valid one of REMOTE: any certificate issued to REMOTE before stops
+working and its connections are closed. Prints the credentials as JSON, or
+writes ca.crt, REMOTE.crt and REMOTE.key into --out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if name == "" {
