@@ -149,9 +149,6 @@ func (l *lab) buildCluster(ctx context.Context, c *clusterLayout, old *layout, t
 			return fmt.Errorf("lab: create cgroup: %w", err)
 		}
 	}
-	if err := l.giveCA(c); err != nil {
-		return err
-	}
 	if err := l.attach(c.ns, c.bridgePort, c.ip); err != nil {
 		return err
 	}

@@ -46,11 +46,18 @@
 // …/<cluster>-<node>/<pod> for each pod's processes, so the node's socket
 // LB translates exactly its pods' (and agent's) connections.
 //
-// Files: /var/run/trellis-lab/<lab>/ holds state.json, ca/ (the one CA
-// every API server gets in <state-dir>/pki before its first start, so
-// `trellis connect` needs no --allow-mismatching-ca), <cluster>/apiserver
-// (the API server's state dir; clusters/ in it is its agents' config dir),
+// Files: /var/run/trellis-lab/<lab>/ holds state.json, <cluster>/apiserver
+// (the API server's state dir: its own server and client CAs in pki/,
+// created on its first start; clusters/ in it is its agents' config dir),
 // <cluster>/<node> (the agent's state dir: pods/, agent.sock) and logs/.
+//
+// The lab gives no two clusters a CA in common. It once gave every API
+// server one shared CA, and with it every cluster's root and writer
+// certificates were root and writer on every other cluster's etcd, and any
+// cluster could mint a server certificate for another: the lab would have
+// shown a mesh whose clusters trust each other completely, which no real
+// deployment should be. `trellis connect` hands each reader its target's
+// own server CA; each target's client CA stays in its state dir.
 // Agents pin under /sys/fs/bpf/trellis/<lab>-<cluster>-<node>.
 //
 // # Processes
@@ -91,7 +98,7 @@
 //     whose embedded etcd waits for open watch streams as it closes) and
 //     start it again with its recorded argv, in the same namespace and
 //     cgroup, recording the new PID. Pods keep running; an API server
-//     keeps its state dir (etcd data, CA, credentials, registry).
+//     keeps its state dir (etcd data, CAs, credentials, registry).
 //   - DisconnectClusters and ConnectClusters run `trellis disconnect` /
 //     `trellis connect` on two API servers' state dirs inside the first
 //     one's namespace and record the separated pairs in the state

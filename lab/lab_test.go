@@ -149,6 +149,25 @@ func TestLabUpDown(t *testing.T) {
 		}
 	})
 
+	t.Run("OwnCAs", func(t *testing.T) {
+		// Every API server made its own server and client CA; the lab
+		// shares none between clusters.
+		seen := map[string]string{}
+		for _, cluster := range []string{"eu", "us"} {
+			for _, f := range []string{"ca.crt", "client-ca.crt"} {
+				path := filepath.Join(BaseDir, r.name, cluster, "apiserver", "pki", f)
+				b, err := os.ReadFile(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if other, dup := seen[string(b)]; dup {
+					t.Errorf("%s is the same CA as %s", path, other)
+				}
+				seen[string(b)] = path
+			}
+		}
+	})
+
 	t.Run("Traffic", func(t *testing.T) {
 		if !rep.Datapath {
 			t.Error("lab up reports the datapath off; agents always run with it")

@@ -9,46 +9,13 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
-	"github.com/trellis-mesh/trellis/apiserver/pki"
 	"github.com/trellis-mesh/trellis/clustermesh"
 )
 
-// Setup beyond namespaces and processes: the one CA every API server
-// shares, joining the clusters, and the pod files through which the lab
-// plays CNI to the agents.
-
-// setupCA creates the lab's one CA and gives it to every API server before
-// its first start, so `trellis connect` finds matching CAs.
-func (l *lab) setupCA() error {
-	if _, _, err := pki.LoadOrCreateCA(filepath.Join(l.dir, "ca"), "lab"); err != nil {
-		return fmt.Errorf("lab: CA: %w", err)
-	}
-	for _, c := range l.lay.clusters {
-		if err := l.giveCA(c); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// giveCA copies the lab's CA into c's API server state dir.
-func (l *lab) giveCA(c *clusterLayout) error {
-	caDir := filepath.Join(l.dir, "ca")
-	dst := filepath.Join(c.stateDir, "pki")
-	if err := os.MkdirAll(dst, 0o700); err != nil {
-		return err
-	}
-	for _, f := range []string{pki.CACertFile, pki.CAKeyFile} {
-		data, err := os.ReadFile(filepath.Join(caDir, f))
-		if err != nil {
-			return fmt.Errorf("lab: CA: %w", err)
-		}
-		if err := os.WriteFile(filepath.Join(dst, f), data, 0o600); err != nil {
-			return fmt.Errorf("lab: CA: %w", err)
-		}
-	}
-	return nil
-}
+// Setup beyond namespaces and processes: joining the clusters, and the pod
+// files through which the lab plays CNI to the agents. Every API server
+// creates its own CAs on first start, as a real cluster's would: the lab
+// shares none between clusters (see doc.go).
 
 // connect joins every cluster with every other (and with itself) by
 // running `trellis connect --mesh` inside the first API server's

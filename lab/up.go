@@ -137,9 +137,6 @@ func (l *lab) build(ctx context.Context, opts UpOptions) error {
 	if err := l.setupBridge(); err != nil {
 		return err
 	}
-	if err := l.setupCA(); err != nil {
-		return err
-	}
 	for _, c := range l.lay.clusters {
 		if err := l.attach(c.ns, c.bridgePort, c.ip); err != nil {
 			return err
