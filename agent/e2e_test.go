@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -174,6 +175,7 @@ func TestAgentProcess(t *testing.T) {
 	// cause in the table.
 	bad := us.fileFor(t, "eu")
 	bad.Name, bad.Endpoints = "ghost", []string{fmt.Sprintf("https://127.0.0.1:%d", testutil.FreePort(t))}
+	bad.ID, bad.PodCIDRs = 9, []netip.Prefix{netip.MustParsePrefix("10.9.0.0/16")}
 	clustermesh.WriteClusterFile(configDir, bad)
 	testutil.Eventually(t, 30*time.Second, "ghost error in status", func() bool {
 		for _, c := range status().Clusters {
