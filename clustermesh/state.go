@@ -22,7 +22,7 @@ type state struct {
 	log   *slog.Logger
 
 	mu       sync.Mutex
-	underlay *underlay // every decoded node, and who holds which node IP
+	underlay *underlay                             // every decoded node, and who holds which node IP
 	services map[string]map[ServiceName]v1.Service // cluster → name → published service
 	clusters map[string]clusterInfo
 	pending  pendingChanges
