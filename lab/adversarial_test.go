@@ -49,8 +49,23 @@ func TestLabCompromisedCluster(t *testing.T) {
 	r := newLabRun(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	r.must(ctx, t, "up")
-	r.must(ctx, t, "add-cluster", "ap", "--id", "3", "--region", "ap")
+	// ap's pod CIDR is 10.0.0.0/16, so that 10.0.0.0/15, the wider
+	// prefix of the probe, starts inside it and covers eu's
+	// 10.1.0.0/16: the case a check of the first address missed.
+	topo := DefaultTopology()
+	apCluster := StandardCluster("ap", 3, "ap", 1)
+	apCluster.PodCIDR = "10.0.0.0/16"
+	apCluster.Nodes[0].PodCIDR = "10.0.1.0/24"
+	topo.Clusters = append(topo.Clusters, apCluster)
+	topoFile := filepath.Join(t.TempDir(), "topology.yaml")
+	data, err := yaml.Marshal(topo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(topoFile, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r.must(ctx, t, "up", "-f", topoFile)
 	l, err := open(Options{Name: r.name, BaseDir: BaseDir}, false)
 	if err != nil {
 		t.Fatal(err)
@@ -84,13 +99,13 @@ func TestLabCompromisedCluster(t *testing.T) {
 		return v1.Node{Cluster: "ap", Name: name, IPs: []netip.Addr{netip.MustParseAddr(ip)}, PodCIDRs: []netip.Prefix{netip.MustParsePrefix(cidr)}}
 	}
 	rogue := map[string]any{
-		// A prefix wider than ap's 10.3.0.0/16, covering eu's and us's pods.
-		v1.NodeKey("ap", "wide"): rogueNode("wide", "192.168.100.129", "10.0.0.0/14"),
+		// A prefix wider than ap's 10.0.0.0/16, covering eu's pods.
+		v1.NodeKey("ap", "wide"): rogueNode("wide", "192.168.100.129", "10.0.0.0/15"),
 		// eu/n1's and us/n1's IPs as underlay.
-		v1.NodeKey("ap", "stealer-eu"): rogueNode("stealer-eu", "192.168.100.101", "10.3.201.0/24"),
-		v1.NodeKey("ap", "stealer-us"): rogueNode("stealer-us", "192.168.100.111", "10.3.202.0/24"),
+		v1.NodeKey("ap", "stealer-eu"): rogueNode("stealer-eu", "192.168.100.101", "10.0.201.0/24"),
+		v1.NodeKey("ap", "stealer-us"): rogueNode("stealer-us", "192.168.100.111", "10.0.202.0/24"),
 		// A loopback underlay.
-		v1.NodeKey("ap", "loop"): rogueNode("loop", "127.0.0.1", "10.3.203.0/24"),
+		v1.NodeKey("ap", "loop"): rogueNode("loop", "127.0.0.1", "10.0.203.0/24"),
 		// eu's echo pod on eu/n1, as ap's.
 		v1.EndpointKey("ap", netip.MustParseAddr("10.1.1.10")): v1.Endpoint{Cluster: "ap", IP: netip.MustParseAddr("10.1.1.10"),
 			Identity: v1.MakeIdentity(3, 4242), NodeIP: netip.MustParseAddr("192.168.100.121"), Namespace: "default", Pod: "evil", Ready: true},
@@ -131,7 +146,7 @@ func TestLabCompromisedCluster(t *testing.T) {
 				return err
 			}
 			cs := clusterOf(st, "ap")
-			if want := "publishes pod CIDRs [10.0.0.0/8], but [10.3.0.0/16] were pinned"; !strings.Contains(cs.LastError, want) {
+			if want := "publishes pod CIDRs [10.0.0.0/8], but [10.0.0.0/16] were pinned"; !strings.Contains(cs.LastError, want) {
 				return fmt.Errorf("ap's last error %q lacks %q", cs.LastError, want)
 			}
 			return nil
