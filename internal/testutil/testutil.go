@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,7 +38,8 @@ func RepoRoot(t testing.TB) string {
 func BuildTrellis(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "trellis-bin-")
+		removeStaleBinaries()
+		dir, err := os.MkdirTemp("", fmt.Sprintf("trellis-bin-%d-", os.Getpid()))
 		if err != nil {
 			buildErr = err
 			return
@@ -55,6 +57,20 @@ func BuildTrellis(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return builtBinary
+}
+
+// removeStaleBinaries deletes the binaries earlier test processes built:
+// each is in trellis-bin-<pid>-*, and a process cannot remove its own at
+// exit (it is built once and shared by all its tests), so the next one
+// removes those whose process is gone.
+func removeStaleBinaries() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "trellis-bin-*"))
+	for _, dir := range dirs {
+		pid, err := strconv.Atoi(strings.SplitN(strings.TrimPrefix(filepath.Base(dir), "trellis-bin-"), "-", 2)[0])
+		if err != nil || syscall.Kill(pid, 0) == syscall.ESRCH {
+			os.RemoveAll(dir)
+		}
+	}
 }
 
 // The binary is built once per test process; these are written only inside
