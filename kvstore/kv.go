@@ -174,6 +174,9 @@ type Txn struct {
 type TxnResult struct {
 	// Succeeded reports whether the conditions held (Then ran).
 	Succeeded bool
+	// Revision is the store revision after the transaction: the
+	// ModRevision of every key it wrote.
+	Revision int64
 	// Counts has one entry per OpCount of the branch that ran, in order.
 	Counts []int64
 }
@@ -197,7 +200,7 @@ func (c *Client) Txn(ctx context.Context, t Txn) (TxnResult, error) {
 	if err != nil {
 		return TxnResult{}, fmt.Errorf("kvstore: transaction: %w", err)
 	}
-	res := TxnResult{Succeeded: resp.Succeeded}
+	res := TxnResult{Succeeded: resp.Succeeded, Revision: resp.Header.Revision}
 	ops := t.Then
 	if !resp.Succeeded {
 		ops = t.Else

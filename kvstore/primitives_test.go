@@ -358,3 +358,38 @@ func TestRecordStore(t *testing.T) {
 		t.Fatalf("records %v, want %v", got, want)
 	}
 }
+
+// Conditional writes go through only at the revision the caller saw.
+func TestRecordStoreConditional(t *testing.T) {
+	e := startEtcd(t)
+	c := newTestClient(t, e.Endpoints(), nil)
+	ctx := testContext(t)
+	s, err := NewRecordStore[record](c, testPrefix+"records/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev, err := s.PutIf(ctx, "a", record{"a", 1}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.PutIf(ctx, "a", record{"a", 2}, 0); !errors.Is(err, ErrConflict) {
+		t.Fatalf("create over an existing record: %v, want ErrConflict", err)
+	}
+	rev2, err := s.PutIf(ctx, "a", record{"a", 3}, rev)
+	if err != nil || rev2 <= rev {
+		t.Fatalf("update at the current revision: %d, %v", rev2, err)
+	}
+	if err := s.DeleteIf(ctx, "a", rev); !errors.Is(err, ErrConflict) {
+		t.Fatalf("delete at a stale revision: %v, want ErrConflict", err)
+	}
+	got, ok, err := s.Get(ctx, "a")
+	if err != nil || !ok || got.Value.N != 3 || got.Revision != rev2 {
+		t.Fatalf("get: %+v %v %v", got, ok, err)
+	}
+	if err := s.DeleteIf(ctx, "a", rev2); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := s.Get(ctx, "a"); ok {
+		t.Fatal("record still there after DeleteIf")
+	}
+}

@@ -4,9 +4,11 @@
 // have no Kubernetes API. docs/registry-api.md documents it.
 //
 // Registry state lives in the cluster's etcd under trellis/registry/<cluster>/
-// (a prefix remote clusters cannot read), written before a request is
-// answered, so a restarted API server reloads every object and republishes
-// the same keys: watchers see no delete.
+// (a prefix remote clusters cannot read). A request is checked whole at the
+// door, stored, and only then applied: to memory (what GET serves) and to
+// the Sink (what is published). So what is served and published is always
+// what is stored, and a restarted API server reloads and republishes
+// exactly what was acknowledged: watchers see no delete.
 package registry
 
 import (
@@ -26,6 +28,32 @@ import (
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
+// Design notes.
+//
+// Store, then apply. Every write takes the lock of its record (one writer
+// per record; different records proceed in parallel), checks the request
+// against the cluster and the other records, writes the record to etcd
+// with a compare on the revision it last saw (kvstore.RecordStore.PutIf),
+// and only when that succeeded applies it to memory and the Sink. A
+// delete is the same with DeleteIf. A compare that fails means the record
+// changed behind this process's back (another replica, a hand edit): the
+// write re-reads the revision and tries again, as a replacement (PUT) is
+// meant to.
+//
+// Apply holds mu for the memory change and every Sink call it implies,
+// so two writes never publish their aggregates (selector services) in the
+// wrong order.
+//
+// Node writes hold nodeMu from the check to the apply: two nodes must not
+// both pass the uniqueness checks (IPs, pod CIDRs) and both be stored.
+//
+// What cannot be published. The door checks make a refusal by the Sink
+// unexpected, but an aggregate can still fail (a selector service grown
+// past a limit by endpoint changes, a record stored by an older version
+// that no longer validates). Such failures are never only logged: the
+// object and the reason are in Problems, which the server reports in
+// /readyz, its status and a metric, until the object publishes again.
+
 // NamespaceLabel is the identity label every endpoint gets from its
 // namespace, as the Kubernetes source does.
 const NamespaceLabel = "k8s:io.kubernetes.pod.namespace"
@@ -36,11 +64,14 @@ func Prefix(cluster string) string { return "trellis/registry/" + cluster + "/" 
 
 // Config wires a Registry.
 type Config struct {
-	Cluster    v1.ClusterConfig
-	Client     *kvstore.Client
-	Sink       source.Sink
-	Identities source.IdentityAllocator
-	Logger     *slog.Logger
+	Cluster v1.ClusterConfig
+	// ServiceCIDRs are where service VIPs may lie; empty allows any VIP
+	// that is reachable unicast and no pod or node address.
+	ServiceCIDRs []netip.Prefix
+	Client       *kvstore.Client
+	Sink         source.Sink
+	Identities   source.IdentityAllocator
+	Logger       *slog.Logger
 }
 
 // Registry holds the registered objects and publishes what they imply.
@@ -48,26 +79,39 @@ type Registry struct {
 	cfg Config
 	log *slog.Logger
 
-	// The records, one store per kind; a record is written before a
-	// request is answered.
 	nodeRecords     *kvstore.RecordStore[v1.NodeRequest]
 	endpointRecords *kvstore.RecordStore[v1.EndpointRequest]
 	serviceRecords  *kvstore.RecordStore[v1.ServiceRequest]
 
+	locks  keyLocks
+	nodeMu sync.Mutex
+
 	mu        sync.Mutex
-	nodes     map[string]v1.NodeRequest
+	nodes     map[string]stored[v1.NodeRequest]
 	endpoints map[netip.Addr]endpointState
-	services  map[string]v1.ServiceRequest // "ns/name"
+	services  map[string]stored[v1.ServiceRequest] // "ns/name"
+	problems  map[string]string                    // "service ns/name" → why it is not published
+}
+
+// stored is a record as etcd holds it.
+type stored[T any] struct {
+	req T
+	rev int64
 }
 
 type endpointState struct {
 	req      v1.EndpointRequest
+	rev      int64
 	identity v1.NumericIdentity
 	labels   map[string]string // identity labels
 }
 
 // storeTimeout bounds the write that commits a request.
 const storeTimeout = 10 * time.Second
+
+// maxConflictRetries bounds how often a write re-reads a record that
+// changed behind its back.
+const maxConflictRetries = 3
 
 // New creates an empty registry; Load fills it from etcd.
 func New(cfg Config) (*Registry, error) {
@@ -80,9 +124,10 @@ func New(cfg Config) (*Registry, error) {
 	r := &Registry{
 		cfg:       cfg,
 		log:       cfg.Logger.With("source", "registry"),
-		nodes:     make(map[string]v1.NodeRequest),
+		nodes:     make(map[string]stored[v1.NodeRequest]),
 		endpoints: make(map[netip.Addr]endpointState),
-		services:  make(map[string]v1.ServiceRequest),
+		services:  make(map[string]stored[v1.ServiceRequest]),
+		problems:  make(map[string]string),
 	}
 	prefix := Prefix(cfg.Cluster.Name)
 	var err error
@@ -99,34 +144,54 @@ func New(cfg Config) (*Registry, error) {
 }
 
 // Load reads the registered objects from etcd, publishes them, and marks
-// every kind synced. A stored record that no longer validates is logged
-// and skipped, not fatal: one bad record must not keep a cluster offline.
+// every kind synced. A stored record that no longer passes the door (it
+// was stored by an older version) is not published and is reported in
+// Problems: one bad record must not keep a cluster offline, nor vanish
+// without a word.
 func (r *Registry) Load(ctx context.Context) error {
-	nodes, err := loadRecords(ctx, r, r.nodeRecords)
+	nodes, err := loadRecords(ctx, r, "node", r.nodeRecords)
 	if err != nil {
 		return err
 	}
-	endpoints, err := loadRecords(ctx, r, r.endpointRecords)
+	endpoints, err := loadRecords(ctx, r, "endpoint", r.endpointRecords)
 	if err != nil {
 		return err
 	}
-	services, err := loadRecords(ctx, r, r.serviceRecords)
+	services, err := loadRecords(ctx, r, "service", r.serviceRecords)
 	if err != nil {
 		return err
 	}
-	for _, n := range nodes {
-		if err := r.applyNode(n); err != nil {
-			r.log.Warn("skipping stored node that no longer validates", "node", n.Name, "err", err)
+	for _, rec := range nodes {
+		n := rec.Value
+		node, err := r.checkNode(n)
+		if err == nil {
+			r.mu.Lock()
+			err = r.nodeConflictLocked(n)
+			if err == nil {
+				r.nodes[n.Name] = stored[v1.NodeRequest]{n, rec.Revision}
+				r.publishLocked("node "+n.Name, r.cfg.Sink.UpsertNode(node))
+			}
+			r.mu.Unlock()
+		}
+		if err != nil {
+			r.stale("node "+rec.ID, err)
 		}
 	}
-	for _, e := range endpoints {
-		if err := r.applyEndpoint(ctx, e); err != nil {
-			r.log.Warn("skipping stored endpoint that no longer validates", "ip", e.IP, "err", err)
+	for _, rec := range endpoints {
+		if err := r.loadEndpoint(ctx, rec); err != nil {
+			r.stale("endpoint "+rec.ID, err)
 		}
 	}
-	for _, s := range services {
-		if err := r.applyService(s); err != nil {
-			r.log.Warn("skipping stored service that no longer validates", "service", s.Namespace+"/"+s.Name, "err", err)
+	for _, rec := range services {
+		s := rec.Value
+		err := r.checkService(s)
+		if err == nil {
+			r.mu.Lock()
+			r.services[serviceID(s.Namespace, s.Name)] = stored[v1.ServiceRequest]{s, rec.Revision}
+			r.publishServiceLocked(s)
+			r.mu.Unlock()
+		} else {
+			r.stale("service "+rec.ID, err)
 		}
 	}
 	for _, kind := range []v1.Kind{v1.KindNodes, v1.KindEndpoints, v1.KindServices, v1.KindIdentities} {
@@ -136,155 +201,269 @@ func (r *Registry) Load(ctx context.Context) error {
 	return nil
 }
 
-// loadRecords lists one kind's records, logging and skipping those that
-// do not decode.
-func loadRecords[T any](ctx context.Context, r *Registry, store *kvstore.RecordStore[T]) ([]T, error) {
+func (r *Registry) loadEndpoint(ctx context.Context, rec kvstore.Record[v1.EndpointRequest]) error {
+	e := rec.Value
+	labels, err := r.checkEndpoint(e)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	e, err = r.endpointOnNodeLocked(e)
+	r.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	id, err := r.cfg.Identities.Acquire(ctx, labels)
+	if err != nil {
+		return fmt.Errorf("allocate identity: %w", err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.endpoints[e.IP] = endpointState{req: e, rev: rec.Revision, identity: id, labels: labels}
+	r.publishLocked("endpoint "+e.IP.String(), r.cfg.Sink.UpsertEndpoint(r.endpointObject(e, id)))
+	return nil
+}
+
+// stale reports a stored record that is not published.
+func (r *Registry) stale(object string, err error) {
+	r.mu.Lock()
+	r.problems[object] = "stored record not published: " + err.Error()
+	r.mu.Unlock()
+	r.log.Error("stored registry record not published; fix or delete it", "object", object, "err", err)
+}
+
+// loadRecords lists one kind's records; one that does not decode is
+// reported in Problems.
+func loadRecords[T any](ctx context.Context, r *Registry, kind string, store *kvstore.RecordStore[T]) ([]kvstore.Record[T], error) {
 	records, err := store.List(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("registry: load: %w", err)
 	}
-	out := make([]T, 0, len(records))
+	out := make([]kvstore.Record[T], 0, len(records))
 	for _, rec := range records {
 		if rec.Err != nil {
-			r.log.Warn("skipping unreadable registry record", "err", rec.Err)
+			r.stale(kind+" "+rec.ID, rec.Err)
 			continue
 		}
-		out = append(out, rec.Value)
+		out = append(out, rec)
 	}
 	return out, nil
 }
 
-// persist writes a record; it is the commit point of a request.
-func persist[T any](ctx context.Context, store *kvstore.RecordStore[T], id string, v T) error {
-	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
-	if err := store.Put(ctx, id, v); err != nil {
-		return fmt.Errorf("store %s: %w", store.Key(id), err)
-	}
-	return nil
+// Problems lists the objects whose stored record is not what is published
+// now, and why: "service default/big" → the reason.
+func (r *Registry) Problems() map[string]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return maps.Clone(r.problems)
 }
 
-func unpersist[T any](ctx context.Context, store *kvstore.RecordStore[T], id string) error {
+// publishLocked records the outcome of publishing object.
+func (r *Registry) publishLocked(object string, err error) {
+	if err == nil {
+		delete(r.problems, object)
+		return
+	}
+	if r.problems[object] != err.Error() {
+		r.log.Error("registry object not published", "object", object, "err", err)
+	}
+	r.problems[object] = err.Error()
+}
+
+// store writes a record with the revision compare, re-reading the revision
+// when the record changed behind this process's back. cur is the revision
+// memory holds (0: none).
+func store[T any](ctx context.Context, s *kvstore.RecordStore[T], id string, v T, cur int64) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	if err := store.Delete(ctx, id); err != nil {
-		return fmt.Errorf("delete %s: %w", store.Key(id), err)
+	for range maxConflictRetries {
+		rev, err := s.PutIf(ctx, id, v, cur)
+		if !errors.Is(err, kvstore.ErrConflict) {
+			if err != nil {
+				return 0, fmt.Errorf("store %s: %w", s.Key(id), err)
+			}
+			return rev, nil
+		}
+		now, ok, err := s.Get(ctx, id)
+		if err != nil {
+			return 0, fmt.Errorf("store %s: %w", s.Key(id), err)
+		}
+		cur = 0
+		if ok {
+			cur = now.Revision
+		}
 	}
-	return nil
+	return 0, fmt.Errorf("store %s: changed by someone else %d times in a row; retry", s.Key(id), maxConflictRetries)
 }
+
+// unstore deletes a record with the revision compare, like store.
+func unstore[T any](ctx context.Context, s *kvstore.RecordStore[T], id string, cur int64) error {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	for range maxConflictRetries {
+		err := s.DeleteIf(ctx, id, cur)
+		if !errors.Is(err, kvstore.ErrConflict) {
+			if err != nil {
+				return fmt.Errorf("delete %s: %w", s.Key(id), err)
+			}
+			return nil
+		}
+		now, ok, err := s.Get(ctx, id)
+		if err != nil {
+			return fmt.Errorf("delete %s: %w", s.Key(id), err)
+		}
+		if !ok {
+			return nil
+		}
+		cur = now.Revision
+	}
+	return fmt.Errorf("delete %s: changed by someone else %d times in a row; retry", s.Key(id), maxConflictRetries)
+}
+
+// Nodes.
 
 // PutNode registers or replaces a node.
 func (r *Registry) PutNode(ctx context.Context, n v1.NodeRequest) error {
-	if err := r.applyNode(n); err != nil {
+	node, err := r.checkNode(n)
+	if err != nil {
 		return invalid(err)
 	}
-	return persist(ctx, r.nodeRecords, n.Name, n)
-}
-
-func (r *Registry) applyNode(n v1.NodeRequest) error {
-	if err := r.cfg.Sink.UpsertNode(v1.Node{
-		Cluster: r.cfg.Cluster.Name, Name: n.Name, IPs: n.IPs, PodCIDRs: n.PodCIDRs,
-		WireGuardPublicKey: n.WireGuardPublicKey, HealthAddr: n.HealthAddr, Region: n.Region, Zone: n.Zone,
-	}); err != nil {
+	r.nodeMu.Lock()
+	defer r.nodeMu.Unlock()
+	r.mu.Lock()
+	err = r.nodeConflictLocked(n)
+	cur := r.nodes[n.Name].rev
+	r.mu.Unlock()
+	if err != nil {
+		return invalid(err)
+	}
+	rev, err := store(ctx, r.nodeRecords, n.Name, n, cur)
+	if err != nil {
 		return err
 	}
 	r.mu.Lock()
-	r.nodes[n.Name] = n
-	r.mu.Unlock()
+	defer r.mu.Unlock()
+	r.nodes[n.Name] = stored[v1.NodeRequest]{n, rev}
+	r.publishLocked("node "+n.Name, r.cfg.Sink.UpsertNode(node))
 	return nil
 }
 
-// DeleteNode removes a node.
+// DeleteNode removes a node. Its endpoints stay registered (as a pod
+// outlives a deleted Node object in Kubernetes) until they are deleted.
 func (r *Registry) DeleteNode(ctx context.Context, name string) error {
+	r.nodeMu.Lock()
+	defer r.nodeMu.Unlock()
 	r.mu.Lock()
-	_, ok := r.nodes[name]
-	delete(r.nodes, name)
+	cur, ok := r.nodes[name]
 	r.mu.Unlock()
 	if !ok {
 		return notFound("node %s is not registered", name)
 	}
-	if err := r.cfg.Sink.DeleteNode(name); err != nil {
+	if err := unstore(ctx, r.nodeRecords, name, cur.rev); err != nil {
 		return err
 	}
-	return unpersist(ctx, r.nodeRecords, name)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.nodes, name)
+	delete(r.problems, "node "+name)
+	r.publishLocked("node "+name, r.cfg.Sink.DeleteNode(name))
+	return nil
 }
 
 // Nodes lists the registered nodes.
 func (r *Registry) Nodes() []v1.NodeRequest {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return slices.SortedFunc(maps.Values(r.nodes), func(a, b v1.NodeRequest) int { return strings.Compare(a.Name, b.Name) })
+	out := make([]v1.NodeRequest, 0, len(r.nodes))
+	for _, n := range r.nodes {
+		out = append(out, n.req)
+	}
+	slices.SortFunc(out, func(a, b v1.NodeRequest) int { return strings.Compare(a.Name, b.Name) })
+	return out
 }
+
+// Node returns a registered node.
+func (r *Registry) Node(name string) (v1.NodeRequest, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n, ok := r.nodes[name]
+	return n.req, ok
+}
+
+// Endpoints.
 
 // PutEndpoint registers or replaces a pod endpoint and updates the
 // services that select it.
 func (r *Registry) PutEndpoint(ctx context.Context, e v1.EndpointRequest) error {
-	if err := r.applyEndpoint(ctx, e); err != nil {
-		return err
+	labels, err := r.checkEndpoint(e)
+	if err != nil {
+		return invalid(err)
 	}
-	return persist(ctx, r.endpointRecords, e.IP.String(), e)
-}
-
-func (r *Registry) applyEndpoint(ctx context.Context, e v1.EndpointRequest) error {
-	if !e.IP.IsValid() {
-		return invalid(fmt.Errorf("endpoint: ip is required"))
+	unlock := r.locks.lock("endpoints/" + e.IP.String())
+	defer unlock()
+	r.mu.Lock()
+	e, err = r.endpointOnNodeLocked(e)
+	cur := r.endpoints[e.IP].rev
+	r.mu.Unlock()
+	if err != nil {
+		return invalid(err)
 	}
-	if e.Namespace == "" {
-		return invalid(fmt.Errorf("endpoint %s: namespace is required", e.IP))
-	}
-	if !r.cfg.Cluster.Contains(e.IP) {
-		return invalid(fmt.Errorf("endpoint IP %s is outside the cluster's pod CIDRs %v", e.IP, r.cfg.Cluster.PodCIDRs))
-	}
-	labels := identityLabels(e)
 	id, err := r.cfg.Identities.Acquire(ctx, labels)
 	if err != nil {
+		if errors.Is(err, v1.ErrInvalid) {
+			return invalid(fmt.Errorf("endpoint %s: labels: %w", e.IP, err))
+		}
 		return fmt.Errorf("endpoint %s: allocate identity: %w", e.IP, err)
 	}
-	ready := e.Ready == nil || *e.Ready
-	ep := v1.Endpoint{Cluster: r.cfg.Cluster.Name, IP: e.IP, Identity: id, NodeIP: e.NodeIP, Namespace: e.Namespace, Pod: e.Pod, Ready: ready}
-	if err := r.cfg.Sink.UpsertEndpoint(ep); err != nil {
-		r.cfg.Identities.Release(ctx, labels)
-		return invalid(err)
+	rev, err := store(ctx, r.endpointRecords, e.IP.String(), e, cur)
+	if err != nil {
+		r.release(ctx, labels)
+		return err
 	}
 	r.mu.Lock()
 	old, had := r.endpoints[e.IP]
-	r.endpoints[e.IP] = endpointState{req: e, identity: id, labels: labels}
+	r.endpoints[e.IP] = endpointState{req: e, rev: rev, identity: id, labels: labels}
+	r.publishLocked("endpoint "+e.IP.String(), r.cfg.Sink.UpsertEndpoint(r.endpointObject(e, id)))
+	r.refreshServicesLocked(e.Namespace)
+	if had && old.req.Namespace != e.Namespace {
+		r.refreshServicesLocked(old.req.Namespace)
+	}
 	r.mu.Unlock()
 	if had {
-		r.cfg.Identities.Release(ctx, old.labels)
-	}
-	r.refreshServices(e.Namespace)
-	if had && old.req.Namespace != e.Namespace {
-		r.refreshServices(old.req.Namespace)
+		r.release(ctx, old.labels)
 	}
 	return nil
 }
 
-// identityLabels are the labels an endpoint's identity is derived from:
-// its namespace plus its own labels, prefixed like the Kubernetes source's.
-func identityLabels(e v1.EndpointRequest) map[string]string {
-	labels := map[string]string{NamespaceLabel: e.Namespace}
-	for k, v := range e.Labels {
-		labels["k8s:"+k] = v
-	}
-	return labels
-}
-
 // DeleteEndpoint removes an endpoint.
 func (r *Registry) DeleteEndpoint(ctx context.Context, ip netip.Addr) error {
+	unlock := r.locks.lock("endpoints/" + ip.String())
+	defer unlock()
 	r.mu.Lock()
-	old, ok := r.endpoints[ip]
-	delete(r.endpoints, ip)
+	cur, ok := r.endpoints[ip]
 	r.mu.Unlock()
 	if !ok {
 		return notFound("endpoint %s is not registered", ip)
 	}
-	if err := r.cfg.Sink.DeleteEndpoint(ip); err != nil {
+	if err := unstore(ctx, r.endpointRecords, ip.String(), cur.rev); err != nil {
 		return err
 	}
-	r.cfg.Identities.Release(ctx, old.labels)
-	r.refreshServices(old.req.Namespace)
-	return unpersist(ctx, r.endpointRecords, ip.String())
+	r.mu.Lock()
+	delete(r.endpoints, ip)
+	delete(r.problems, "endpoint "+ip.String())
+	r.publishLocked("endpoint "+ip.String(), r.cfg.Sink.DeleteEndpoint(ip))
+	r.refreshServicesLocked(cur.req.Namespace)
+	r.mu.Unlock()
+	r.release(ctx, cur.labels)
+	return nil
+}
+
+// release drops an identity reference; a failure is the allocator's to
+// retry (its Run deletes references it could not).
+func (r *Registry) release(ctx context.Context, labels map[string]string) {
+	if err := r.cfg.Identities.Release(ctx, labels); err != nil {
+		r.log.Warn("release identity reference", "labels", labels, "err", err)
+	}
 }
 
 // Endpoints lists the registered endpoints.
@@ -299,32 +478,130 @@ func (r *Registry) Endpoints() []v1.EndpointView {
 	return out
 }
 
-// PutService registers or replaces a service.
-func (r *Registry) PutService(ctx context.Context, s v1.ServiceRequest) error {
-	if err := r.applyService(s); err != nil {
-		return err
-	}
-	return persist(ctx, r.serviceRecords, s.Namespace+"/"+s.Name, s)
+// Endpoint returns a registered endpoint.
+func (r *Registry) Endpoint(ip netip.Addr) (v1.EndpointRequest, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.endpoints[ip]
+	return e.req, ok
 }
 
-func (r *Registry) applyService(s v1.ServiceRequest) error {
-	if s.Selector != nil && len(s.Backends) > 0 {
-		return invalid(fmt.Errorf("service %s/%s: give a selector or backends, not both", s.Namespace, s.Name))
+// identityLabels are the labels an endpoint's identity is derived from:
+// its namespace plus its own labels, prefixed like the Kubernetes source's.
+func identityLabels(e v1.EndpointRequest) map[string]string {
+	labels := map[string]string{NamespaceLabel: e.Namespace}
+	for k, v := range e.Labels {
+		labels["k8s:"+k] = v
 	}
-	mesh, errs := source.ParseAnnotations(s.Annotations)
-	if len(errs) > 0 {
-		return invalid(fmt.Errorf("service %s/%s: %w", s.Namespace, s.Name, errors.Join(errs...)))
-	}
-	r.mu.Lock()
-	svc := r.buildServiceLocked(s, mesh)
-	r.mu.Unlock()
-	if err := r.cfg.Sink.UpsertService(svc); err != nil {
+	return labels
+}
+
+func (r *Registry) endpointObject(e v1.EndpointRequest, id v1.NumericIdentity) v1.Endpoint {
+	return v1.Endpoint{Cluster: r.cfg.Cluster.Name, IP: e.IP, Identity: id, NodeIP: e.NodeIP,
+		Namespace: e.Namespace, Pod: e.Pod, Ready: e.Ready == nil || *e.Ready}
+}
+
+// Services.
+
+func serviceID(namespace, name string) string { return namespace + "/" + name }
+
+// PutService registers or replaces a service.
+func (r *Registry) PutService(ctx context.Context, s v1.ServiceRequest) error {
+	if err := r.checkService(s); err != nil {
 		return invalid(err)
 	}
+	id := serviceID(s.Namespace, s.Name)
+	unlock := r.locks.lock("services/" + id)
+	defer unlock()
 	r.mu.Lock()
-	r.services[s.Namespace+"/"+s.Name] = s
+	prev, had := r.services[id]
 	r.mu.Unlock()
+	rev, err := store(ctx, r.serviceRecords, id, s, prev.rev)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.services[id] = stored[v1.ServiceRequest]{s, rev}
+	err = r.publishServiceLocked(s)
+	r.mu.Unlock()
+	if err == nil {
+		return nil
+	}
+	// The Sink refused what the door let through (a limit the service
+	// hits with its backends): put the stored record back as it was, so
+	// that what is stored is what is published, and tell the client.
+	if rerr := r.restoreService(ctx, id, prev, had, rev); rerr != nil {
+		return fmt.Errorf("service %s was stored but cannot be published (%w), and restoring the previous version failed: %v", id, err, rerr)
+	}
+	return invalid(fmt.Errorf("service %s: %w", id, err))
+}
+
+// restoreService undoes a PutService whose result could not be published.
+func (r *Registry) restoreService(ctx context.Context, id string, prev stored[v1.ServiceRequest], had bool, rev int64) error {
+	if !had {
+		if err := unstore(ctx, r.serviceRecords, id, rev); err != nil {
+			return err
+		}
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		delete(r.services, id)
+		delete(r.problems, "service "+id)
+		ns, name, _ := strings.Cut(id, "/")
+		return r.cfg.Sink.DeleteService(ns, name)
+	}
+	back, err := store(ctx, r.serviceRecords, id, prev.req, rev)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.services[id] = stored[v1.ServiceRequest]{prev.req, back}
+	return r.publishServiceLocked(prev.req)
+}
+
+// DeleteService removes a service.
+func (r *Registry) DeleteService(ctx context.Context, namespace, name string) error {
+	id := serviceID(namespace, name)
+	unlock := r.locks.lock("services/" + id)
+	defer unlock()
+	r.mu.Lock()
+	cur, ok := r.services[id]
+	r.mu.Unlock()
+	if !ok {
+		return notFound("service %s is not registered", id)
+	}
+	if err := unstore(ctx, r.serviceRecords, id, cur.rev); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.services, id)
+	delete(r.problems, "service "+id)
+	r.publishLocked("service "+id, r.cfg.Sink.DeleteService(namespace, name))
 	return nil
+}
+
+// Services lists the registered services.
+func (r *Registry) Services() []v1.ServiceRequest {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]v1.ServiceRequest, 0, len(r.services))
+	for _, s := range r.services {
+		out = append(out, s.req)
+	}
+	slices.SortFunc(out, func(a, b v1.ServiceRequest) int {
+		return strings.Compare(serviceID(a.Namespace, a.Name), serviceID(b.Namespace, b.Name))
+	})
+	return out
+}
+
+// publishServiceLocked publishes s as it is now, resolving its selector,
+// and records the outcome.
+func (r *Registry) publishServiceLocked(s v1.ServiceRequest) error {
+	mesh, _ := source.ParseAnnotations(s.Annotations) // checked at the door
+	err := r.cfg.Sink.UpsertService(r.buildServiceLocked(s, mesh))
+	r.publishLocked("service "+serviceID(s.Namespace, s.Name), err)
+	return err
 }
 
 // buildServiceLocked turns a registered service into its published form,
@@ -368,47 +645,48 @@ func selects(selector, labels map[string]string) bool {
 	return true
 }
 
-// refreshServices republishes the selector services of a namespace after
-// its endpoints changed.
-func (r *Registry) refreshServices(namespace string) {
-	r.mu.Lock()
-	var updates []v1.Service
+// refreshServicesLocked republishes the selector services of a namespace
+// after its endpoints changed.
+func (r *Registry) refreshServicesLocked(namespace string) {
 	for _, s := range r.services {
-		if s.Namespace != namespace || s.Selector == nil {
-			continue
-		}
-		mesh, _ := source.ParseAnnotations(s.Annotations)
-		updates = append(updates, r.buildServiceLocked(s, mesh))
-	}
-	r.mu.Unlock()
-	for _, svc := range updates {
-		if err := r.cfg.Sink.UpsertService(svc); err != nil {
-			r.log.Warn("service no longer publishable after an endpoint change", "service", svc.Namespace+"/"+svc.Name, "err", err)
+		if s.req.Namespace == namespace && s.req.Selector != nil {
+			r.publishServiceLocked(s.req)
 		}
 	}
 }
 
-// DeleteService removes a service.
-func (r *Registry) DeleteService(ctx context.Context, namespace, name string) error {
-	id := namespace + "/" + name
-	r.mu.Lock()
-	_, ok := r.services[id]
-	delete(r.services, id)
-	r.mu.Unlock()
-	if !ok {
-		return notFound("service %s is not registered", id)
-	}
-	if err := r.cfg.Sink.DeleteService(namespace, name); err != nil {
-		return err
-	}
-	return unpersist(ctx, r.serviceRecords, id)
+// keyLocks serialises the writes of one record while letting different
+// records proceed in parallel.
+type keyLocks struct {
+	mu sync.Mutex
+	m  map[string]*keyLock
 }
 
-// Services lists the registered services.
-func (r *Registry) Services() []v1.ServiceRequest {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.SortedFunc(maps.Values(r.services), func(a, b v1.ServiceRequest) int {
-		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
-	})
+type keyLock struct {
+	mu    sync.Mutex
+	users int
+}
+
+// lock takes key's lock and returns the function that releases it.
+func (l *keyLocks) lock(key string) (unlock func()) {
+	l.mu.Lock()
+	if l.m == nil {
+		l.m = make(map[string]*keyLock)
+	}
+	k := l.m[key]
+	if k == nil {
+		k = &keyLock{}
+		l.m[key] = k
+	}
+	k.users++
+	l.mu.Unlock()
+	k.mu.Lock()
+	return func() {
+		k.mu.Unlock()
+		l.mu.Lock()
+		if k.users--; k.users == 0 {
+			delete(l.m, key)
+		}
+		l.mu.Unlock()
+	}
 }

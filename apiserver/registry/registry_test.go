@@ -2,6 +2,8 @@ package registry
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -17,6 +19,9 @@ import (
 // recordingSink keeps the last published version of every service and
 // endpoint.
 type recordingSink struct {
+	// limit, when positive, makes UpsertService refuse services with
+	// more backends, as a Sink with a size limit would.
+	limit     int
 	mu        sync.Mutex
 	services  map[string]v1.Service
 	endpoints map[netip.Addr]v1.Endpoint
@@ -39,6 +44,9 @@ func (s *recordingSink) DeleteService(ns, name string) error {
 func (s *recordingSink) UpsertService(svc v1.Service) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.limit > 0 && len(svc.Backends) > s.limit {
+		return fmt.Errorf("service %s/%s: %d backends, limit %d", svc.Namespace, svc.Name, len(svc.Backends), s.limit)
+	}
 	s.services[svc.Namespace+"/"+svc.Name] = svc
 	return nil
 }
@@ -104,7 +112,17 @@ func startEtcd(t *testing.T) *kvstore.Embedded {
 }
 
 func endpoint(ip, ns string, ready bool, labels map[string]string) v1.EndpointRequest {
-	return v1.EndpointRequest{IP: netip.MustParseAddr(ip), Namespace: ns, Pod: "pod-" + ip, NodeIP: netip.MustParseAddr("192.0.2.1"), Ready: &ready, Labels: labels}
+	return v1.EndpointRequest{IP: netip.MustParseAddr(ip), Namespace: ns, Pod: "pod-" + ip, Node: "n1", NodeIP: netip.MustParseAddr("192.0.2.1"), Ready: &ready, Labels: labels}
+}
+
+// node1 is the node the test endpoints run on.
+var node1 = v1.NodeRequest{Name: "n1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")}}
+
+func putNode1(t *testing.T, r *Registry) {
+	t.Helper()
+	if err := r.PutNode(context.Background(), node1); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // A selector service's backends are exactly the endpoints of its namespace
@@ -114,6 +132,7 @@ func TestSelectorResolution(t *testing.T) {
 	e := startEtcd(t)
 	r, sink, ids := newRegistry(t, e)
 	ctx := context.Background()
+	putNode1(t, r)
 	web := map[string]string{"app": "web"}
 	webCanary := map[string]string{"app": "web", "track": "canary"}
 	for _, ep := range []v1.EndpointRequest{
@@ -179,6 +198,7 @@ func TestServiceBackendPorts(t *testing.T) {
 	e := startEtcd(t)
 	r, sink, _ := newRegistry(t, e)
 	ctx := context.Background()
+	putNode1(t, r)
 	if err := r.PutEndpoint(ctx, endpoint("10.1.0.4", "default", true, map[string]string{"app": "dns"})); err != nil {
 		t.Fatal(err)
 	}
@@ -214,9 +234,7 @@ func TestLoadAfterRestart(t *testing.T) {
 	e := startEtcd(t)
 	r, _, _ := newRegistry(t, e)
 	ctx := context.Background()
-	if err := r.PutNode(ctx, v1.NodeRequest{Name: "n1", IPs: []netip.Addr{netip.MustParseAddr("192.0.2.1")}, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.1.0/24")}}); err != nil {
-		t.Fatal(err)
-	}
+	putNode1(t, r)
 	if err := r.PutEndpoint(ctx, endpoint("10.1.1.10", "default", true, map[string]string{"app": "web"})); err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +259,205 @@ func TestLoadAfterRestart(t *testing.T) {
 	if got := sink.backends(t, "default/web"); !slices.Equal(got, []string{"10.1.1.10:active"}) {
 		t.Errorf("service after reload: %v", got)
 	}
+	if p := again.Problems()["endpoint 10.1.1.99"]; p == "" {
+		t.Errorf("problems %v: want the undecodable endpoint record", again.Problems())
+	}
 	if len(sink.synced) != 4 {
 		t.Errorf("synced kinds after load: %v, want all four", sink.synced)
+	}
+}
+
+// The probes of what used to be accepted though wrong: each is refused
+// with ErrInvalid (a 400) naming what is wrong, and nothing is stored or
+// published.
+func TestDoorRefuses(t *testing.T) {
+	e := startEtcd(t)
+	r, sink, ids := newRegistry(t, e)
+	r.cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")}
+	ctx := context.Background()
+	putNode1(t, r)
+	ep := func(mod func(*v1.EndpointRequest)) v1.EndpointRequest {
+		e := endpoint("10.1.1.10", "default", true, map[string]string{"app": "web"})
+		mod(&e)
+		return e
+	}
+	many := map[string]string{}
+	for i := range 65 {
+		many[fmt.Sprintf("l%d", i)] = "v"
+	}
+	node := func(name, ip, cidr string) v1.NodeRequest {
+		return v1.NodeRequest{Name: name, IPs: []netip.Addr{netip.MustParseAddr(ip)}, PodCIDRs: []netip.Prefix{netip.MustParsePrefix(cidr)}}
+	}
+	svc := func(vip string) v1.ServiceRequest {
+		return v1.ServiceRequest{Namespace: "default", Name: "web", Ports: []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: 8080}},
+			FrontendIPs: []netip.Addr{netip.MustParseAddr(vip)}, Selector: map[string]string{"app": "web"}}
+	}
+	for _, tc := range []struct {
+		name    string
+		put     func() error
+		mention string
+	}{
+		{"endpoint nodeIP loopback", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.NodeIP = netip.MustParseAddr("127.0.0.1") }))
+		}, "nodeIP 127.0.0.1 is not an IP of node n1"},
+		{"endpoint nodeIP elsewhere", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.NodeIP = netip.MustParseAddr("8.8.8.8") }))
+		}, "nodeIP 8.8.8.8"},
+		{"endpoint on an unregistered node", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.Node = "ghost" }))
+		}, `node "ghost" is not registered`},
+		{"endpoint on a node named in invalid UTF-8", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.Node = "n\xff1" }))
+		}, "is not registered"},
+		{"endpoint without a node", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.Node = "" }))
+		}, "node is required"},
+		{"endpoint with 65 labels", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.Labels = many }))
+		}, "labels"},
+		{"endpoint outside the pod CIDRs", func() error {
+			return r.PutEndpoint(ctx, ep(func(e *v1.EndpointRequest) { e.IP = netip.MustParseAddr("10.9.0.1") }))
+		}, "outside the cluster's pod CIDRs"},
+		{"node underlay loopback", func() error { return r.PutNode(ctx, node("n2", "127.0.0.1", "10.1.2.0/24")) }, "loopback"},
+		{"node underlay link-local", func() error { return r.PutNode(ctx, node("n2", "169.254.169.254", "10.1.2.0/24")) }, "link-local"},
+		{"node with another node's IP", func() error { return r.PutNode(ctx, node("n2", "192.0.2.1", "10.1.2.0/24")) }, "node n1's already"},
+		{"node with the whole cluster range", func() error { return r.PutNode(ctx, node("n2", "192.0.2.2", "10.1.0.0/16")) }, "whole cluster pod CIDR"},
+		{"node overlapping another node", func() error { return r.PutNode(ctx, node("n2", "192.0.2.2", "10.1.0.0/20")) }, "overlaps 10.1.1.0/24 of node n1"},
+		{"node outside the pod CIDRs", func() error { return r.PutNode(ctx, node("n2", "192.0.2.2", "10.2.0.0/24")) }, "not inside the cluster's pod CIDRs"},
+		{"node IP inside the pod CIDRs", func() error { return r.PutNode(ctx, node("n2", "10.1.7.7", "10.1.2.0/24")) }, "inside the cluster's pod CIDRs"},
+		{"VIP loopback", func() error { return r.PutService(ctx, svc("127.0.0.1")) }, "loopback"},
+		{"VIP a node IP", func() error {
+			r.cfg.ServiceCIDRs = nil
+			defer func() { r.cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")} }()
+			return r.PutService(ctx, svc("192.0.2.1"))
+		}, "node n1's IP"},
+		{"VIP outside the service CIDRs", func() error { return r.PutService(ctx, svc("10.200.0.1")) }, "outside the service CIDRs"},
+		{"VIP a pod IP", func() error {
+			r.cfg.ServiceCIDRs = nil
+			defer func() { r.cfg.ServiceCIDRs = []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")} }()
+			return r.PutService(ctx, svc("10.1.1.10"))
+		}, "inside the cluster's pod CIDRs"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.put()
+			if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.mention) {
+				t.Fatalf("err %v, want ErrInvalid mentioning %q", err, tc.mention)
+			}
+		})
+	}
+	// Nothing of it stored or published: only node n1.
+	if got := len(r.Nodes()) + len(r.Endpoints()) + len(r.Services()); got != 1 {
+		t.Errorf("registry holds %d objects, want only node n1", got)
+	}
+	for _, kind := range []string{"nodes/", "endpoints/", "services/"} {
+		n := 0
+		if _, err := r.cfg.Client.List(ctx, Prefix("eu")+kind, kvstore.ListOptions{KeysOnly: true}, func(kvstore.KeyValue) { n++ }); err != nil {
+			t.Fatal(err)
+		}
+		if want := map[string]int{"nodes/": 1}[kind]; n != want {
+			t.Errorf("%d %s records stored, want %d", n, kind, want)
+		}
+	}
+	if len(sink.endpoints) != 0 || len(sink.services) != 0 || ids.TotalRefs() != 0 {
+		t.Errorf("published %d endpoints, %d services, %d identity references; want none", len(sink.endpoints), len(sink.services), ids.TotalRefs())
+	}
+}
+
+// Concurrent writers on one record: whatever order they land in, what is
+// served, what is stored and what is published agree after every round.
+// (Applying to memory before storing, and deletes leaving memory first,
+// made them differ in 6 of 40 rounds.)
+func TestConcurrentWritersOneRecord(t *testing.T) {
+	e := startEtcd(t)
+	r, sink, _ := newRegistry(t, e)
+	ctx := context.Background()
+	putNode1(t, r)
+	ip := netip.MustParseAddr("10.1.1.10")
+	for round := range 40 {
+		var wg sync.WaitGroup
+		for w := range 8 {
+			wg.Go(func() {
+				ready := w%2 == 0
+				e := endpoint(ip.String(), "default", ready, map[string]string{"app": "web", "writer": fmt.Sprint(w)})
+				if round%5 == 4 && w == 7 {
+					if err := r.DeleteEndpoint(ctx, ip); err != nil && !errors.Is(err, ErrNotFound) {
+						t.Errorf("round %d delete: %v", round, err)
+					}
+					return
+				}
+				if err := r.PutEndpoint(ctx, e); err != nil {
+					t.Errorf("round %d writer %d: %v", round, w, err)
+				}
+			})
+		}
+		wg.Wait()
+		served, isServed := r.Endpoint(ip)
+		rec, isStored, err := r.endpointRecords.Get(ctx, ip.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sink.mu.Lock()
+		pub, isPublished := sink.endpoints[ip]
+		sink.mu.Unlock()
+		if isServed != isStored || isStored != isPublished {
+			t.Fatalf("round %d: served %v, stored %v, published %v", round, isServed, isStored, isPublished)
+		}
+		if !isStored {
+			continue
+		}
+		if served.Labels["writer"] != rec.Value.Labels["writer"] || *served.Ready != *rec.Value.Ready || pub.Ready != *rec.Value.Ready {
+			t.Fatalf("round %d: served writer %s ready %v, stored writer %s ready %v, published ready %v",
+				round, served.Labels["writer"], *served.Ready, rec.Value.Labels["writer"], *rec.Value.Ready, pub.Ready)
+		}
+	}
+}
+
+// An aggregate that cannot be published is not only logged: Problems
+// names it until it publishes again. A service the Sink refuses at PUT
+// is not stored (the previous version stays) and the client hears why.
+func TestUnpublishableIsReported(t *testing.T) {
+	e := startEtcd(t)
+	r, sink, _ := newRegistry(t, e)
+	ctx := context.Background()
+	putNode1(t, r)
+	ports := []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: 8080}}
+	web := v1.ServiceRequest{Namespace: "default", Name: "web", Ports: ports, Selector: map[string]string{"app": "web"}}
+	if err := r.PutService(ctx, web); err != nil {
+		t.Fatal(err)
+	}
+	// The Sink refuses services with more than two backends from now on.
+	sink.limit = 2
+	for i := range 3 {
+		if err := r.PutEndpoint(ctx, endpoint(fmt.Sprintf("10.1.1.%d", 10+i), "default", true, map[string]string{"app": "web"})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if p := r.Problems()["service default/web"]; !strings.Contains(p, "limit") {
+		t.Errorf("problems %v: want service default/web with the reason", r.Problems())
+	}
+	if err := r.DeleteEndpoint(ctx, netip.MustParseAddr("10.1.1.12")); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.Problems()) != 0 {
+		t.Errorf("problems %v after the service publishes again", r.Problems())
+	}
+
+	// A PUT the Sink refuses: 400, and the stored record is the old one.
+	other := web
+	other.Name, other.Selector, other.Backends = "fixed", nil, []v1.Backend{{IP: netip.MustParseAddr("10.1.1.20"), State: v1.BackendActive}}
+	if err := r.PutService(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	grown := other
+	grown.Backends = append(slices.Clone(other.Backends), v1.Backend{IP: netip.MustParseAddr("10.1.1.21"), State: v1.BackendActive}, v1.Backend{IP: netip.MustParseAddr("10.1.1.22"), State: v1.BackendActive})
+	if err := r.PutService(ctx, grown); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "limit") {
+		t.Fatalf("PUT of a service the sink refuses: %v, want ErrInvalid naming the limit", err)
+	}
+	rec, _, err := r.serviceRecords.Get(ctx, "default/fixed")
+	if err != nil || len(rec.Value.Backends) != 1 {
+		t.Errorf("stored record after the refused PUT: %+v, %v; want the old one", rec.Value, err)
+	}
+	if got := sink.backends(t, "default/fixed"); len(got) != 1 {
+		t.Errorf("published %v after the refused PUT, want the old version", got)
 	}
 }
