@@ -3,6 +3,7 @@ package v1
 import (
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"time"
 )
 
@@ -16,10 +17,11 @@ const Version = 1
 // Values come from other clusters, so this bounds what one hostile or buggy
 // writer can make every agent in the mesh allocate per entry. Real values
 // are far smaller: an Endpoint is ~180 bytes, a Node well under 1 KiB. The
-// largest is a Service, at 100-175 bytes per backend (long cloud node names
-// cost the most), so 64 KiB holds roughly 370-640 backends per cluster. A
-// bigger service fails loudly at the writer (Encode) rather than silently
-// at every reader.
+// largest are a Service and a BackendShard, at 100-175 bytes per backend
+// (long cloud node names cost the most), so one value holds roughly
+// 370-640 backends; a service with more publishes them in shards (see
+// [Service.BackendShards]). A value that is too large anyway fails loudly
+// at the writer (Encode) rather than silently at every reader.
 const MaxValueSize = 64 << 10
 
 // maxTimestampSize bounds heartbeat and canary values; RFC3339 with
@@ -44,18 +46,21 @@ func (n *Node) version() int          { return n.V }
 func (e *Endpoint) version() int      { return e.V }
 func (id *Identity) version() int     { return id.V }
 func (s *Service) version() int       { return s.V }
+func (sh *BackendShard) version() int { return sh.V }
 
 func (c *ClusterConfig) setVersion() { c.V = Version }
 func (n *Node) setVersion()          { n.V = Version }
 func (e *Endpoint) setVersion()      { e.V = Version }
 func (id *Identity) setVersion()     { id.V = Version }
 func (s *Service) setVersion()       { s.V = Version }
+func (sh *BackendShard) setVersion() { sh.V = Version }
 
 func (c *ClusterConfig) object() string { return "cluster config" }
 func (n *Node) object() string          { return "node" }
 func (e *Endpoint) object() string      { return "endpoint" }
 func (id *Identity) object() string     { return "identity" }
 func (s *Service) object() string       { return "service" }
+func (sh *BackendShard) object() string { return "backend shard" }
 
 func (c *ClusterConfig) normalize() { c.PodCIDRs = nilIfEmpty(c.PodCIDRs) }
 func (n *Node) normalize() {
@@ -67,10 +72,17 @@ func (id *Identity) normalize() {}
 func (s *Service) normalize() {
 	s.Ports = nilIfEmpty(s.Ports)
 	s.FrontendIPs = nilIfEmpty(s.FrontendIPs)
-	s.Backends = nilIfEmpty(s.Backends)
-	for i := range s.Backends {
-		s.Backends[i].Ports = nilIfEmpty(s.Backends[i].Ports)
+	s.Backends = normalizeBackends(s.Backends)
+	s.BackendShards = nilIfEmpty(s.BackendShards)
+}
+func (sh *BackendShard) normalize() { sh.Backends = normalizeBackends(sh.Backends) }
+
+func normalizeBackends(bs []Backend) []Backend {
+	bs = nilIfEmpty(bs)
+	for i := range bs {
+		bs[i].Ports = nilIfEmpty(bs[i].Ports)
 	}
+	return bs
 }
 
 // nilIfEmpty also drops the spare capacity encoding/json leaves behind
@@ -87,8 +99,9 @@ func nilIfEmpty[T any](s []T) []T {
 }
 
 // Encode validates v and returns its JSON with "v" set to Version. v is a
-// ClusterConfig, Node, Endpoint, Identity or Service, or a pointer to one;
-// a pointed-to value is not modified. Encode fails with ErrInvalid if v does
+// ClusterConfig, Node, Endpoint, Identity, Service or BackendShard, or a
+// pointer to one; a pointed-to value is not modified. Encode fails with
+// ErrInvalid if v does
 // not validate and ErrTooLarge if the result exceeds MaxValueSize.
 func Encode(v any) ([]byte, error) {
 	w, err := wireCopy(v)
@@ -123,6 +136,8 @@ func wireCopy(v any) (wireValue, error) {
 		return &x, nil
 	case Service:
 		return &x, nil
+	case BackendShard:
+		return &x, nil
 	case *ClusterConfig:
 		if x != nil {
 			c := *x
@@ -148,8 +163,13 @@ func wireCopy(v any) (wireValue, error) {
 			c := *x
 			return &c, nil
 		}
+	case *BackendShard:
+		if x != nil {
+			c := *x
+			return &c, nil
+		}
 	}
-	return nil, fmt.Errorf("api/v1: encode: cannot encode %T (nil?); want a ClusterConfig, Node, Endpoint, Identity or Service, or a non-nil pointer to one", v)
+	return nil, fmt.Errorf("api/v1: encode: cannot encode %T (nil?); want a ClusterConfig, Node, Endpoint, Identity, Service or BackendShard, or a non-nil pointer to one", v)
 }
 
 // decode is the one decoding path: size, JSON, version, validation. key is
@@ -246,6 +266,15 @@ func DecodeService(data []byte) (Service, error) {
 		return Service{}, err
 	}
 	return s, nil
+}
+
+// DecodeBackendShard decodes and validates a BackendShard value.
+func DecodeBackendShard(data []byte) (BackendShard, error) {
+	var sh BackendShard
+	if err := decode("", data, &sh); err != nil {
+		return BackendShard{}, err
+	}
+	return sh, nil
 }
 
 // The entry decoders are what a reader of etcd uses: they parse the key
@@ -355,6 +384,31 @@ func DecodeServiceEntry(key string, data []byte) (Service, error) {
 		return Service{}, mismatch(&s, key, "name", s.Name, k.Name)
 	}
 	return s, nil
+}
+
+// DecodeBackendShardEntry decodes the value at a backend shard key and
+// checks that its cluster, namespace, service and shard index are the
+// key's.
+func DecodeBackendShardEntry(key string, data []byte) (BackendShard, error) {
+	k, err := entryKey(key, KindBackends)
+	if err != nil {
+		return BackendShard{}, err
+	}
+	var sh BackendShard
+	if err := decode(key, data, &sh); err != nil {
+		return BackendShard{}, err
+	}
+	switch {
+	case sh.Cluster != k.Cluster:
+		return BackendShard{}, mismatch(&sh, key, "cluster", sh.Cluster, k.Cluster)
+	case sh.Namespace != k.Namespace:
+		return BackendShard{}, mismatch(&sh, key, "namespace", sh.Namespace, k.Namespace)
+	case sh.Service != k.Name:
+		return BackendShard{}, mismatch(&sh, key, "service", sh.Service, k.Name)
+	case sh.Shard != k.Shard:
+		return BackendShard{}, mismatch(&sh, key, "shard", strconv.Itoa(sh.Shard), strconv.Itoa(k.Shard))
+	}
+	return sh, nil
 }
 
 func entryKey(key string, want Kind) (Key, error) {

@@ -12,7 +12,7 @@ import (
 )
 
 // decoders lists each plain decoder with a valid sample, so the error-class
-// tests run against all five.
+// tests run against all six.
 var decoders = []struct {
 	name   string
 	sample func() any
@@ -23,6 +23,7 @@ var decoders = []struct {
 	{"Endpoint", func() any { return sampleEndpoint() }, func(b []byte) (any, error) { return DecodeEndpoint(b) }},
 	{"Identity", func() any { return sampleIdentity() }, func(b []byte) (any, error) { return DecodeIdentity(b) }},
 	{"Service", func() any { return sampleService() }, func(b []byte) (any, error) { return DecodeService(b) }},
+	{"BackendShard", func() any { return sampleBackendShard() }, func(b []byte) (any, error) { return DecodeBackendShard(b) }},
 }
 
 // withVersion returns v (a sample value) with V = Version, which is what a
@@ -83,6 +84,15 @@ func TestWireFormat(t *testing.T) {
 			Backends:    []Backend{{IP: netip.MustParseAddr("10.0.1.5"), Ports: []BackendPort{{Port: 8080}}, State: BackendActive, Node: "n1", Zone: "a"}},
 			Global:      true, Shared: true, Affinity: AffinityLocal},
 			`{"v":1,"cluster":"c","namespace":"default","name":"web","ports":[{"protocol":"TCP","port":80,"targetPort":8080}],"frontendIPs":["10.96.0.10"],"backends":[{"ip":"10.0.1.5","ports":[{"port":8080}],"state":"active","node":"n1","zone":"a"}],"global":true,"shared":true,"affinity":"local"}`},
+		{Service{Cluster: "c", Namespace: "default", Name: "web", Ports: []ServicePort{{Protocol: ProtocolTCP, Port: 80, TargetPort: 8080}},
+			BackendShards: []uint64{0, 3, 3}, Global: true, Shared: true},
+			`{"v":1,"cluster":"c","namespace":"default","name":"web","ports":[{"protocol":"TCP","port":80,"targetPort":8080}],"backendShards":[0,3,3],"global":true,"shared":true}`},
+		{BackendShard{Cluster: "c", Namespace: "default", Service: "web", Shard: 2, Gen: 3,
+			Backends: []Backend{{IP: netip.MustParseAddr("10.0.1.5"), State: BackendActive}}},
+			`{"v":1,"cluster":"c","namespace":"default","service":"web","shard":2,"gen":3,"backends":[{"ip":"10.0.1.5","state":"active"}]}`},
+		{BackendShard{Cluster: "c", Namespace: "default", Service: "web"}, `{"v":1,"cluster":"c","namespace":"default","service":"web","shard":0}`},
+		{ClusterConfig{Name: "c", ID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Capabilities: Capabilities{SyncedCanaries: true, MaxConnectedClusters: 255, BackendShards: true}},
+			`{"v":1,"name":"c","id":1,"podCIDRs":["10.0.0.0/8"],"capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"backendShards":true}}`},
 	}
 	for _, tt := range tests {
 		if got := string(mustEncode(t, tt.v)); got != tt.want {
@@ -95,8 +105,11 @@ func TestEncodeErrors(t *testing.T) {
 	bad := sampleEndpoint()
 	bad.NodeIP = netip.Addr{}
 	huge := sampleService()
+	hugeShard := sampleBackendShard()
 	for i := range 1000 {
-		huge.Backends = append(huge.Backends, Backend{IP: netip.AddrFrom4([4]byte{10, 8, byte(i >> 8), byte(i)}), Ports: []BackendPort{{"http", 8080}}, State: BackendActive, Node: "node-with-a-long-name.example.com", Zone: "eu-west-1a"})
+		b := Backend{IP: netip.AddrFrom4([4]byte{10, 8, byte(i >> 8), byte(i)}), Ports: []BackendPort{{"http", 8080}}, State: BackendActive, Node: "node-with-a-long-name.example.com", Zone: "eu-west-1a"}
+		huge.Backends = append(huge.Backends, b)
+		hugeShard.Backends = append(hugeShard.Backends, b)
 	}
 	tests := []struct {
 		v      any
@@ -105,6 +118,8 @@ func TestEncodeErrors(t *testing.T) {
 		{bad, "invalid"},
 		{&bad, "invalid"},
 		{huge, "too-large"},
+		{hugeShard, "too-large"},
+		{(*BackendShard)(nil), "decode"},
 		{nil, "decode"},
 		{(*Node)(nil), "decode"},
 		{"a string", "decode"},
@@ -216,6 +231,14 @@ func TestDecodeNormalizesEmptyLists(t *testing.T) {
 	if s.Ports != nil || s.FrontendIPs != nil || s.Backends != nil {
 		t.Errorf("empty lists decoded as %#v %#v %#v, want nil", s.Ports, s.FrontendIPs, s.Backends)
 	}
+	s, err = DecodeService([]byte(`{"v":1,"cluster":"c","namespace":"n","name":"s","backendShards":[]}`))
+	if err != nil || s.BackendShards != nil {
+		t.Errorf("empty backendShards decoded as %#v (%v), want nil", s.BackendShards, err)
+	}
+	sh, err := DecodeBackendShard([]byte(`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":1,"backends":[{"ip":"10.0.0.1","ports":[],"state":"active"}]}`))
+	if err != nil || sh.Backends[0].Ports != nil {
+		t.Errorf("empty backend ports in a shard decoded as %#v (%v), want nil", sh.Backends, err)
+	}
 	n, err := DecodeNode([]byte(`{"v":1,"cluster":"c","name":"n","ips":["10.0.0.1"],"podCIDRs":[]}`))
 	if err != nil {
 		t.Fatal(err)
@@ -243,7 +266,11 @@ func TestDecodeEntry(t *testing.T) {
 	decEp := func(k string, b []byte) (any, error) { return DecodeEndpointEntry(k, b) }
 	decID := func(k string, b []byte) (any, error) { return DecodeIdentityEntry(k, b) }
 	decSvc := func(k string, b []byte) (any, error) { return DecodeServiceEntry(k, b) }
+	decShard := func(k string, b []byte) (any, error) { return DecodeBackendShardEntry(k, b) }
 	cfgB, nodeB, epB, ep6B, idB, svcB := mustEncode(t, cfg), mustEncode(t, node), mustEncode(t, ep), mustEncode(t, ep6), mustEncode(t, id), mustEncode(t, svc)
+	sh := sampleBackendShard()
+	shB := mustEncode(t, sh)
+	shKey := func(cluster, ns, name string, i int) string { return BackendShardKey(cluster, ns, name, i) }
 
 	tests := []entry{
 		{"config ok", decCfg, ClusterConfigKey(cfg.Name), cfgB, ""},
@@ -271,6 +298,17 @@ func TestDecodeEntry(t *testing.T) {
 		{"service other namespace", decSvc, ServiceKey(svc.Cluster, "other", svc.Name), svcB, "key-mismatch"},
 		{"service other name", decSvc, ServiceKey(svc.Cluster, svc.Namespace, "other"), svcB, "key-mismatch"},
 		{"service invalid", decSvc, ServiceKey(svc.Cluster, svc.Namespace, svc.Name), []byte(`{"v":1,"cluster":"eu-west-1","namespace":"payments-production","name":"checkout-api","shared":true}`), "invalid"},
+		{"shard ok", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard), shB, ""},
+		{"shard other cluster", decShard, shKey("other", sh.Namespace, sh.Service, sh.Shard), shB, "key-mismatch"},
+		{"shard other namespace", decShard, shKey(sh.Cluster, "other", sh.Service, sh.Shard), shB, "key-mismatch"},
+		{"shard other service", decShard, shKey(sh.Cluster, sh.Namespace, "other", sh.Shard), shB, "key-mismatch"},
+		{"shard other index", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard+1), shB, "key-mismatch"},
+		{"shard at a service key", decShard, ServiceKey(sh.Cluster, sh.Namespace, sh.Service), shB, "bad-key"},
+		{"service at a shard key", decSvc, shKey(svc.Cluster, svc.Namespace, svc.Name, 0), svcB, "bad-key"},
+		{"shard index too large", decShard, "trellis/v1/backends/eu-west-1/payments-production/checkout-api/4096", shB, "bad-key"},
+		{"shard duplicate backend", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard),
+			[]byte(`{"v":1,"cluster":"eu-west-1","namespace":"payments-production","service":"checkout-api","shard":3,"backends":[{"ip":"10.7.0.1","state":"active"},{"ip":"10.7.0.1","state":"active"}]}`), "invalid"},
+		{"shard too large", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard), make([]byte, MaxValueSize+1), "too-large"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

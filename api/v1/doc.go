@@ -4,7 +4,8 @@
 //
 // # What lives here
 //
-//   - Types: [ClusterConfig], [Node], [Endpoint], [Identity] and [Service],
+//   - Types: [ClusterConfig], [Node], [Endpoint], [Identity], [Service] and
+//     [BackendShard],
 //     plus the small scalar types they are built from ([ClusterID],
 //     [NumericIdentity], [Protocol], [BackendState], [Affinity]).
 //   - Keys: one builder per kind ([NodeKey], [EndpointKey], ...),
@@ -27,6 +28,7 @@
 //	trellis/v1/endpoints/<cluster>/<ip>            Endpoint
 //	trellis/v1/identities/<cluster>/<id>           Identity
 //	trellis/v1/services/<cluster>/<ns>/<name>      Service
+//	trellis/v1/backends/<cluster>/<ns>/<name>/<i>  BackendShard i of a large Service
 //	trellis/v1/synced/<cluster>/<kind>             canary (RFC3339 time)
 //
 // # Versioning

@@ -20,7 +20,7 @@ import (
 // Seed corpora live in testdata/fuzz/<FuzzName>/ next to the f.Add seeds
 // below; add any crasher the fuzzer finds there once it is fixed.
 
-// fuzzDecode is the property shared by the five value fuzzers.
+// fuzzDecode is the property shared by the six value fuzzers.
 func fuzzDecode[T any](t *testing.T, data []byte, decode func([]byte) (T, error)) {
 	v, err := decode(data)
 	if err != nil {
@@ -112,6 +112,27 @@ func FuzzDecodeService(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode(t, data, DecodeService) })
 }
 
+func FuzzDecodeBackendShard(f *testing.F) {
+	sh := sampleBackendShard()
+	sh.Shard, sh.Gen = 0, 0
+	sh.Backends = []Backend{{IP: netip.MustParseAddr("fd00:7::a"), Ports: []BackendPort{{Port: 53}}, State: BackendUnready}}
+	empty := sampleBackendShard()
+	empty.Backends = nil
+	addSeeds(f, sampleBackendShard(), sh, empty)
+	for _, s := range []string{
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":4096}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":-1}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":1.5}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":0,"gen":-1}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":0,"gen":18446744073709551616}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":0,"backends":null}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":0,"backends":[{"ip":"10.0.0.1","state":"active"},{"ip":"10.0.0.1","state":"active"}]}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode(t, data, DecodeBackendShard) })
+}
+
 func FuzzParseKey(f *testing.F) {
 	for _, k := range []string{
 		ClusterConfigKey("c1"), HeartbeatKey("c1"),
@@ -119,7 +140,9 @@ func FuzzParseKey(f *testing.F) {
 		EndpointKey("c1", netip.MustParseAddr("10.0.0.1")), EndpointKey("c1", netip.MustParseAddr("2001:db8::1")),
 		IdentityKey("c1", MakeIdentity(511, 65535)),
 		ServiceKey("c1", "default", "kubernetes"),
-		SyncedKey("c1", KindIdentities),
+		BackendShardKey("c1", "default", "kubernetes", 0), BackendShardKey("c1", "default", "kubernetes", MaxBackendShards-1),
+		SyncedKey("c1", KindIdentities), SyncedKey("c1", KindBackends),
+		"trellis/v1/backends/c/n/s/", "trellis/v1/backends/c/n/s/01", "trellis/v1/backends/c/n/s/4096", "trellis/v1/backends/c/n/s/-0",
 		"", "trellis/v1/", "trellis/v1/nodes/c1/", "trellis/v1/nodes//", "trellis/v1/services/c/n/s/",
 		"trellis/v1/endpoints/c/::ffff:1.2.3.4", "trellis/v1/endpoints/c/010.0.0.1",
 		"trellis/v1/endpoints/c/fe80::1%eth0", "trellis/v1/identities/c/007",
@@ -156,6 +179,11 @@ func FuzzParseKey(f *testing.F) {
 			built = IdentityKey(k.Cluster, id)
 		case KindServices:
 			built = ServiceKey(k.Cluster, k.Namespace, k.Name)
+		case KindBackends:
+			if k.Shard < 0 || k.Shard >= MaxBackendShards {
+				t.Fatalf("ParseKey accepted shard %d", k.Shard)
+			}
+			built = BackendShardKey(k.Cluster, k.Namespace, k.Name, k.Shard)
 		case KindSynced:
 			built = SyncedKey(k.Cluster, Kind(k.Name))
 		default:
@@ -181,6 +209,8 @@ func FuzzDecodeEntry(f *testing.F) {
 		{ServiceKey(testCluster, "payments-production", "checkout-api"), sampleService()},
 		{NodeKey("other", sampleNode().Name), sampleNode()},
 		{EndpointKey(testCluster, netip.MustParseAddr("10.7.12.202")), sampleEndpoint()},
+		{BackendShardKey(testCluster, "payments-production", "checkout-api", 3), sampleBackendShard()},
+		{BackendShardKey(testCluster, "payments-production", "checkout-api", 4), sampleBackendShard()},
 	} {
 		f.Add(s.key, mustEncode(f, s.v))
 	}
@@ -215,6 +245,11 @@ func FuzzDecodeEntry(f *testing.F) {
 			v, err := DecodeServiceEntry(key, data)
 			if checkEntryErr(t, err) {
 				rebuilt = ServiceKey(v.Cluster, v.Namespace, v.Name)
+			}
+		case KindBackends:
+			v, err := DecodeBackendShardEntry(key, data)
+			if checkEntryErr(t, err) {
+				rebuilt = BackendShardKey(v.Cluster, v.Namespace, v.Service, v.Shard)
 			}
 		default:
 			return
@@ -279,6 +314,7 @@ func TestSeedCorpusNames(t *testing.T) {
 		"FuzzDecodeEndpoint":      func(a []any) error { _, err := DecodeEndpoint(a[0].([]byte)); return err },
 		"FuzzDecodeIdentity":      func(a []any) error { _, err := DecodeIdentity(a[0].([]byte)); return err },
 		"FuzzDecodeService":       func(a []any) error { _, err := DecodeService(a[0].([]byte)); return err },
+		"FuzzDecodeBackendShard":  func(a []any) error { _, err := DecodeBackendShard(a[0].([]byte)); return err },
 		"FuzzDecodeTimestamp":     func(a []any) error { _, err := DecodeTimestamp(a[0].([]byte)); return err },
 		"FuzzDecodeEntry": func(a []any) error {
 			key, data := a[0].(string), a[1].([]byte)
@@ -297,6 +333,8 @@ func TestSeedCorpusNames(t *testing.T) {
 				_, err = DecodeIdentityEntry(key, data)
 			case KindServices:
 				_, err = DecodeServiceEntry(key, data)
+			case KindBackends:
+				_, err = DecodeBackendShardEntry(key, data)
 			}
 			return err
 		},

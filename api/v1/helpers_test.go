@@ -101,6 +101,19 @@ func sampleService() Service {
 	}
 }
 
+// sampleBackendShard is shard 3 of a large service: the sample service's
+// backends, published apart from it.
+func sampleBackendShard() BackendShard {
+	return BackendShard{
+		Cluster:   testCluster,
+		Namespace: "payments-production",
+		Service:   "checkout-api",
+		Shard:     3,
+		Gen:       12,
+		Backends:  sampleService().Backends,
+	}
+}
+
 // mustEncode encodes v or fails the test.
 func mustEncode(tb testing.TB, v any) []byte {
 	tb.Helper()

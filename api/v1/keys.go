@@ -22,18 +22,21 @@ const (
 	KindEndpoints     Kind = "endpoints"
 	KindIdentities    Kind = "identities"
 	KindServices      Kind = "services"
+	KindBackends      Kind = "backends"
 	KindSynced        Kind = "synced"
 )
 
 // SyncedKinds returns the kinds that get a synced canary: nodes, endpoints,
-// identities and services. It returns a new slice on every call.
+// identities, services and backends (the last only from a server that
+// advertises [Capabilities.BackendShards]). It returns a new slice on
+// every call.
 func SyncedKinds() []Kind {
-	return []Kind{KindNodes, KindEndpoints, KindIdentities, KindServices}
+	return []Kind{KindNodes, KindEndpoints, KindIdentities, KindServices, KindBackends}
 }
 
 func isSyncedKind(k Kind) bool {
 	switch k {
-	case KindNodes, KindEndpoints, KindIdentities, KindServices:
+	case KindNodes, KindEndpoints, KindIdentities, KindServices, KindBackends:
 		return true
 	}
 	return false
@@ -74,6 +77,19 @@ func ServiceKey(cluster, namespace, name string) string {
 	return KindPrefix(KindServices, cluster) + namespace + "/" + name
 }
 
+// BackendShardKey returns
+// trellis/v1/backends/<cluster>/<namespace>/<name>/<shard>, shard in
+// decimal.
+func BackendShardKey(cluster, namespace, name string, shard int) string {
+	return BackendShardPrefix(cluster, namespace, name) + strconv.Itoa(shard)
+}
+
+// BackendShardPrefix returns trellis/v1/backends/<cluster>/<namespace>/<name>/,
+// the prefix of one service's shards.
+func BackendShardPrefix(cluster, namespace, name string) string {
+	return KindPrefix(KindBackends, cluster) + namespace + "/" + name + "/"
+}
+
 // SyncedKey returns trellis/v1/synced/<cluster>/<kind>, the canary a
 // cluster writes once it has published all of kind.
 func SyncedKey(cluster string, kind Kind) string {
@@ -83,7 +99,7 @@ func SyncedKey(cluster string, kind Kind) string {
 // KindPrefix returns trellis/v1/<kind>/<cluster>/, the prefix to list or
 // watch one cluster's entries of a kind. The trailing slash keeps cluster
 // "c1" from matching "c10". It is meant for the per-entry kinds (nodes,
-// endpoints, identities, services, synced); cluster-config and heartbeat are
+// endpoints, identities, services, backends, synced); cluster-config and heartbeat are
 // single keys, use [ClusterConfigKey] and [HeartbeatKey].
 func KindPrefix(kind Kind, cluster string) string {
 	return Prefix + string(kind) + "/" + cluster + "/"
@@ -95,12 +111,14 @@ type Key struct {
 	Kind Kind
 	// Cluster is the <cluster> segment.
 	Cluster string
-	// Name is the last segment: the node name, endpoint IP, decimal
-	// identity, service name or synced kind. Empty for cluster-config and
-	// heartbeat keys.
+	// Name is the node name, endpoint IP, decimal identity, service name
+	// (of a service or of a backend shard) or synced kind. Empty for
+	// cluster-config and heartbeat keys.
 	Name string
 	// Namespace is the service namespace; empty for other kinds.
 	Namespace string
+	// Shard is a backend shard's index; 0 for other kinds.
+	Shard int
 }
 
 // String rebuilds the key. For a Key returned by ParseKey it is the string
@@ -111,6 +129,8 @@ func (k Key) String() string {
 		return Prefix + string(k.Kind) + "/" + k.Cluster
 	case KindServices:
 		return ServiceKey(k.Cluster, k.Namespace, k.Name)
+	case KindBackends:
+		return BackendShardKey(k.Cluster, k.Namespace, k.Name, k.Shard)
 	}
 	return KindPrefix(k.Kind, k.Cluster) + k.Name
 }
@@ -119,8 +139,9 @@ func (k Key) String() string {
 // prefix, a known kind, the number of segments for that kind, a valid
 // cluster name, and a name valid for the kind (a DNS subdomain for nodes, a
 // canonical IP for endpoints, a canonical decimal identity with cluster bits
-// for identities, DNS labels for service namespace and name, a synced kind
-// for canaries). Errors match [ErrBadKey].
+// for identities, DNS labels for service namespace and name, and for a
+// backend shard also a canonical decimal index below [MaxBackendShards], a
+// synced kind for canaries). Errors match [ErrBadKey].
 func ParseKey(key string) (Key, error) {
 	rest, ok := strings.CutPrefix(key, Prefix)
 	if !ok {
@@ -136,15 +157,17 @@ func ParseKey(key string) (Key, error) {
 		want = 3
 	case KindServices:
 		want = 4
+	case KindBackends:
+		want = 5
 	default:
-		return Key{}, badKey(key, fmt.Sprintf("unknown kind %s; want one of cluster-config, heartbeat, nodes, endpoints, identities, services, synced", quote(string(kind))))
+		return Key{}, badKey(key, fmt.Sprintf("unknown kind %s; want one of cluster-config, heartbeat, nodes, endpoints, identities, services, backends, synced", quote(string(kind))))
 	}
 	if n := strings.Count(rest, "/") + 1; n != want {
 		return Key{}, badKey(key, fmt.Sprintf("%s key has %d segments after %q, want %d", kind, n, Prefix, want))
 	}
 	// Split into a fixed array rather than with strings.Split: agents
 	// parse one key per pod on every cold sync.
-	var parts [4]string
+	var parts [5]string
 	for i, r := 0, rest; i < want; i++ {
 		parts[i], r, _ = strings.Cut(r, "/")
 	}
@@ -183,7 +206,7 @@ func ParseKey(key string) (Key, error) {
 		if msg := checkIdentity(NumericIdentity(n)); msg != "" {
 			return Key{}, badKey(key, "identity "+k.Name+": "+msg)
 		}
-	case KindServices:
+	case KindServices, KindBackends:
 		k.Namespace, k.Name = parts[2], parts[3]
 		if !isDNS1123Label(k.Namespace, 63) {
 			return Key{}, badKey(key, "namespace "+quote(k.Namespace)+": "+allowedLabel63)
@@ -191,10 +214,17 @@ func ParseKey(key string) (Key, error) {
 		if !isDNS1123Label(k.Name, 63) {
 			return Key{}, badKey(key, "service name "+quote(k.Name)+": "+allowedLabel63)
 		}
+		if kind == KindBackends {
+			n, err := strconv.Atoi(parts[4])
+			if err != nil || n < 0 || n >= MaxBackendShards || strconv.Itoa(n) != parts[4] {
+				return Key{}, badKey(key, "shard "+quote(parts[4])+": want a decimal number from 0 to "+strconv.Itoa(MaxBackendShards-1)+" without sign or leading zeros")
+			}
+			k.Shard = n
+		}
 	case KindSynced:
 		k.Name = parts[2]
 		if !isSyncedKind(Kind(k.Name)) {
-			return Key{}, badKey(key, "synced kind "+quote(k.Name)+": want nodes, endpoints, identities or services")
+			return Key{}, badKey(key, "synced kind "+quote(k.Name)+": want nodes, endpoints, identities, services or backends")
 		}
 	}
 	return k, nil

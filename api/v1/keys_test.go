@@ -21,7 +21,11 @@ func TestKeyBuilders(t *testing.T) {
 		{EndpointKey("c1", netip.MustParseAddr("FD00:0:0::1")), "trellis/v1/endpoints/c1/fd00::1", Key{Kind: KindEndpoints, Cluster: "c1", Name: "fd00::1"}},
 		{IdentityKey("c1", MakeIdentity(3, 256)), "trellis/v1/identities/c1/196864", Key{Kind: KindIdentities, Cluster: "c1", Name: "196864"}},
 		{ServiceKey("c1", "default", "web"), "trellis/v1/services/c1/default/web", Key{Kind: KindServices, Cluster: "c1", Namespace: "default", Name: "web"}},
+		{BackendShardKey("c1", "default", "web", 0), "trellis/v1/backends/c1/default/web/0", Key{Kind: KindBackends, Cluster: "c1", Namespace: "default", Name: "web"}},
+		{BackendShardKey("c1", "default", "web", 4095), "trellis/v1/backends/c1/default/web/4095", Key{Kind: KindBackends, Cluster: "c1", Namespace: "default", Name: "web", Shard: 4095}},
+		{BackendShardPrefix("c1", "default", "web"), "trellis/v1/backends/c1/default/web/", Key{}},
 		{SyncedKey("c1", KindEndpoints), "trellis/v1/synced/c1/endpoints", Key{Kind: KindSynced, Cluster: "c1", Name: "endpoints"}},
+		{SyncedKey("c1", KindBackends), "trellis/v1/synced/c1/backends", Key{Kind: KindSynced, Cluster: "c1", Name: "backends"}},
 		{KindPrefix(KindNodes, "c1"), "trellis/v1/nodes/c1/", Key{}},
 	}
 	for _, tt := range tests {
@@ -52,7 +56,7 @@ func TestKindPrefixDoesNotMatchLongerCluster(t *testing.T) {
 }
 
 func TestSyncedKinds(t *testing.T) {
-	want := []Kind{KindNodes, KindEndpoints, KindIdentities, KindServices}
+	want := []Kind{KindNodes, KindEndpoints, KindIdentities, KindServices, KindBackends}
 	got := SyncedKinds()
 	if !slices.Equal(got, want) {
 		t.Fatalf("SyncedKinds() = %v, want %v", got, want)
@@ -83,7 +87,11 @@ func TestParseKeyValid(t *testing.T) {
 		"trellis/v1/identities/c/" + MakeIdentity(511, 65535).String(),
 		"trellis/v1/services/c/kube-system/kube-dns",
 		"trellis/v1/services/c/" + strings.Repeat("n", 63) + "/" + strings.Repeat("s", 63),
+		"trellis/v1/backends/c/kube-system/kube-dns/0",
+		"trellis/v1/backends/c/kube-system/kube-dns/17",
+		"trellis/v1/backends/c/" + strings.Repeat("n", 63) + "/" + strings.Repeat("s", 63) + "/4095",
 		"trellis/v1/synced/c/nodes",
+		"trellis/v1/synced/c/backends",
 		"trellis/v1/synced/c/services",
 	}
 	for _, key := range keys {
@@ -157,6 +165,19 @@ func TestParseKeyInvalid(t *testing.T) {
 		{"trellis/v1/services/c/a.b/web", "namespace"},
 		{"trellis/v1/services/c/ns/web.v2", "service name"},
 		{"trellis/v1/services/c/" + strings.Repeat("n", 64) + "/web", "namespace"},
+		{"trellis/v1/backends/c/ns/web", "segments"},
+		{"trellis/v1/backends/c/ns/web/0/x", "segments"},
+		{"trellis/v1/backends/c/ns/web/", "shard"},
+		{"trellis/v1/backends/c/ns/web/00", "shard"},
+		{"trellis/v1/backends/c/ns/web/07", "shard"},
+		{"trellis/v1/backends/c/ns/web/+7", "shard"},
+		{"trellis/v1/backends/c/ns/web/-1", "shard"},
+		{"trellis/v1/backends/c/ns/web/4096", "shard"},
+		{"trellis/v1/backends/c/ns/web/99999999999999999999", "shard"},
+		{"trellis/v1/backends/c/ns/web/0x1", "shard"},
+		{"trellis/v1/backends/c/Ns/web/0", "namespace"},
+		{"trellis/v1/backends/c/ns/web.v2/0", "service name"},
+		{"trellis/v1/backends//ns/web/0", "cluster"},
 		{"trellis/v1/synced/c/heartbeat", "synced kind"},
 		{"trellis/v1/synced/c/synced", "synced kind"},
 		{"trellis/v1/synced/c/", "synced kind"},

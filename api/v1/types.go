@@ -66,6 +66,12 @@ type Capabilities struct {
 	// Encryption is the node-to-node encryption the cluster uses:
 	// "" (none), "wireguard" or "ipsec".
 	Encryption string `json:"encryption,omitempty"`
+	// BackendShards means the server publishes the backends of a service
+	// too large for one value as [BackendShard] values under
+	// [KindBackends], and writes a [SyncedKey] for that kind too. A reader
+	// watches them only when this is set: a server from before shards
+	// writes neither the shards nor their canary.
+	BackendShards bool `json:"backendShards,omitempty"`
 }
 
 // Encryption modes for [Capabilities.Encryption].
@@ -150,6 +156,11 @@ const MaxIdentityLabels = 64
 // Service is a Kubernetes service as the mesh sees it, stored under
 // [ServiceKey].
 //
+// Its backends travel in the value itself (Backends) while they fit in
+// one value of at most [MaxShardBackends] backends; a larger service
+// publishes its backends as [BackendShard] values and lists them in
+// BackendShards instead (see there for how a reader puts them together).
+//
 // Global means "merge this service with the services of the same
 // namespace/name in other clusters". Shared means "and offer my backends to
 // them". A cluster can take part in a global service without sharing its
@@ -169,8 +180,16 @@ type Service struct {
 	Ports []ServicePort `json:"ports,omitempty"`
 	// FrontendIPs are the service's virtual IPs in its own cluster.
 	FrontendIPs []netip.Addr `json:"frontendIPs,omitempty"`
-	// Backends are the endpoints serving the service, ready or not.
+	// Backends are the endpoints serving the service, ready or not. Empty
+	// when BackendShards is not.
 	Backends []Backend `json:"backends,omitempty"`
+	// BackendShards, when not empty, says the backends are published in
+	// len(BackendShards) shards: shard i is the [BackendShard] at
+	// BackendShardKey(Cluster, Namespace, Name, i), and BackendShards[i] is
+	// the generation (BackendShard.Gen) it must carry. A reader uses the
+	// shards only as a set whose generations all match; see
+	// [BackendShard.Gen]. At most [MaxBackendShards] entries.
+	BackendShards []uint64 `json:"backendShards,omitempty"`
 	// Global marks the service as part of the mesh-wide service.
 	Global bool `json:"global,omitempty"`
 	// Shared offers this cluster's backends to other clusters; requires
@@ -179,6 +198,56 @@ type Service struct {
 	// Affinity picks which clusters' backends to prefer; requires Global
 	// unless it is none.
 	Affinity Affinity `json:"affinity,omitempty"`
+}
+
+// Shard limits. A writer fills a shard up to MaxShardBackends backends and
+// [ShardFillBytes] of JSON; readers enforce neither (a later writer may
+// pack differently), only [MaxValueSize] and MaxBackendShards.
+const (
+	// MaxShardBackends is how many backends a writer puts in one value:
+	// in a shard, and in a Service that carries its backends itself. Like
+	// an EndpointSlice's limit, it bounds what one backend's change costs
+	// to rewrite and to decode again.
+	MaxShardBackends = 1000
+	// MaxBackendShards bounds a service's shards, so a reader can hold a
+	// service's shard generations in one value: 4096 shards of up to 1000
+	// backends, or about 56 KiB of backends each, is far beyond what the
+	// datapath holds (see bpf.MapSizes).
+	MaxBackendShards = 4096
+	// ShardFillBytes is the JSON size up to which a writer adds backends
+	// to a shard: the 8 KiB left below MaxValueSize let the backends it
+	// holds change state or grow a little without the shard overflowing.
+	ShardFillBytes = MaxValueSize - 8<<10
+)
+
+// BackendShard is one part of the backends of a [Service] that lists
+// BackendShards, stored under [BackendShardKey].
+type BackendShard struct {
+	// V is the wire version; [Encode] sets it.
+	V int `json:"v"`
+	// Cluster, Namespace and Service name the service the shard belongs
+	// to.
+	Cluster   string `json:"cluster"`
+	Namespace string `json:"namespace"`
+	Service   string `json:"service"`
+	// Shard is the shard's index, 0 to MaxBackendShards-1, also the last
+	// segment of its key.
+	Shard int `json:"shard"`
+	// Gen is the generation of the shard's assignment: a writer that
+	// moves a backend from one shard to another writes both shards with a
+	// new generation, and the service with their new generations in
+	// BackendShards. A reader puts a service together only from shards
+	// whose generations are all the ones the service lists, and keeps the
+	// backends it had until then, so it never sees the moment when a moved
+	// backend has left its old shard but not yet reached its new one,
+	// whatever order the keys arrive in. Changes that move nothing (a
+	// backend added, removed or changing state) keep the generation and
+	// apply shard by shard.
+	Gen uint64 `json:"gen,omitempty"`
+	// Backends are checked as a Service's are, except that a backend's
+	// port names are checked against the service's ports only by the
+	// writer (a shard does not carry the ports).
+	Backends []Backend `json:"backends,omitempty"`
 }
 
 // ServicePort is one port of a [Service].

@@ -36,6 +36,15 @@ func ValidateClusterName(name string) error {
 	return nil
 }
 
+// ValidateNodeName checks a node name: an RFC 1123 DNS subdomain, as
+// Kubernetes node names are. Errors match [ErrInvalid].
+func ValidateNodeName(name string) error {
+	if !isDNS1123Subdomain(name) {
+		return &ValidationError{Object: "node name", Name: cut(name), Field: "name", Value: cut(name), Allowed: allowedSubdomain}
+	}
+	return nil
+}
+
 // ValidateClusterID checks a cluster ID: 1 to [MaxClusterID]. Errors match
 // [ErrInvalid].
 func ValidateClusterID(id ClusterID) error {
@@ -242,13 +251,14 @@ func (s *Service) check() *ValidationError {
 	if e := checkAddrs("frontendIPs", s.FrontendIPs); e != nil {
 		return e
 	}
-	if i, j, ok := firstDuplicate(len(s.Backends), func(i int) netip.Addr { return s.Backends[i].IP }); ok {
-		return bad("backends["+strconv.Itoa(j)+"].ip", s.Backends[j].IP.String(), "duplicate of backends["+strconv.Itoa(i)+"]; want each backend IP once")
+	if e := checkBackends(s.Backends, s.hasPortName); e != nil {
+		return e
 	}
-	for i := range s.Backends {
-		if e := s.checkBackend(i); e != nil {
-			return e
-		}
+	if len(s.BackendShards) > 0 && len(s.Backends) > 0 {
+		return bad("backends", strconv.Itoa(len(s.Backends))+" backends", "want none when backendShards is set; a service's backends are either in its value or in its shards")
+	}
+	if len(s.BackendShards) > MaxBackendShards {
+		return bad("backendShards", strconv.Itoa(len(s.BackendShards))+" shards", "want at most "+strconv.Itoa(MaxBackendShards))
 	}
 	if s.Shared && !s.Global {
 		return bad("shared", "true", "want false unless global is true; only a global service can share its backends")
@@ -265,16 +275,33 @@ func (s *Service) check() *ValidationError {
 	return nil
 }
 
-func (s *Service) checkBackend(i int) *ValidationError {
-	b := &s.Backends[i]
+// checkBackends checks a list of backends: each IP once, each backend
+// valid. hasPort, when not nil, says whether a port name is one of the
+// service's.
+func checkBackends(backends []Backend, hasPort func(string) bool) *ValidationError {
+	if i, j, ok := firstDuplicate(len(backends), func(i int) netip.Addr { return backends[i].IP }); ok {
+		return bad("backends["+strconv.Itoa(j)+"].ip", backends[j].IP.String(), "duplicate of backends["+strconv.Itoa(i)+"]; want each backend IP once")
+	}
+	for i := range backends {
+		if e := checkBackend(i, &backends[i], hasPort); e != nil {
+			return e
+		}
+	}
+	return nil
+}
+
+func checkBackend(i int, b *Backend, hasPort func(string) bool) *ValidationError {
 	field := func(f string) string { return "backends[" + strconv.Itoa(i) + "]." + f }
 	if msg := checkUnicast(b.IP); msg != "" {
 		return bad(field("ip"), b.IP.String(), msg)
 	}
 	for j, p := range b.Ports {
 		pfield := func(f string) string { return field("ports[" + strconv.Itoa(j) + "]." + f) }
-		if !s.hasPortName(p.Name) {
+		if hasPort != nil && !hasPort(p.Name) {
 			return bad(pfield("name"), p.Name, "want the name of one of the service's ports")
+		}
+		if hasPort == nil && p.Name != "" && !isDNS1123Label(p.Name, 63) {
+			return bad(pfield("name"), p.Name, allowedLabel63+", or empty for a service's single unnamed port")
 		}
 		if p.Port == 0 {
 			return bad(pfield("port"), "0", allowedPort)
@@ -297,6 +324,30 @@ func (s *Service) checkBackend(i int) *ValidationError {
 		return bad(field("zone"), b.Zone, allowedLabelValue)
 	}
 	return nil
+}
+
+// Validate checks every field of sh; see the field comments for the rules.
+func (sh *BackendShard) Validate() error {
+	if e := sh.check(); e != nil {
+		return e.in("backend shard", sh.Cluster+"/"+sh.Namespace+"/"+sh.Service+"/"+strconv.Itoa(sh.Shard))
+	}
+	return nil
+}
+
+func (sh *BackendShard) check() *ValidationError {
+	if msg := checkClusterName(sh.Cluster); msg != "" {
+		return bad("cluster", sh.Cluster, msg)
+	}
+	if !isDNS1123Label(sh.Namespace, 63) {
+		return bad("namespace", sh.Namespace, allowedLabel63)
+	}
+	if !isDNS1123Label(sh.Service, 63) {
+		return bad("service", sh.Service, allowedLabel63)
+	}
+	if sh.Shard < 0 || sh.Shard >= MaxBackendShards {
+		return bad("shard", strconv.Itoa(sh.Shard), "want 0 to "+strconv.Itoa(MaxBackendShards-1))
+	}
+	return checkBackends(sh.Backends, nil)
 }
 
 func (s *Service) hasPortName(name string) bool {

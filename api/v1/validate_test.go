@@ -266,6 +266,36 @@ func TestServiceValidate(t *testing.T) {
 		{"affinity none not global ok", func(s *Service) { s.Global, s.Shared, s.Affinity = false, false, AffinityNone }, ""},
 		{"affinity remote", func(s *Service) { s.Affinity = AffinityRemote }, ""},
 		{"affinity unknown", func(s *Service) { s.Affinity = "nearest" }, "affinity"},
+		{"backend shards ok", func(s *Service) { s.Backends, s.BackendShards = nil, []uint64{0, 0, 7} }, ""},
+		{"backend shards and backends", func(s *Service) { s.BackendShards = []uint64{0} }, "backends"},
+		{"too many backend shards", func(s *Service) { s.Backends, s.BackendShards = nil, make([]uint64, MaxBackendShards+1) }, "backendShards"},
+		{"most backend shards ok", func(s *Service) { s.Backends, s.BackendShards = nil, make([]uint64, MaxBackendShards) }, ""},
+	})
+}
+
+func TestBackendShardValidate(t *testing.T) {
+	addr := netip.MustParseAddr
+	runValidate(t, sampleBackendShard, []validateCase[BackendShard]{
+		{"bad cluster", func(s *BackendShard) { s.Cluster = "EU" }, "cluster"},
+		{"no namespace", func(s *BackendShard) { s.Namespace = "" }, "namespace"},
+		{"bad service", func(s *BackendShard) { s.Service = "web.v2" }, "service"},
+		{"negative shard", func(s *BackendShard) { s.Shard = -1 }, "shard"},
+		{"shard too large", func(s *BackendShard) { s.Shard = MaxBackendShards }, "shard"},
+		{"last shard ok", func(s *BackendShard) { s.Shard = MaxBackendShards - 1 }, ""},
+		{"empty ok", func(s *BackendShard) { s.Backends = nil }, ""},
+		{"gen 0 ok", func(s *BackendShard) { s.Gen = 0 }, ""},
+		// The backends are checked as a service's are, but for the port
+		// names, which only the service knows.
+		{"bad backend IP", func(s *BackendShard) { s.Backends[1].IP = addr("::ffff:10.0.0.1") }, "backends[1].ip"},
+		{"zoned backend IP", func(s *BackendShard) { s.Backends[1].IP = addr("fe80::1%eth0") }, "backends[1].ip"},
+		{"duplicate backend IP", func(s *BackendShard) { s.Backends[2].IP = s.Backends[0].IP }, "backends[2].ip"},
+		{"any port name ok", func(s *BackendShard) { s.Backends[0].Ports[1].Name = "admin" }, ""},
+		{"bad port name", func(s *BackendShard) { s.Backends[0].Ports[1].Name = "Admin" }, "backends[0].ports[1].name"},
+		{"backend port 0", func(s *BackendShard) { s.Backends[1].Ports[0].Port = 0 }, "backends[1].ports[0].port"},
+		{"backend port twice", func(s *BackendShard) { s.Backends[0].Ports[2].Name = "http" }, "backends[0].ports[2].name"},
+		{"backend state unknown", func(s *BackendShard) { s.Backends[0].State = "Active" }, "backends[0].state"},
+		{"backend node bad", func(s *BackendShard) { s.Backends[1].Node = "Node_1" }, "backends[1].node"},
+		{"backend zone bad", func(s *BackendShard) { s.Backends[1].Zone = "zone a" }, "backends[1].zone"},
 	})
 }
 
