@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -39,7 +40,13 @@ type Config struct {
 	// RegistryURL is the local mesh API server's HTTP address; empty
 	// skips registration (a Kubernetes cluster, where the API server's
 	// informers see the node and pods).
-	RegistryURL       string
+	RegistryURL string
+	// RegistryCAFile is the local API server's server CA (its
+	// <state-dir>/pki/ca.crt), which the agent verifies it with.
+	RegistryCAFile string
+	// RegistryTokenFile holds this node's credential for the registry
+	// (trellis apiserver issue-node-credential): it may register this
+	// node and its pods, nothing else.
 	RegistryTokenFile string
 	NodeIP            netip.Addr
 	PodCIDRs          []netip.Prefix
@@ -68,7 +75,10 @@ func (c *Config) Validate() error {
 	}
 	if c.RegistryURL != "" {
 		if c.RegistryTokenFile == "" {
-			errs = append(errs, errors.New("--registry-token-file is required with --registry-url"))
+			errs = append(errs, errors.New("--registry-token-file is required with --registry-url (the node's credential: trellis apiserver issue-node-credential)"))
+		}
+		if strings.HasPrefix(c.RegistryURL, "https://") && c.RegistryCAFile == "" {
+			errs = append(errs, errors.New("--registry-ca-file is required with an https --registry-url (the API server's <state-dir>/pki/ca.crt): the agent verifies the server"))
 		}
 		if !c.NodeIP.IsValid() {
 			errs = append(errs, errors.New("--node-ip is required with --registry-url (the address other nodes tunnel to)"))
@@ -192,7 +202,13 @@ func (a *Agent) newRegistrar() (*registrar, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: --registry-token-file: %w", err)
 	}
-	api, err := client.New(client.Config{URL: a.cfg.RegistryURL, Token: token, HTTPClient: &http.Client{Timeout: 10 * time.Second}})
+	var ca []byte
+	if a.cfg.RegistryCAFile != "" {
+		if ca, err = os.ReadFile(a.cfg.RegistryCAFile); err != nil {
+			return nil, fmt.Errorf("agent: --registry-ca-file: %w", err)
+		}
+	}
+	api, err := client.New(client.Config{URL: a.cfg.RegistryURL, CAPEM: ca, Token: token, Timeout: 10 * time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("agent: --registry-url: %w", err)
 	}

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -20,45 +18,40 @@ import (
 )
 
 type cluster struct {
-	name, httpURL, stateDir string
+	name, stateDir string
+	api            *testutil.APIServer
 }
 
 func startAPIServer(t *testing.T, bin, name string, id int) *cluster {
 	t.Helper()
 	c := &cluster{name: name, stateDir: t.TempDir()}
-	httpPort := testutil.FreePort(t)
-	c.httpURL = fmt.Sprintf("http://127.0.0.1:%d", httpPort)
 	testutil.Start(t, bin, "apiserver", "--cluster-name", name, "--cluster-id", fmt.Sprint(id),
 		"--pod-cidrs", fmt.Sprintf("10.%d.0.0/16", id), "--region", name, "--state-dir", c.stateDir,
-		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), "--http-listen", fmt.Sprintf("127.0.0.1:%d", httpPort))
-	testutil.Eventually(t, 60*time.Second, name+" ready", func() bool {
-		resp, err := http.Get(c.httpURL + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), "--http-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)))
+	c.api = testutil.WaitAPIServer(t, c.stateDir, 60*time.Second)
 	return c
 }
 
-func (c *cluster) tokenFile() string { return filepath.Join(c.stateDir, v1.StateAdminTokenFile) }
-
+// call sends a request with the admin token and fails t unless it
+// succeeds.
 func (c *cluster) call(t *testing.T, method, path, body string) string {
 	t.Helper()
-	token, _ := os.ReadFile(c.tokenFile())
-	req, _ := http.NewRequest(method, c.httpURL+path, strings.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
+	return c.api.Must(t, method, path, body)
+}
+
+// nodeCredential mints node's registry credential into a file, for its
+// agent.
+func (c *cluster) nodeCredential(t *testing.T, node string) string {
+	t.Helper()
+	var cred v1.NodeCredential
+	if err := json.Unmarshal([]byte(c.call(t, "POST", "/admin/v1/nodes/"+node+"/credential", "")), &cred); err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	out, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode >= 300 {
-		t.Fatalf("%s %s: %s %s", method, path, resp.Status, out)
+	path := filepath.Join(t.TempDir(), "registry.token")
+	if err := os.WriteFile(path, []byte(cred.Token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
 	}
-	return string(out)
+	return path
 }
 
 func (c *cluster) fileFor(t *testing.T, reader string) clustermesh.ClusterFile {
@@ -89,7 +82,8 @@ func TestAgentProcess(t *testing.T) {
 	us := startAPIServer(t, bin, "us", 2)
 	eu.call(t, "PUT", "/v1/services/default/echo", echoService)
 	us.call(t, "PUT", "/v1/services/default/echo", echoService)
-	us.call(t, "PUT", "/v1/endpoints/10.2.1.10", `{"namespace":"default","pod":"echo-us","nodeIP":"192.168.2.1","labels":{"app":"echo"}}`)
+	us.call(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.2.1"],"podCIDRs":["10.2.1.0/24"]}`)
+	us.call(t, "PUT", "/v1/endpoints/10.2.1.10", `{"namespace":"default","pod":"echo-us","node":"node-1","labels":{"app":"echo"}}`)
 
 	configDir, stateDir := t.TempDir(), t.TempDir()
 	for _, c := range []*cluster{eu, us} {
@@ -101,8 +95,10 @@ func TestAgentProcess(t *testing.T) {
 	// No datapath: without --cgroup-root none the agent would attach its
 	// socket LB to this machine's root cgroup.
 	testutil.Start(t, bin, "agent", "--node-name", "node-1", "--cluster-name", "eu", "--config-dir", configDir,
-		"--state-dir", stateDir, "--status-socket", socket, "--registry-url", eu.httpURL,
-		"--registry-token-file", eu.tokenFile(), "--node-ip", "192.168.1.1", "--pod-cidrs", "10.1.1.0/24",
+		"--state-dir", stateDir, "--status-socket", socket,
+		// The node's own credential, never the admin token.
+		"--registry-url", eu.api.URL, "--registry-ca-file", filepath.Join(eu.stateDir, v1.StateServerCAFile),
+		"--registry-token-file", eu.nodeCredential(t, "node-1"), "--node-ip", "192.168.1.1", "--pod-cidrs", "10.1.1.0/24",
 		"--cgroup-root", "none", "--tunnel", "none")
 
 	// The node's CNI step records a pod; the agent registers it.

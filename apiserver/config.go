@@ -50,10 +50,20 @@ type Config struct {
 	// EtcdListen host when empty (and that host must then not be a
 	// wildcard).
 	AdvertiseAddress string `json:"advertiseAddress,omitempty"`
+	// EtcdQuotaBackendBytes caps the embedded etcd's database file (past
+	// it etcd refuses writes: NOSPACE); 0 is kvstore's default, 1 GiB.
+	// An external etcd has its own --quota-backend-bytes.
+	EtcdQuotaBackendBytes int64 `json:"etcdQuotaBackendBytes,omitempty"`
 
 	// HTTPListen serves /healthz, /readyz, /metrics, the registry API and
-	// the admin API.
+	// the admin API, over TLS with the server certificate.
 	HTTPListen string `json:"httpListen,omitempty"`
+	// HTTPPlaintext serves the HTTP API without TLS; allowed only on a
+	// loopback HTTPListen.
+	HTTPPlaintext bool `json:"httpPlaintext,omitempty"`
+	// ServiceCIDRs are where service VIPs lie; the registry refuses any
+	// other VIP. Default 10.96.0.0/12, Kubernetes' default.
+	ServiceCIDRs []string `json:"serviceCIDRs,omitempty"`
 
 	Source     string `json:"source,omitempty"`
 	Kubeconfig string `json:"kubeconfig,omitempty"`
@@ -63,6 +73,16 @@ type Config struct {
 const (
 	DefaultEtcdListen = "127.0.0.1:2379"
 	DefaultHTTPListen = "127.0.0.1:9870"
+	// DefaultServiceCIDR is Kubernetes' default service range.
+	DefaultServiceCIDR = "10.96.0.0/12"
+)
+
+// The embedded etcd's quota bounds: below 64 MiB a cold start's burst of
+// history may not fit before the first compaction; above 8 GiB etcd warns
+// that it is untested.
+const (
+	minEtcdQuota = 64 << 20
+	maxEtcdQuota = 8 << 30
 )
 
 // LoadConfigFile reads a YAML (or JSON) config file. Unknown keys are an
@@ -92,6 +112,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.Source == "" {
 		c.Source = SourceRegistry
+	}
+	if len(c.ServiceCIDRs) == 0 {
+		c.ServiceCIDRs = []string{DefaultServiceCIDR}
 	}
 }
 
@@ -141,6 +164,11 @@ func (c *Config) Validate() error {
 	default:
 		bad("--source %q: must be %s or %s", c.Source, SourceRegistry, SourceKubernetes)
 	}
+	if q := c.EtcdQuotaBackendBytes; q != 0 && len(c.EtcdEndpoints) > 0 {
+		bad("--etcd-quota-backend-bytes is for the embedded etcd; an external etcd has its own --quota-backend-bytes")
+	} else if q != 0 && (q < minEtcdQuota || q > maxEtcdQuota) {
+		bad("--etcd-quota-backend-bytes %d: must be between %d (64 MiB) and %d (8 GiB)", q, minEtcdQuota, maxEtcdQuota)
+	}
 	if len(c.EtcdEndpoints) == 0 {
 		if c.EtcdCAFile != "" || c.EtcdCertFile != "" || c.EtcdKeyFile != "" {
 			bad("--etcd-ca-file/--etcd-cert-file/--etcd-key-file are for an external etcd: give --etcd-endpoints too")
@@ -154,8 +182,17 @@ func (c *Config) Validate() error {
 	} else if (c.EtcdCertFile == "") != (c.EtcdKeyFile == "") {
 		bad("--etcd-cert-file and --etcd-key-file go together")
 	}
-	if _, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
+	if host, _, err := net.SplitHostPort(c.HTTPListen); err != nil {
 		bad("--http-listen %q: %w", c.HTTPListen, err)
+	} else if ip, err := netip.ParseAddr(host); c.HTTPPlaintext && (err != nil || !ip.IsLoopback()) {
+		bad("--http-plaintext serves the admin token and minted keys in clear: only on a loopback --http-listen, not %s", c.HTTPListen)
+	}
+	if svc, err := c.servicePrefixes(); err != nil {
+		bad("--service-cidrs: %w", err)
+	} else if pods, err := c.podPrefixes(); err == nil {
+		if a, b, ok := v1.PrefixesOverlap(svc, pods); ok {
+			bad("--service-cidrs %s overlaps --pod-cidrs %s: service VIPs and pod IPs need separate ranges", a, b)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -167,6 +204,21 @@ func isWildcard(host string) bool {
 func (c *Config) podPrefixes() ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	for _, s := range c.PodCIDRs {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("%q is not a CIDR: %w", s, err)
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("%s has host bits set; did you mean %s?", p, p.Masked())
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+func (c *Config) servicePrefixes() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range c.ServiceCIDRs {
 		p, err := netip.ParsePrefix(strings.TrimSpace(s))
 		if err != nil {
 			return nil, fmt.Errorf("%q is not a CIDR: %w", s, err)

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -27,70 +26,41 @@ import (
 
 // apiServerProcess is `trellis apiserver` run as a real process.
 type apiServerProcess struct {
-	bin, name, stateDir, httpURL string
-	id, etcdPort, httpPort       int
-	proc                         *testutil.Process
+	bin, name, stateDir    string
+	id, etcdPort, httpPort int
+	proc                   *testutil.Process
+	api                    *testutil.APIServer
 }
 
 // newAPIServerProcess describes API server name (cluster ID id, pod CIDR
 // 10.<id>.0.0/16) with a fresh state dir and free ports; start runs it.
 func newAPIServerProcess(t *testing.T, bin, name string, id int) *apiServerProcess {
-	a := &apiServerProcess{bin: bin, name: name, id: id, stateDir: t.TempDir(), etcdPort: testutil.FreePort(t), httpPort: testutil.FreePort(t)}
-	a.httpURL = fmt.Sprintf("http://127.0.0.1:%d", a.httpPort)
-	return a
+	return &apiServerProcess{bin: bin, name: name, id: id, stateDir: t.TempDir(), etcdPort: testutil.FreePort(t), httpPort: testutil.FreePort(t)}
 }
 
-func (a *apiServerProcess) start(t *testing.T) {
+// start runs the server and waits until it is ready, reached over HTTPS
+// and verified with its own server CA.
+func (a *apiServerProcess) start(t *testing.T, extra ...string) {
 	t.Helper()
-	a.proc = testutil.Start(t, a.bin, "apiserver",
+	a.proc = testutil.Start(t, a.bin, append([]string{"apiserver",
 		"--cluster-name", a.name, "--cluster-id", fmt.Sprint(a.id), "--pod-cidrs", fmt.Sprintf("10.%d.0.0/16", a.id), "--region", a.name,
 		"--state-dir", a.stateDir,
 		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", a.etcdPort),
 		"--http-listen", fmt.Sprintf("127.0.0.1:%d", a.httpPort),
-		"--log-level", "debug")
-	testutil.Eventually(t, 60*time.Second, "apiserver /readyz", func() bool {
-		resp, err := http.Get(a.httpURL + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+		"--log-level", "debug"}, extra...)...)
+	a.api = testutil.WaitAPIServer(t, a.stateDir, 60*time.Second)
 }
 
-func (a *apiServerProcess) token(t *testing.T) string {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(a.stateDir, v1.StateAdminTokenFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return strings.TrimSpace(string(b))
-}
-
-// call sends a registry or admin request and returns status and body.
+// call sends a registry or admin request with the admin token and returns
+// status and body.
 func (a *apiServerProcess) call(t *testing.T, method, path, body string) (int, string) {
 	t.Helper()
-	req, err := http.NewRequest(method, a.httpURL+path, strings.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Authorization", "Bearer "+a.token(t))
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return a.api.Do(t, method, path, body)
 }
 
 func (a *apiServerProcess) mustCall(t *testing.T, method, path, body string) string {
 	t.Helper()
-	code, out := a.call(t, method, path, body)
-	if code >= 300 {
-		t.Fatalf("%s %s: %d %s", method, path, code, out)
-	}
-	return out
+	return a.api.Must(t, method, path, body)
 }
 
 // remoteClient connects to the API server's etcd as remote cluster "us".
@@ -147,9 +117,8 @@ func TestAPIServerProcess(t *testing.T) {
 		"frontendIPs":["10.96.0.10"],"selector":{"app":"echo"},"annotations":{"trellis.io/global":"true"}}`)
 
 	// Unauthenticated writes are refused.
-	req, _ := http.NewRequest("PUT", a.httpURL+"/v1/nodes/node-9", strings.NewReader(`{"ips":["192.168.0.9"]}`))
-	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusUnauthorized {
-		t.Fatalf("write without token: %v %v, want 401", resp.StatusCode, err)
+	if code, _ := a.api.DoAs(t, "", "PUT", "/v1/nodes/node-9", `{"ips":["192.168.0.9"]}`); code != http.StatusUnauthorized {
+		t.Fatalf("write without token: %d, want 401", code)
 	}
 
 	var creds v1.RemoteCredentials
@@ -209,13 +178,8 @@ func TestAPIServerProcess(t *testing.T) {
 	}
 
 	// Metrics count the publication.
-	resp, err := http.Get(a.httpURL + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if !strings.Contains(string(metrics), `trellis_kvstore_operations_total{op="txn",scope="endpoints"}`) {
+	metrics := a.mustCall(t, "GET", "/metrics", "")
+	if !strings.Contains(metrics, `trellis_kvstore_operations_total{op="txn",scope="endpoints"}`) {
 		t.Errorf("/metrics lacks the endpoints store's transactions")
 	}
 
@@ -230,9 +194,9 @@ func TestAPIServerProcess(t *testing.T) {
 	before := keysUnder(t, remote, v1.Prefix)
 	for _, bad := range []struct{ path, body, wantMsg string }{
 		{"/v1/nodes/node-2", `{"ips":["192.168.0.2"],"colour":"blue"}`, "unknown field"},
-		{"/v1/endpoints/10.2.0.1", `{"namespace":"default","pod":"x","nodeIP":"192.168.0.1"}`, "outside the cluster's pod CIDRs"},
+		{"/v1/endpoints/10.2.0.1", `{"namespace":"default","pod":"x","node":"node-1","nodeIP":"192.168.0.1"}`, "outside the cluster's pod CIDRs"},
 		{"/v1/services/default/dup", `{"ports":[{"name":"a","protocol":"TCP","port":80},{"name":"b","protocol":"TCP","port":80}]}`, "80"},
-		{"/v1/nodes/node-3", `{"ips":["192.168.0.3"],"podCIDRs":["10.9.0.0/24"]}`, "outside the cluster's pod CIDRs"},
+		{"/v1/nodes/node-3", `{"ips":["192.168.0.3"],"podCIDRs":["10.9.0.0/24"]}`, "not inside the cluster's pod CIDRs"},
 	} {
 		code, msg := a.call(t, "PUT", bad.path, bad.body)
 		if code < 400 || code >= 500 || !strings.Contains(msg, bad.wantMsg) {
@@ -313,5 +277,139 @@ func TestAPIServerRefusesBadFlags(t *testing.T) {
 		if err == nil || !strings.Contains(p.Output(), tc.want) {
 			t.Errorf("apiserver %v: exit %v, output %q; want failure mentioning %q", tc.args, err, p.Output(), tc.want)
 		}
+	}
+}
+
+// The credential model, as a client meets it: TLS verified with the
+// cluster's server CA, every read authenticated, the Bearer scheme
+// enforced, a node credential that may write only its node and the
+// endpoints on it, and the admin API for the admin alone.
+func TestAPIServerCredentials(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	a := newAPIServerProcess(t, testutil.BuildTrellis(t), "eu", 1)
+	a.start(t)
+	if !strings.HasPrefix(a.api.URL, "https://") {
+		t.Fatalf("http.addr %s: want the HTTPS URL", a.api.URL)
+	}
+	a.mustCall(t, "PUT", "/v1/nodes/node-2", `{"ips":["192.168.0.2"],"podCIDRs":["10.1.2.0/24"]}`)
+	a.mustCall(t, "PUT", "/v1/endpoints/10.1.2.10", `{"namespace":"default","pod":"other","node":"node-2","labels":{"app":"echo"}}`)
+
+	// Nothing without a proper credential, the reads and /metrics included.
+	for _, h := range []string{"", "Basic " + a.api.Token, a.api.Token, "Bearer", "Bearer  " + a.api.Token, "Bearer wrong-token"} {
+		for _, path := range []string{"/v1/nodes", "/v1/endpoints", "/v1/services", "/v1/status", "/metrics", "/admin/v1/info"} {
+			req, _ := http.NewRequest("GET", a.api.URL+path, nil)
+			if h != "" {
+				req.Header.Set("Authorization", h)
+			}
+			resp, err := a.api.Client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("GET %s with Authorization %q: %d, want 401", path, h, resp.StatusCode)
+			}
+		}
+	}
+	// The health endpoints answer anyone (probes have no credential).
+	if code, _ := a.api.DoAs(t, "", "GET", "/readyz", ""); code != http.StatusOK {
+		t.Errorf("GET /readyz without a credential: %d", code)
+	}
+
+	var cred v1.NodeCredential
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/nodes/node-1/credential", "")), &cred); err != nil || len(cred.Token) != 64 {
+		t.Fatalf("node credential %+v, %v", cred, err)
+	}
+	as := func(method, path, body string) int {
+		code, _ := a.api.DoAs(t, cred.Token, method, path, body)
+		return code
+	}
+	for _, c := range []struct {
+		method, path, body string
+		want               int
+	}{
+		{"PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.1.0/24"]}`, http.StatusNoContent},
+		{"PUT", "/v1/endpoints/10.1.1.10", `{"namespace":"default","pod":"mine","node":"node-1","labels":{"app":"echo"}}`, http.StatusNoContent},
+		{"GET", "/v1/endpoints", "", http.StatusOK},
+		{"GET", "/metrics", "", http.StatusOK},
+		{"PUT", "/v1/nodes/node-2", `{"ips":["192.168.0.2"],"podCIDRs":["10.1.2.0/24"]}`, http.StatusForbidden},
+		{"DELETE", "/v1/nodes/node-2", "", http.StatusForbidden},
+		{"PUT", "/v1/endpoints/10.1.2.11", `{"namespace":"default","pod":"x","node":"node-2"}`, http.StatusForbidden},
+		{"PUT", "/v1/endpoints/10.1.2.10", `{"namespace":"default","pod":"taken","node":"node-1"}`, http.StatusForbidden},
+		{"DELETE", "/v1/endpoints/10.1.2.10", "", http.StatusForbidden},
+		{"PUT", "/v1/services/default/echo", `{"ports":[{"name":"http","protocol":"TCP","port":80,"targetPort":8080}],"frontendIPs":["10.96.0.10"],"selector":{"app":"echo"}}`, http.StatusForbidden},
+		{"POST", "/admin/v1/remotes/us", "", http.StatusForbidden},
+		{"POST", "/admin/v1/nodes/node-2/credential", "", http.StatusForbidden},
+		{"DELETE", "/v1/endpoints/10.1.1.10", "", http.StatusNoContent},
+	} {
+		if got := as(c.method, c.path, c.body); got != c.want {
+			t.Errorf("node-1's credential: %s %s: %d, want %d", c.method, c.path, got, c.want)
+		}
+	}
+
+	// Issuing again replaces the credential; it survives a restart.
+	var again v1.NodeCredential
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/nodes/node-1/credential", "")), &again); err != nil {
+		t.Fatal(err)
+	}
+	if got := as("GET", "/v1/nodes", ""); got != http.StatusUnauthorized {
+		t.Errorf("the replaced node credential: %d, want 401", got)
+	}
+	a.proc.Stop(t)
+	a.start(t)
+	if code, _ := a.api.DoAs(t, again.Token, "GET", "/v1/nodes", ""); code != http.StatusOK {
+		t.Errorf("the node credential after a restart: %d", code)
+	}
+
+	// A client that does not trust the server CA gets no answer.
+	resp, err := http.Get(a.api.URL + "/readyz")
+	if err == nil {
+		resp.Body.Close()
+		t.Error("a client without the server CA reached the API")
+	}
+}
+
+// The state dir's secrets: a token another user may read is made private,
+// a weak one is refused with how to fix it.
+func TestAPIServerStateDirHygiene(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	bin := testutil.BuildTrellis(t)
+	a := newAPIServerProcess(t, bin, "eu", 1)
+	token := filepath.Join(a.stateDir, v1.StateAdminTokenFile)
+	if err := os.WriteFile(token, []byte("weak-token\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := testutil.Start(t, bin, "apiserver", "--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16",
+		"--state-dir", a.stateDir, "--etcd-listen", fmt.Sprintf("127.0.0.1:%d", a.etcdPort), "--http-listen", fmt.Sprintf("127.0.0.1:%d", a.httpPort))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := p.Wait(ctx); err == nil || !strings.Contains(p.Output(), "remove the file and restart") {
+		t.Fatalf("weak admin token: exit %v, output %q; want a refusal saying how to fix it", err, p.Output())
+	}
+	if info, err := os.Stat(token); err != nil || info.Mode().Perm() != 0o600 {
+		t.Errorf("the readable token's mode after start: %v, %v; want 0600", info.Mode().Perm(), err)
+	}
+	if err := os.Remove(token); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t)
+	if len(a.api.Token) != 64 {
+		t.Errorf("generated admin token has %d characters, want 64 (32 random bytes)", len(a.api.Token))
+	}
+	key := filepath.Join(a.stateDir, "pki", "ca.key")
+	a.proc.Stop(t)
+	if err := os.Chmod(key, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	a.start(t)
+	if info, err := os.Stat(key); err != nil || info.Mode().Perm() != 0o600 {
+		t.Errorf("ca.key's mode after a start: %v, %v; want 0600", info.Mode().Perm(), err)
+	}
+	if !strings.Contains(a.proc.Output(), "made it private") {
+		t.Error("no warning about the readable key")
 	}
 }

@@ -3,7 +3,6 @@ package apiserver_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -51,33 +50,14 @@ func TestExternalEtcdHasNoRemoteCredentials(t *testing.T) {
 			t.Errorf("Run: %v", err)
 		}
 	})
-	base := fmt.Sprintf("http://127.0.0.1:%d", httpPort)
-	testutil.Eventually(t, 60*time.Second, "ready", func() bool {
-		resp, err := http.Get(base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
-	token, err := os.ReadFile(filepath.Join(stateDir, v1.StateAdminTokenFile))
-	if err != nil {
-		t.Fatal(err)
-	}
+	api := testutil.WaitAPIServer(t, stateDir, 60*time.Second)
 	for _, tc := range []struct {
 		method string
 		code   int
 	}{{"POST", http.StatusServiceUnavailable}, {"DELETE", http.StatusConflict}} {
-		req, _ := http.NewRequest(tc.method, base+"/admin/v1/remotes/us", nil)
-		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != tc.code || !strings.Contains(string(body), "embedded etcd") {
-			t.Errorf("%s /admin/v1/remotes/us: %d %q, want %d saying it needs the embedded etcd", tc.method, resp.StatusCode, body, tc.code)
+		code, body := api.Do(t, tc.method, "/admin/v1/remotes/us", "")
+		if code != tc.code || !strings.Contains(body, "embedded etcd") {
+			t.Errorf("%s /admin/v1/remotes/us: %d %q, want %d saying it needs the embedded etcd", tc.method, code, body, tc.code)
 		}
 	}
 	if _, err := os.Stat(filepath.Join(stateDir, v1.StateEtcdAddrFile)); !os.IsNotExist(err) {

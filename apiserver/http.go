@@ -1,12 +1,10 @@
 package apiserver
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -17,6 +15,9 @@ import (
 // RemoteCertValidity is how long a remote cluster's client certificate lasts.
 const RemoteCertValidity = 365 * 24 * time.Hour
 
+// routes adds the server's own routes to mux. Every route but /healthz
+// and /readyz is behind s.authenticated: /metrics needs any credential,
+// /admin/ the admin's.
 func (s *Server) routes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -30,20 +31,11 @@ func (s *Server) routes(mux *http.ServeMux) {
 		fmt.Fprintln(w, why)
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
-	mux.HandleFunc("GET /admin/v1/info", s.adminOnly(s.handleInfo))
-	mux.HandleFunc("POST /admin/v1/remotes/{name}", s.adminOnly(s.handleIssueRemote))
-	mux.HandleFunc("DELETE /admin/v1/remotes/{name}", s.adminOnly(s.handleRevokeRemote))
-}
-
-func (s *Server) adminOnly(h http.HandlerFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if subtle.ConstantTimeCompare([]byte(got), []byte(s.token)) != 1 {
-			http.Error(w, "admin API needs Authorization: Bearer <token from <state-dir>/"+v1.StateAdminTokenFile+">", http.StatusUnauthorized)
-			return
-		}
-		h(w, r)
-	}
+	mux.HandleFunc("GET /admin/v1/info", s.handleInfo)
+	mux.HandleFunc("POST /admin/v1/remotes/{name}", s.handleIssueRemote)
+	mux.HandleFunc("DELETE /admin/v1/remotes/{name}", s.handleRevokeRemote)
+	mux.HandleFunc("POST /admin/v1/nodes/{name}/credential", s.handleIssueNodeCredential)
+	mux.HandleFunc("DELETE /admin/v1/nodes/{name}/credential", s.handleRevokeNodeCredential)
 }
 
 func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {

@@ -2,10 +2,8 @@ package apiserver
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -14,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -30,8 +29,12 @@ import (
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
-// HeartbeatInterval is how often the heartbeat key is rewritten.
-const HeartbeatInterval = 10 * time.Second
+// HeartbeatTTL is the lease of the heartbeat key. The key is written once
+// per lease and kept by the lease's renewals, which etcd does not store:
+// it exists while the server lives (and up to HeartbeatTTL after it died)
+// and adds no revisions, where a key rewritten every few seconds would
+// add one each time, for ever.
+const HeartbeatTTL = 30 * time.Second
 
 // Server is one cluster's mesh API server.
 type Server struct {
@@ -57,7 +60,12 @@ type Server struct {
 	srcUp    bool
 	pkiDir   string
 	token    string
-	metrics  *prometheus.Registry
+	creds    *credentials
+	reg      *registry.Registry // nil with the Kubernetes source
+	// serverCert is the server certificate the HTTP API (and the etcd
+	// front door) present.
+	serverCert tls.Certificate
+	metrics    *prometheus.Registry
 
 	remotesMu sync.Mutex // serializes issuing and revoking
 	remotes   *kvstore.RecordStore[remoteRecord]
@@ -102,6 +110,11 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	s.metrics = prometheus.NewRegistry()
 	s.metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := kvstore.NewMetrics(s.metrics)
+	if s.etcd != nil {
+		if err := s.etcd.Register(s.metrics); err != nil {
+			return fmt.Errorf("apiserver: %w", err)
+		}
+	}
 	if err := s.connectWriter(metrics); err != nil {
 		return err
 	}
@@ -127,6 +140,12 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	s.pub = pub
 
+	if s.creds, err = newCredentials(s.token, s.writer, s.cfg.ClusterName); err != nil {
+		return fmt.Errorf("apiserver: %w", err)
+	}
+	if err := s.creds.load(ctx); err != nil {
+		return err
+	}
 	mux := http.NewServeMux()
 	src, err := s.buildSource(ctx, mux, pub, ids)
 	if err != nil {
@@ -134,15 +153,15 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	s.routes(mux)
 
-	ln, err := net.Listen("tcp", s.cfg.HTTPListen)
+	ln, httpURL, err := s.listenHTTP(s.serverCert)
 	if err != nil {
-		return fmt.Errorf("apiserver: --http-listen %s: %w", s.cfg.HTTPListen, err)
+		return err
 	}
-	httpSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	httpSrv := s.newHTTPServer(s.authenticated(mux))
 	s.httpLn = ln
 	// Tools that find the server from its state dir (trellis connect,
-	// issue-remote) read where it listens from here.
-	if err := os.WriteFile(s.cfg.path(v1.StateHTTPAddrFile), []byte("http://"+ln.Addr().String()+"\n"), 0o600); err != nil {
+	// issue-remote, the lab) read where it listens from here.
+	if err := os.WriteFile(s.cfg.path(v1.StateHTTPAddrFile), []byte(httpURL+"\n"), 0o600); err != nil {
 		ln.Close()
 		return fmt.Errorf("apiserver: write %s: %w", v1.StateHTTPAddrFile, err)
 	}
@@ -166,6 +185,11 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	start("publisher", func(ctx context.Context) error { pub.Run(ctx); return nil })
 	start("heartbeat", s.heartbeat)
+	if s.etcd != nil {
+		// Compaction pressure, defragmentation, NOSPACE recovery
+		// (kvstore/embedded.go says when and why).
+		start("etcd maintenance", s.etcd.Run)
+	}
 	start("identities", ids.Run)
 	start("source", func(ctx context.Context) error {
 		err := src.Run(ctx)
@@ -243,30 +267,36 @@ func (s *Server) setupState() error {
 			s.log.Info("created the client CA", "dir", s.pkiDir)
 		}
 	}
-	token, err := loadOrCreateToken(s.cfg.path(v1.StateAdminTokenFile))
+	token, err := loadOrCreateToken(s.cfg.path(v1.StateAdminTokenFile), s.log)
 	if err != nil {
 		return err
 	}
 	s.token = token
+	if err := s.checkKeyFiles(); err != nil {
+		return err
+	}
+	certFile, keyFile, err := s.ca.EnsureServerCert(s.pkiDir, s.serverHosts())
+	if err != nil {
+		return fmt.Errorf("apiserver: server certificate: %w", err)
+	}
+	if s.serverCert, err = tls.LoadX509KeyPair(certFile, keyFile); err != nil {
+		return fmt.Errorf("apiserver: load the server certificate %s: %w", certFile, err)
+	}
 	return nil
 }
 
-func loadOrCreateToken(path string) (string, error) {
-	data, err := os.ReadFile(path)
-	if err == nil {
-		if t := strings.TrimSpace(string(data)); t != "" {
-			return t, nil
+// serverHosts are the names the server certificate must carry: loopback,
+// and the addresses of the etcd front door and of the HTTP API.
+func (s *Server) serverHosts() []string {
+	hosts := pki.DefaultHosts()
+	ehost, _, _ := net.SplitHostPort(s.cfg.EtcdListen)
+	hhost, _, _ := net.SplitHostPort(s.cfg.HTTPListen)
+	for _, h := range []string{ehost, hhost, s.cfg.AdvertiseAddress} {
+		if h != "" && !isWildcard(h) && !slices.Contains(hosts, h) {
+			hosts = append(hosts, h)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return "", fmt.Errorf("apiserver: admin token %s: %w", path, err)
 	}
-	buf := make([]byte, 24)
-	rand.Read(buf)
-	token := hex.EncodeToString(buf)
-	if err := os.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
-		return "", fmt.Errorf("apiserver: write admin token %s: %w", path, err)
-	}
-	return token, nil
+	return hosts
 }
 
 // clientCert returns the files of a local client certificate (root, the
@@ -329,6 +359,10 @@ func (s *Server) setupEtcd(ctx context.Context) error {
 	e, err := kvstore.StartEmbedded(startCtx, kvstore.EmbeddedConfig{
 		Dir:        s.cfg.path("etcd"),
 		ClientAddr: "127.0.0.1:0",
+		// The other bounds (compaction, defragmentation) are the
+		// package's defaults; the quota is the operator's to raise.
+		QuotaBackendBytes: s.cfg.EtcdQuotaBackendBytes,
+		Logger:            s.log,
 		TLS: &kvstore.EmbeddedTLS{
 			CertFile: certFile, KeyFile: keyFile,
 			TrustedCAFile: filepath.Join(s.pkiDir, pki.ClientCACertFile), ClientCertAuth: true,
@@ -445,24 +479,56 @@ func (s *Server) publishClusterConfig(ctx context.Context) error {
 	return nil
 }
 
-// heartbeat rewrites the heartbeat key until ctx ends.
+// heartbeat keeps the heartbeat key on a lease of its own until ctx
+// ends, and writes it again under a new lease when the lease is lost (etcd
+// unreachable for a whole TTL). At the end it revokes the lease: the key
+// goes with the server.
 func (s *Server) heartbeat(ctx context.Context) error {
 	key := v1.HeartbeatKey(s.cfg.ClusterName)
-	t := time.NewTicker(HeartbeatInterval)
-	defer t.Stop()
+	delay := time.Second
 	for {
-		rctx, cancel := context.WithTimeout(ctx, HeartbeatInterval)
-		err := s.writer.Put(rctx, key, v1.EncodeTimestamp(time.Now()))
-		cancel()
-		if err != nil && ctx.Err() == nil {
-			s.log.Warn("heartbeat write failed", "err", err)
+		sess, err := s.writeHeartbeat(ctx, key)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			s.log.Warn("heartbeat write failed", "key", key, "err", err, "retryIn", delay)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(delay):
+			}
+			delay = min(2*delay, HeartbeatTTL/3)
+			continue
 		}
+		delay = time.Second
 		select {
 		case <-ctx.Done():
+			rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			if err := sess.Revoke(rctx); err != nil {
+				s.log.Debug("heartbeat lease not revoked; the key expires with it", "key", key, "lease", sess.String(), "err", err)
+			}
+			cancel()
 			return nil
-		case <-t.C:
+		case <-sess.Done():
+			s.log.Warn("heartbeat lease lost; writing the heartbeat again", "key", key, "lease", sess.String(), "err", sess.Err())
 		}
 	}
+}
+
+// writeHeartbeat puts the heartbeat key, holding the time, on a new lease
+// and returns the lease's session.
+func (s *Server) writeHeartbeat(ctx context.Context, key string) (*kvstore.Session, error) {
+	sess, err := s.writer.NewSession(ctx, HeartbeatTTL)
+	if err != nil {
+		return nil, err
+	}
+	put := kvstore.OpPut(key, v1.EncodeTimestamp(time.Now())).WithSession(sess)
+	if _, err := s.writer.Txn(ctx, kvstore.Txn{Then: []kvstore.Op{put}}); err != nil {
+		sess.Close()
+		return nil, fmt.Errorf("write %s: %w", key, err)
+	}
+	return sess, nil
 }
 
 // buildSource wires the configured source to the publisher.
@@ -472,8 +538,9 @@ func (s *Server) buildSource(ctx context.Context, mux *http.ServeMux, pub *Publi
 	}
 	switch s.cfg.Source {
 	case SourceRegistry:
+		svcCIDRs, _ := s.cfg.servicePrefixes() // validated
 		reg, err := registry.New(registry.Config{
-			Cluster: s.cfg.ClusterConfig(), Client: s.writer, Sink: pub, Identities: ids, Logger: s.log,
+			Cluster: s.cfg.ClusterConfig(), ServiceCIDRs: svcCIDRs, Client: s.writer, Sink: pub, Identities: ids, Logger: s.log,
 		})
 		if err != nil {
 			return nil, err
@@ -481,7 +548,12 @@ func (s *Server) buildSource(ctx context.Context, mux *http.ServeMux, pub *Publi
 		if err := reg.Load(ctx); err != nil {
 			return nil, err
 		}
-		mux.Handle("/v1/", reg.Handler(s.token))
+		s.reg = reg
+		s.metrics.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "trellis", Subsystem: "registry", Name: "unpublished_objects",
+			Help: "Registered objects whose stored record is not what is published (GET /v1/status says which and why).",
+		}, func() float64 { return float64(len(reg.Problems())) }))
+		mux.Handle("/v1/", reg.Handler())
 		return runFunc(func(ctx context.Context) error { <-ctx.Done(); return nil }), nil
 	case SourceKubernetes:
 		return s.kubernetesSource(pub, ids)
@@ -500,6 +572,14 @@ func (s *Server) readiness(ctx context.Context) (bool, string) {
 	if err := s.writer.Health(ctx); err != nil {
 		return false, "etcd: " + err.Error()
 	}
+	// A raised alarm (NOSPACE) lets etcd answer reads but refuse every
+	// write; only the embedded etcd's is visible here (an external etcd's
+	// alarms are its operator's to watch).
+	if s.etcd != nil {
+		if err := s.etcd.CheckWritable(); err != nil {
+			return false, err.Error()
+		}
+	}
 	if !s.pub.AllSynced() {
 		var pending []string
 		for kind, st := range s.pub.Stats() {
@@ -511,6 +591,15 @@ func (s *Server) readiness(ctx context.Context) (bool, string) {
 			pending = append(pending, string(v1.KindIdentities))
 		}
 		return false, "not yet synced: " + strings.Join(pending, ", ")
+	}
+	// Ready all the same: one object that cannot be published must not
+	// take the whole cluster out of the mesh. But say so.
+	if s.reg != nil {
+		// The count only: /readyz answers anyone; which objects and why
+		// is for a credential (GET /v1/status).
+		if problems := s.reg.Problems(); len(problems) > 0 {
+			return true, fmt.Sprintf("ok; %d registered objects not published as stored: see GET /v1/status", len(problems))
+		}
 	}
 	return true, "ok"
 }

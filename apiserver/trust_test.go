@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -361,13 +360,8 @@ func TestMeshTrust(t *testing.T) {
 			wantRefused(t, c, eu.frontDoor(), "eu's front door after a restart")
 		}
 
-		resp, err := http.Get(eu.httpURL + "/metrics")
-		if err != nil {
-			t.Fatal(err)
-		}
-		metrics, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if !strings.Contains(string(metrics), `trellis_frontdoor_refused_total{reason="unknown_cluster"}`) {
+		metrics := eu.mustCall(t, "GET", "/metrics", "")
+		if !strings.Contains(metrics, `trellis_frontdoor_refused_total{reason="unknown_cluster"}`) {
 			t.Error("/metrics does not count the front door's refusals")
 		}
 	})

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
 	"net/url"
 	"path/filepath"
@@ -242,9 +241,9 @@ type StateDirPeer struct {
 	Dir string
 	// ConfigDir overrides <Dir>/clusters.
 	ConfigDir string
-	// Client carries the requests (the lab's dials inside a namespace);
-	// a default client when nil.
-	Client *http.Client
+	// Dial, when set, opens the connections to the API server (the lab
+	// dials from inside a namespace).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // ClustersDir is the default config dir under an API server's state dir.
@@ -262,7 +261,7 @@ func (p *StateDirPeer) configDir() string {
 // client finds the API server from its state dir, every time: a
 // restarted server may listen elsewhere.
 func (p *StateDirPeer) client() (*client.Client, error) {
-	return client.FromStateDir(p.Dir, p.Client)
+	return client.FromStateDir(p.Dir, p.Dial)
 }
 
 func (p *StateDirPeer) Info(ctx context.Context) (v1.ClusterInfo, error) {

@@ -50,6 +50,9 @@ func (c *testCluster) start(t *testing.T) {
 	srv, err := apiserver.New(apiserver.Config{
 		ClusterName: c.name, ClusterID: c.id, PodCIDRs: []string{c.cidr}, Region: c.region, StateDir: c.stateDir,
 		EtcdListen: fmt.Sprintf("127.0.0.1:%d", c.etcdPort), HTTPListen: fmt.Sprintf("127.0.0.1:%d", c.httpPort),
+		// Plain HTTP on loopback: these tests are about what agents read;
+		// the API's TLS and credentials have their own tests.
+		HTTPPlaintext: true,
 	}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -108,7 +111,7 @@ func (c *testCluster) call(t *testing.T, method, path, body string) string {
 // CIDR (10.X.1.<octet>).
 func (c *testCluster) pod(t *testing.T, octet int, ready bool) string {
 	ip := strings.Replace(c.cidr, "0.0/16", fmt.Sprintf("1.%d", octet), 1)
-	c.call(t, "PUT", "/v1/endpoints/"+ip, fmt.Sprintf(`{"namespace":"default","pod":"echo-%d","nodeIP":"192.168.%d.1","ready":%v,"labels":{"app":"echo"}}`, octet, c.id, ready))
+	c.call(t, "PUT", "/v1/endpoints/"+ip, fmt.Sprintf(`{"namespace":"default","pod":"echo-%d","node":"node-1","nodeIP":"192.168.%d.1","ready":%v,"labels":{"app":"echo"}}`, octet, c.id, ready))
 	return ip
 }
 

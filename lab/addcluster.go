@@ -179,6 +179,9 @@ func (l *lab) buildCluster(ctx context.Context, c *clusterLayout, old *layout, t
 	if err := l.registerServices(ctx, []*clusterLayout{c}); err != nil {
 		return err
 	}
+	if err := l.issueNodeCredentials(ctx, []*clusterLayout{c}); err != nil {
+		return err
+	}
 	for _, other := range old.clusters {
 		// Pairwise rather than --mesh over all: pairs separated with `lab
 		// disconnect` stay separated.

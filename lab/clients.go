@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -15,24 +15,24 @@ import (
 
 // Clients of the lab's API servers. The lab tool stays in the root
 // namespace, so every connection is dialled from a thread inside a lab
-// namespace (httpIn): registry and admin calls, service registration and
-// the API servers' readiness probe.
+// namespace (dialerIn): registry and admin calls, service registration,
+// node credentials and the API servers' readiness probe. Every call is
+// over TLS, verified with the cluster's server CA.
 
 // registryURL is the cluster's registry, reachable from lab namespaces.
 func (c *clusterLayout) registryURL() string {
-	return "http://" + netip.AddrPortFrom(c.ip, apiHTTPPort).String()
+	return "https://" + netip.AddrPortFrom(c.ip, apiHTTPPort).String()
 }
 
-// httpIn is an HTTP client whose connections are opened inside namespace
-// ns. It never uses a proxy.
-func httpIn(ns string, timeout time.Duration) *http.Client {
-	return &http.Client{Timeout: timeout, Transport: &http.Transport{
-		Proxy: nil,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return dialIn(ctx, ns, network, addr)
-		},
-		DisableKeepAlives: true,
-	}}
+// caFile is the cluster's server CA, which its HTTP API and etcd front
+// door present certificates of.
+func (c *clusterLayout) caFile() string { return filepath.Join(c.stateDir, v1.StateServerCAFile) }
+
+// dialerIn dials from inside namespace ns.
+func dialerIn(ns string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return dialIn(ctx, ns, network, addr)
+	}
 }
 
 // api is a client of cluster c's API server that dials from c's API
@@ -42,7 +42,11 @@ func (l *lab) api(c *clusterLayout, timeout time.Duration) (*client.Client, erro
 	if err != nil {
 		return nil, fmt.Errorf("lab: %s's admin token: %w", c.Name, err)
 	}
-	api, err := client.New(client.Config{URL: c.registryURL(), Token: token, HTTPClient: httpIn(c.ns, timeout)})
+	ca, err := os.ReadFile(c.caFile())
+	if err != nil {
+		return nil, fmt.Errorf("lab: %s's server CA: %w", c.Name, err)
+	}
+	api, err := client.New(client.Config{URL: c.registryURL(), CAPEM: ca, Token: token, Dial: dialerIn(c.ns), Timeout: timeout})
 	if err != nil {
 		return nil, fmt.Errorf("lab: %s's API server: %w", c.Name, err)
 	}
@@ -89,9 +93,39 @@ func (l *lab) registerServices(ctx context.Context, clusters []*clusterLayout) e
 func (l *lab) apiReady(ctx context.Context, c *clusterLayout) error {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	api, err := client.New(client.Config{URL: c.registryURL(), HTTPClient: httpIn(c.ns, 3*time.Second)})
+	api, err := l.api(c, 3*time.Second)
 	if err != nil {
 		return err
 	}
 	return api.Ready(ctx)
 }
+
+// issueNodeCredentials gives every node of clusters its registry
+// credential, in the node's state dir: its agent registers the node and
+// its pods with it, and holds nothing more powerful.
+func (l *lab) issueNodeCredentials(ctx context.Context, clusters []*clusterLayout) error {
+	for _, c := range clusters {
+		err := l.withAPI(c, func(api *client.Client) error {
+			for _, n := range c.nodes {
+				cred, err := api.IssueNodeCredential(ctx, n.Name)
+				if err != nil {
+					return err
+				}
+				if err := os.MkdirAll(n.stateDir, 0o700); err != nil {
+					return err
+				}
+				if err := os.WriteFile(n.tokenFile(), []byte(cred.Token+"\n"), 0o600); err != nil {
+					return fmt.Errorf("node %s's credential: %w", n.ref(), err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// tokenFile is where a node's registry credential is kept.
+func (n *nodeLayout) tokenFile() string { return filepath.Join(n.stateDir, "registry.token") }

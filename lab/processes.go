@@ -5,13 +5,11 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
-	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/clustermesh"
 )
 
@@ -50,7 +48,8 @@ func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 		"--state-dir", n.stateDir,
 		"--status-socket", n.socket,
 		"--registry-url", c.registryURL(),
-		"--registry-token-file", filepath.Join(c.stateDir, v1.StateAdminTokenFile),
+		"--registry-ca-file", c.caFile(),
+		"--registry-token-file", n.tokenFile(),
 		"--node-ip", n.ip.String(),
 		"--pod-cidrs", n.PodCIDR,
 	}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
 	"github.com/trellis-mesh/trellis/clustermesh"
@@ -24,7 +23,7 @@ import (
 func (l *lab) connect(ctx context.Context) error {
 	first := l.lay.clusters[0]
 	if len(l.lay.clusters) == 1 {
-		peer := &clustermesh.StateDirPeer{Dir: first.stateDir, Client: httpIn(first.ns, 30*time.Second)}
+		peer := &clustermesh.StateDirPeer{Dir: first.stateDir, Dial: dialerIn(first.ns)}
 		if err := clustermesh.ConnectSelf(ctx, peer); err != nil {
 			return fmt.Errorf("lab: %s's own cluster file: %w", first.Name, err)
 		}

@@ -164,6 +164,9 @@ func (l *lab) build(ctx context.Context, opts UpOptions) error {
 	if err := l.registerServices(ctx, l.lay.clusters); err != nil {
 		return err
 	}
+	if err := l.issueNodeCredentials(ctx, l.lay.clusters); err != nil {
+		return err
+	}
 	if err := l.connect(ctx); err != nil {
 		return err
 	}

@@ -11,10 +11,13 @@ package client
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -52,16 +55,22 @@ func (e *APIError) Is(target error) bool {
 	return target == ErrNotFound && e.Status == http.StatusNotFound
 }
 
-// Config says where the API server is and how to authenticate.
+// Config says where the API server is, how to verify it and how to
+// authenticate.
 type Config struct {
-	// URL is the server's base URL, e.g. http://192.168.100.10:9870.
+	// URL is the server's base URL, e.g. https://192.168.100.10:9870.
 	URL string
-	// Token is the bearer token for writes and the admin API; reads of
-	// the registry need none.
+	// CAPEM is the server CA's certificate (PEM), which an https server's
+	// certificate must chain to. Required for https: the client always
+	// verifies the server.
+	CAPEM []byte
+	// Token is the bearer token: the admin token, or a node's credential.
 	Token string
-	// HTTPClient carries the requests; a client with a 30 s timeout when
-	// nil.
-	HTTPClient *http.Client
+	// Dial, when set, opens the connections (the lab dials from inside a
+	// network namespace).
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Timeout bounds one request; 30 s when zero.
+	Timeout time.Duration
 }
 
 // Client calls one mesh API server. It is safe for concurrent use.
@@ -75,18 +84,36 @@ type Client struct {
 func New(cfg Config) (*Client, error) {
 	u, err := url.Parse(strings.TrimSpace(cfg.URL))
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("client: API server URL %q: want http(s)://host:port", cfg.URL)
+		return nil, fmt.Errorf("client: API server URL %q: want https://host:port", cfg.URL)
 	}
-	hc := cfg.HTTPClient
-	if hc == nil {
-		hc = &http.Client{Timeout: 30 * time.Second}
+	tr := &http.Transport{
+		Proxy:               nil, // the mesh API is never reached through a proxy
+		DialContext:         cfg.Dial,
+		TLSHandshakeTimeout: 10 * time.Second,
+		IdleConnTimeout:     30 * time.Second,
+		MaxIdleConnsPerHost: 4,
 	}
-	return &Client{base: strings.TrimSuffix(u.String(), "/"), token: strings.TrimSpace(cfg.Token), http: hc}, nil
+	if tr.DialContext == nil {
+		tr.DialContext = (&net.Dialer{Timeout: 10 * time.Second}).DialContext
+	}
+	if u.Scheme == "https" {
+		pool := x509.NewCertPool()
+		if len(cfg.CAPEM) == 0 || !pool.AppendCertsFromPEM(cfg.CAPEM) {
+			return nil, fmt.Errorf("client: %s: the server CA's certificate is required to verify the server (<state-dir>/%s)", u, v1.StateServerCAFile)
+		}
+		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	timeout := cfg.Timeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	return &Client{base: strings.TrimSuffix(u.String(), "/"), token: strings.TrimSpace(cfg.Token), http: &http.Client{Transport: tr, Timeout: timeout}}, nil
 }
 
 // FromStateDir finds the API server whose state dir is dir, on this
-// machine: the URL and admin token it wrote there. hc may be nil.
-func FromStateDir(dir string, hc *http.Client) (*Client, error) {
+// machine: the URL, server CA and admin token it keeps there. dial may be
+// nil.
+func FromStateDir(dir string, dial func(ctx context.Context, network, addr string) (net.Conn, error)) (*Client, error) {
 	addr, err := os.ReadFile(filepath.Join(dir, v1.StateHTTPAddrFile))
 	if err != nil {
 		return nil, fmt.Errorf("client: read the API server's address (is %s the state dir of one that has started?): %w", dir, err)
@@ -95,7 +122,13 @@ func FromStateDir(dir string, hc *http.Client) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return New(Config{URL: string(addr), Token: token, HTTPClient: hc})
+	cfg := Config{URL: string(addr), Token: token, Dial: dial}
+	if strings.HasPrefix(strings.TrimSpace(string(addr)), "https://") {
+		if cfg.CAPEM, err = os.ReadFile(filepath.Join(dir, v1.StateServerCAFile)); err != nil {
+			return nil, fmt.Errorf("client: read the server CA: %w", err)
+		}
+	}
+	return New(cfg)
 }
 
 // ReadToken reads a bearer token file.
@@ -224,7 +257,25 @@ func (c *Client) Services(ctx context.Context) ([]v1.ServiceRequest, error) {
 	return out, c.do(ctx, http.MethodGet, "/v1/services", nil, &out)
 }
 
+// Status reports what the registry could not publish.
+func (c *Client) Status(ctx context.Context) (v1.RegistryStatus, error) {
+	var st v1.RegistryStatus
+	return st, c.do(ctx, http.MethodGet, "/v1/status", nil, &st)
+}
+
 // Admin API.
+
+// IssueNodeCredential mints node's registry credential, replacing any
+// earlier one.
+func (c *Client) IssueNodeCredential(ctx context.Context, node string) (v1.NodeCredential, error) {
+	var cred v1.NodeCredential
+	return cred, c.do(ctx, http.MethodPost, "/admin/v1/nodes/"+url.PathEscape(node)+"/credential", nil, &cred)
+}
+
+// RevokeNodeCredential invalidates node's registry credential.
+func (c *Client) RevokeNodeCredential(ctx context.Context, node string) error {
+	return c.do(ctx, http.MethodDelete, "/admin/v1/nodes/"+url.PathEscape(node)+"/credential", nil, nil)
+}
 
 // Info is what the cluster says about itself before joining a mesh.
 func (c *Client) Info(ctx context.Context) (v1.ClusterInfo, error) {

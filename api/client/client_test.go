@@ -2,9 +2,16 @@ package client
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"io"
+	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -13,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
@@ -152,4 +160,45 @@ func TestConfigRefusals(t *testing.T) {
 	if err != nil || c.URL() != "http://127.0.0.1:1" || c.token != "tok" {
 		t.Errorf("FromStateDir = %+v, %v", c, err)
 	}
+}
+
+// Over https the client always verifies the server: without the server
+// CA it refuses to be built, with another CA it cannot connect.
+func TestVerifiesTheServer(t *testing.T) {
+	srv := httptest.NewTLSServer(&fakeServer{})
+	t.Cleanup(srv.Close)
+	if _, err := New(Config{URL: srv.URL}); err == nil || !strings.Contains(err.Error(), "CA") {
+		t.Errorf("https without a CA: %v, want a refusal naming the CA", err)
+	}
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	c, err := New(Config{URL: srv.URL, CAPEM: caPEM, Token: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Nodes(context.Background()); err != nil {
+		t.Errorf("with the server's CA: %v", err)
+	}
+	c, err = New(Config{URL: srv.URL, CAPEM: selfSigned(t), Token: "t"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Nodes(context.Background()); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("with another CA: %v, want a certificate error", err)
+	}
+}
+
+// selfSigned is the PEM of a CA certificate nothing is signed by.
+func selfSigned(t *testing.T) []byte {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "other"}, IsCA: true, BasicConstraintsValid: true,
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }

@@ -89,6 +89,22 @@ type RemoteCredentials struct {
 	KeyPEM  string `json:"keyPEM"`
 }
 
+// NodeCredential is a node's credential for the registry
+// (POST /admin/v1/nodes/{name}/credential): a bearer token that may
+// register that node and the endpoints on it, and read. Issuing again
+// replaces it; the server keeps only a hash.
+type NodeCredential struct {
+	Node  string `json:"node"`
+	Token string `json:"token"`
+}
+
+// RegistryStatus is what GET /v1/status reports: objects whose stored
+// record is not what is published, and why ("service default/big" → the
+// reason).
+type RegistryStatus struct {
+	Unpublished map[string]string `json:"unpublished,omitempty"`
+}
+
 // The files a mesh API server keeps in its state dir that tools on the
 // same machine read to find and authenticate to it.
 const (
@@ -105,4 +121,7 @@ const (
 	// StateClustersDir is the config dir, one <cluster>.yaml per connected
 	// cluster, that `trellis connect` writes for the cluster's agents.
 	StateClustersDir = "clusters"
+	// StateServerCAFile is the server CA's certificate: what clients of
+	// the HTTP API and remote readers of etcd verify the server with.
+	StateServerCAFile = "pki/ca.crt"
 )

@@ -66,11 +66,14 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 	f.StringVar(&cfg.EtcdKeyFile, "etcd-key-file", "", "client key for the external etcd")
 	f.StringVar(&cfg.EtcdListen, "etcd-listen", apiserver.DefaultEtcdListen, "host:port remote clusters dial: the etcd front door (the embedded etcd itself listens on loopback, see <state-dir>/etcd.addr)")
 	f.StringVar(&cfg.AdvertiseAddress, "advertise-address", "", "address remote clusters dial for etcd (default: the --etcd-listen host)")
-	f.StringVar(&cfg.HTTPListen, "http-listen", apiserver.DefaultHTTPListen, "host:port for /healthz, /readyz, /metrics, the registry and admin APIs")
+	f.Int64Var(&cfg.EtcdQuotaBackendBytes, "etcd-quota-backend-bytes", 0, "the embedded etcd's database quota in bytes, 64 MiB to 8 GiB (0: 1 GiB); past it etcd refuses writes (NOSPACE)")
+	f.StringVar(&cfg.HTTPListen, "http-listen", apiserver.DefaultHTTPListen, "host:port for /healthz, /readyz, /metrics, the registry and admin APIs (HTTPS with the server certificate)")
+	f.BoolVar(&cfg.HTTPPlaintext, "http-plaintext", false, "serve the HTTP API without TLS: only on a loopback --http-listen")
+	f.StringSliceVar(&cfg.ServiceCIDRs, "service-cidrs", []string{apiserver.DefaultServiceCIDR}, "the ranges service VIPs lie in; the registry refuses others")
 	f.StringVar(&cfg.Source, "source", apiserver.SourceRegistry, "source of truth: registry (standalone) or kubernetes")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig for --source kubernetes (default: in-cluster)")
 
-	cmd.AddCommand(newIssueRemoteCmd())
+	cmd.AddCommand(newIssueRemoteCmd(), newIssueNodeCredentialCmd())
 	return cmd
 }
 
@@ -79,23 +82,26 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 func mergeFlags(file, flags apiserver.Config, set *pflag.FlagSet) apiserver.Config {
 	out := file
 	apply := map[string]func(){
-		"cluster-name":           func() { out.ClusterName = flags.ClusterName },
-		"cluster-id":             func() { out.ClusterID = flags.ClusterID },
-		"pod-cidrs":              func() { out.PodCIDRs = flags.PodCIDRs },
-		"region":                 func() { out.Region = flags.Region },
-		"zone":                   func() { out.Zone = flags.Zone },
-		"max-connected-clusters": func() { out.MaxConnectedClusters = flags.MaxConnectedClusters },
-		"encryption":             func() { out.Encryption = flags.Encryption },
-		"state-dir":              func() { out.StateDir = flags.StateDir },
-		"etcd-endpoints":         func() { out.EtcdEndpoints = flags.EtcdEndpoints },
-		"etcd-ca-file":           func() { out.EtcdCAFile = flags.EtcdCAFile },
-		"etcd-cert-file":         func() { out.EtcdCertFile = flags.EtcdCertFile },
-		"etcd-key-file":          func() { out.EtcdKeyFile = flags.EtcdKeyFile },
-		"etcd-listen":            func() { out.EtcdListen = flags.EtcdListen },
-		"advertise-address":      func() { out.AdvertiseAddress = flags.AdvertiseAddress },
-		"http-listen":            func() { out.HTTPListen = flags.HTTPListen },
-		"source":                 func() { out.Source = flags.Source },
-		"kubeconfig":             func() { out.Kubeconfig = flags.Kubeconfig },
+		"cluster-name":             func() { out.ClusterName = flags.ClusterName },
+		"cluster-id":               func() { out.ClusterID = flags.ClusterID },
+		"pod-cidrs":                func() { out.PodCIDRs = flags.PodCIDRs },
+		"region":                   func() { out.Region = flags.Region },
+		"zone":                     func() { out.Zone = flags.Zone },
+		"max-connected-clusters":   func() { out.MaxConnectedClusters = flags.MaxConnectedClusters },
+		"encryption":               func() { out.Encryption = flags.Encryption },
+		"state-dir":                func() { out.StateDir = flags.StateDir },
+		"etcd-endpoints":           func() { out.EtcdEndpoints = flags.EtcdEndpoints },
+		"etcd-ca-file":             func() { out.EtcdCAFile = flags.EtcdCAFile },
+		"etcd-cert-file":           func() { out.EtcdCertFile = flags.EtcdCertFile },
+		"etcd-key-file":            func() { out.EtcdKeyFile = flags.EtcdKeyFile },
+		"etcd-listen":              func() { out.EtcdListen = flags.EtcdListen },
+		"advertise-address":        func() { out.AdvertiseAddress = flags.AdvertiseAddress },
+		"etcd-quota-backend-bytes": func() { out.EtcdQuotaBackendBytes = flags.EtcdQuotaBackendBytes },
+		"http-listen":              func() { out.HTTPListen = flags.HTTPListen },
+		"http-plaintext":           func() { out.HTTPPlaintext = flags.HTTPPlaintext },
+		"service-cidrs":            func() { out.ServiceCIDRs = flags.ServiceCIDRs },
+		"source":                   func() { out.Source = flags.Source },
+		"kubeconfig":               func() { out.Kubeconfig = flags.Kubeconfig },
 	}
 	set.Visit(func(f *pflag.Flag) {
 		if fn, ok := apply[f.Name]; ok {
@@ -122,17 +128,13 @@ writes ca.crt, REMOTE.crt and REMOTE.key into --out.`,
 			if name == "" {
 				return fmt.Errorf("--name is required: the remote cluster the credentials are for")
 			}
-			token, err := client.ReadToken(filepath.Join(stateDir, v1.StateAdminTokenFile))
+			api, err := adminAPI(stateDir, server)
 			if err != nil {
-				return fmt.Errorf("read the admin token (is --state-dir the API server's?): %w", err)
-			}
-			api, err := client.New(client.Config{URL: server, Token: token})
-			if err != nil {
-				return fmt.Errorf("--server: %w", err)
+				return err
 			}
 			creds, err := api.IssueRemote(cmd.Context(), name)
 			if err != nil {
-				return fmt.Errorf("API server at %s: %w", server, err)
+				return fmt.Errorf("API server at %s: %w", api.URL(), err)
 			}
 			if outDir == "" {
 				return json.NewEncoder(cmd.OutOrStdout()).Encode(creds)
@@ -150,8 +152,77 @@ writes ca.crt, REMOTE.crt and REMOTE.key into --out.`,
 		},
 	}
 	cmd.Flags().StringVar(&name, "name", "", "the remote cluster the credentials are for")
-	cmd.Flags().StringVar(&server, "server", "http://"+apiserver.DefaultHTTPListen, "the API server's HTTP address")
-	cmd.Flags().StringVar(&stateDir, "state-dir", "", "the API server's state dir (for the admin token)")
+	addAdminFlags(cmd, &stateDir, &server)
 	cmd.Flags().StringVar(&outDir, "out", "", "write the credentials as files into this directory instead of printing JSON")
 	return cmd
+}
+
+func newIssueNodeCredentialCmd() *cobra.Command {
+	var node, server, stateDir, out string
+	cmd := &cobra.Command{
+		Use:   "issue-node-credential --node NODE",
+		Short: "Mint a node's registry credential, for its agent",
+		Long: `Ask a running mesh API server for the registry credential of node NODE: a
+bearer token that may register that node and the endpoints on it, and read,
+nothing more. Give it to the node's agent (--registry-token-file) instead of
+the admin token. Issuing again replaces it: the earlier token stops working.
+Prints the token, or writes it (mode 0600) to --out.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if node == "" {
+				return fmt.Errorf("--node is required: the node the credential is for")
+			}
+			api, err := adminAPI(stateDir, server)
+			if err != nil {
+				return err
+			}
+			cred, err := api.IssueNodeCredential(cmd.Context(), node)
+			if err != nil {
+				return fmt.Errorf("API server at %s: %w", api.URL(), err)
+			}
+			if out == "" {
+				_, err := fmt.Fprintln(cmd.OutOrStdout(), cred.Token)
+				return err
+			}
+			if err := os.WriteFile(out, []byte(cred.Token+"\n"), 0o600); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "wrote node %s's registry credential to %s\n", node, out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&node, "node", "", "the node the credential is for")
+	addAdminFlags(cmd, &stateDir, &server)
+	cmd.Flags().StringVar(&out, "out", "", "write the token to this file (mode 0600) instead of printing it")
+	return cmd
+}
+
+// addAdminFlags adds the flags that find an API server from its state dir.
+func addAdminFlags(cmd *cobra.Command, stateDir, server *string) {
+	cmd.Flags().StringVar(stateDir, "state-dir", "", "the API server's state dir (its admin token, server CA and address)")
+	cmd.Flags().StringVar(server, "server", "", "the API server's HTTPS address (default: the one in <state-dir>/http.addr)")
+}
+
+// adminAPI is an admin client of the API server whose state dir is
+// stateDir, at server when given.
+func adminAPI(stateDir, server string) (*client.Client, error) {
+	if stateDir == "" {
+		return nil, fmt.Errorf("--state-dir is required: the API server's state dir, for its admin token and server CA")
+	}
+	if server == "" {
+		return client.FromStateDir(stateDir, nil)
+	}
+	token, err := client.ReadToken(filepath.Join(stateDir, v1.StateAdminTokenFile))
+	if err != nil {
+		return nil, fmt.Errorf("read the admin token (is --state-dir the API server's?): %w", err)
+	}
+	ca, err := os.ReadFile(filepath.Join(stateDir, v1.StateServerCAFile))
+	if err != nil {
+		return nil, fmt.Errorf("read the server CA: %w", err)
+	}
+	api, err := client.New(client.Config{URL: server, CAPEM: ca, Token: token})
+	if err != nil {
+		return nil, fmt.Errorf("--server: %w", err)
+	}
+	return api, nil
 }

@@ -6,8 +6,12 @@ package testutil
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -228,4 +232,100 @@ func Consistently(t testing.TB, window time.Duration, what string, cond func() b
 		}
 		time.Sleep(pollInterval)
 	}
+}
+
+// APIServer is how a test reaches a mesh API server it started: the URL
+// the server wrote to <state-dir>/http.addr, an HTTP client that verifies
+// it with <state-dir>/pki/ca.crt, and its admin token.
+type APIServer struct {
+	URL    string
+	Client *http.Client
+	Token  string
+}
+
+// WaitAPIServer waits until the API server with state dir dir serves and
+// answers /readyz with 200, and returns how to reach it. It fails t after
+// timeout.
+func WaitAPIServer(t testing.TB, dir string, timeout time.Duration) *APIServer {
+	t.Helper()
+	var a *APIServer
+	EventuallyNoError(t, timeout, "API server in "+dir+" ready", func() error {
+		if a == nil {
+			var err error
+			if a, err = apiServerIn(dir); err != nil {
+				return err
+			}
+		}
+		resp, err := a.Client.Get(a.URL + "/readyz")
+		if err != nil {
+			return err
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("/readyz: %s: %s", resp.Status, body)
+		}
+		return nil
+	})
+	return a
+}
+
+func apiServerIn(dir string) (*APIServer, error) {
+	addr, err := os.ReadFile(filepath.Join(dir, "http.addr"))
+	if err != nil {
+		return nil, err
+	}
+	token, err := os.ReadFile(filepath.Join(dir, "admin.token"))
+	if err != nil {
+		return nil, err
+	}
+	a := &APIServer{URL: strings.TrimSpace(string(addr)), Token: strings.TrimSpace(string(token)), Client: &http.Client{Timeout: 30 * time.Second}}
+	if strings.HasPrefix(a.URL, "https://") {
+		ca, err := os.ReadFile(filepath.Join(dir, "pki", "ca.crt"))
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(ca) {
+			return nil, fmt.Errorf("no certificate in %s/pki/ca.crt", dir)
+		}
+		a.Client.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}
+	}
+	return a, nil
+}
+
+// Do sends a request with the admin token and returns the status and
+// body; it fails t only when the server cannot be reached.
+func (a *APIServer) Do(t testing.TB, method, path, body string) (int, string) {
+	t.Helper()
+	return a.DoAs(t, a.Token, method, path, body)
+}
+
+// DoAs is Do with another bearer token ("" sends none).
+func (a *APIServer) DoAs(t testing.TB, token, method, path, body string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, a.URL+path, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := a.Client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(out)
+}
+
+// Must is Do that fails t unless the answer is a success.
+func (a *APIServer) Must(t testing.TB, method, path, body string) string {
+	t.Helper()
+	code, out := a.Do(t, method, path, body)
+	if code >= 300 {
+		t.Fatalf("%s %s: %d %s", method, path, code, out)
+	}
+	return out
 }
