@@ -187,4 +187,3 @@ func (s *Server) handleRevokeNodeCredential(w http.ResponseWriter, r *http.Reque
 	}
 	w.WriteHeader(http.StatusNoContent)
 }
-
