@@ -88,6 +88,9 @@ type typedMap[K comparable, V any, RK any, RV any] struct {
 // from: do not Close it.
 func (t *typedMap[K, V, RK, RV]) Map() *ebpf.Map { return t.m }
 
+// MaxEntries is the number of entries the map holds at most.
+func (t *typedMap[K, V, RK, RV]) MaxEntries() uint32 { return t.m.MaxEntries() }
+
 // Lookup returns the value stored under k. A missing key is an error that
 // matches ebpf.ErrKeyNotExist.
 func (t *typedMap[K, V, RK, RV]) Lookup(k K) (V, error) {

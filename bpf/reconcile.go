@@ -39,13 +39,18 @@ package bpf
 //
 // Slots. Backends keep the slot they already occupy; new backends fill the
 // holes. Removing one backend out of a hundred rewrites one slot.
+//
+// Capacity. A map holds at most its max_entries, and between phases 1-3
+// and 4-6 the old and the new entries are both in it. Set checks that peak
+// against each map's size before it writes anything, and refuses the whole
+// state with ErrMapFull naming the map: a partial write would leave some
+// services programmed from the new state and others from the old one.
 
 import (
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"math"
 	"net/netip"
 	"slices"
 	"sync"
@@ -88,6 +93,22 @@ type table[K comparable, V comparable] interface {
 	BatchUpdate(keys []K, values []V) error
 	BatchDelete(keys []K) error
 }
+
+// sized is implemented by tables that hold a bounded number of entries
+// (the kernel maps: max_entries).
+type sized interface{ MaxEntries() uint32 }
+
+// capacity is t's size, 0 when unbounded.
+func capacity(t any) int {
+	if s, ok := t.(sized); ok {
+		return int(s.MaxEntries())
+	}
+	return 0
+}
+
+// ErrMapFull says a desired state does not fit in a map; Set wrote
+// nothing.
+var ErrMapFull = errors.New("map too small")
 
 type reconciler struct {
 	mu       sync.Mutex
@@ -175,10 +196,9 @@ func validate(services []Service) ([]desiredService, int, error) {
 			}
 			d.backends = append(d.backends, keyOf(b))
 		}
+		// A service's count is 32 bits: the slots map's size is the limit
+		// that applies, checked when planning.
 		d.backends = dedupe(d.backends)
-		if len(d.backends) > math.MaxUint16 {
-			errs = append(errs, fmt.Errorf("service %v: %d backends, at most %d", k, len(d.backends), math.MaxUint16))
-		}
 		total += len(d.backends)
 		out = append(out, d)
 	}
@@ -289,6 +309,9 @@ func (r *reconciler) set(ctx context.Context, services []Service, trustMirror bo
 	if err != nil {
 		return fmt.Errorf("bpf: set services: %w", err)
 	}
+	if err := r.fits(p, cur); err != nil {
+		return fmt.Errorf("bpf: set services: %w", err)
+	}
 	if err := r.apply(ctx, p); err != nil {
 		return fmt.Errorf("bpf: set services: %w", err)
 	}
@@ -297,6 +320,34 @@ func (r *reconciler) set(ctx context.Context, services []Service, trustMirror bo
 	r.backendIDs = p.backendIDs
 	r.stats.Services, r.stats.Slots, r.stats.Backends = p.nServices, p.nSlots, p.nBackends
 	return nil
+}
+
+// fits checks that each map can hold what it holds now plus the entries
+// the plan adds, which is its size between the phases that add and the
+// phases that delete.
+func (r *reconciler) fits(p *plan, cur *mapContents) error {
+	var errs []error
+	check := func(name string, size, now, added, want int) {
+		if size > 0 && now+added > size {
+			errs = append(errs, fmt.Errorf("%w: the %s map holds %d entries; this state needs %d, and %d while the %d entries it replaces are still in place (maps keep the size they were created with: an agent started after `trellis agent --uninstall` creates them at the current default size)",
+				ErrMapFull, name, size, want, now+added, now+added-want))
+		}
+	}
+	check("services", capacity(r.services), len(cur.services), countNew(p.serviceUpd, cur.services), p.nServices)
+	check("slots", capacity(r.slots), len(cur.slots), countNew(p.slotUpd, cur.slots), p.nSlots)
+	check("backends", capacity(r.backends), len(cur.backends), countNew(p.backendUpd, cur.backends), p.nBackends)
+	return errors.Join(errs...)
+}
+
+// countNew counts the keys of upd that cur does not have.
+func countNew[K comparable, V1, V2 any](upd map[K]V1, cur map[K]V2) int {
+	n := 0
+	for k := range upd {
+		if _, ok := cur[k]; !ok {
+			n++
+		}
+	}
+	return n
 }
 
 // dump reads the three maps.
@@ -461,14 +512,14 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 	// service i"; placed[id] == i+1 means "already has a slot".
 	mark := make(map[uint32]int, total)
 	placed := make(map[uint32]int, total)
-	counts := make(map[uint32]uint16, len(desired))
+	counts := make(map[uint32]uint32, len(desired))
 	wantSvc := make(map[ServiceKey]struct{}, len(desired))
 	var slots, ids []uint32
 	for i, d := range desired {
 		stamp := i + 1
 		id := p.serviceIDs[d.key]
 		count := len(d.backends)
-		counts[id] = uint16(count)
+		counts[id] = uint32(count)
 		wantSvc[d.key] = struct{}{}
 
 		// ids[j] is the ID of d.backends[j].
@@ -505,7 +556,7 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 		}
 		p.nSlots += count
 
-		v := ServiceValue{ID: id, Count: uint16(count)}
+		v := ServiceValue{ID: id, Count: uint32(count)}
 		for n := range min(count, InlineSlots) {
 			b := d.backends[slices.Index(ids, slots[n])].backend()
 			v.Inline[n] = netip.AddrPortFrom(b.IP, b.Port)
@@ -520,7 +571,7 @@ func (r *reconciler) plan(desired []desiredService, total int, curSvc map[Servic
 		}
 	}
 	for k := range curSlots {
-		if count, ok := counts[k.ServiceID]; !ok || k.Slot >= uint32(count) {
+		if count, ok := counts[k.ServiceID]; !ok || k.Slot >= count {
 			p.slotDel = append(p.slotDel, k)
 		}
 	}

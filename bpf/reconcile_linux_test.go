@@ -309,7 +309,7 @@ func corrupt(r *rand.Rand, w *fakeWorld) {
 		}
 	case 1: // change a count
 		for k, v := range w.services.m {
-			v.Count = uint16(pick(20))
+			v.Count = uint32(pick(20))
 			w.services.m[k] = v
 			break
 		}

@@ -58,8 +58,7 @@ type socklbLb4RevValue struct {
 type socklbLb4Service struct {
 	_        structs.HostLayout
 	Id       uint32
-	Count    uint16
-	Flags    uint16
+	Count    uint32
 	InlineBe [4]struct {
 		_    structs.HostLayout
 		Ip   uint32

@@ -49,10 +49,10 @@ const InlineSlots = 4
 type ServiceValue struct {
 	// ID names the service in the slots map; IDs start at 1.
 	ID uint32
-	// Count is the number of active slots, [0, Count).
-	Count uint16
-	// Flags is reserved and 0.
-	Flags uint16
+	// Count is the number of active slots, [0, Count). (It was 16 bits
+	// followed by 16 reserved zero bits: maps pinned by that layout read the
+	// same, see c/socklb.c.)
+	Count uint32
 	// Inline holds the addresses of the backends in slots [0, min(Count,
 	// InlineSlots)), as the slots and backends maps also have them; the
 	// rest are the zero AddrPort. The programs read a slot below
@@ -137,7 +137,7 @@ func serviceKeyFromRaw(r socklbLb4Key) ServiceKey {
 }
 
 func (v ServiceValue) raw() (socklbLb4Service, error) {
-	r := socklbLb4Service{Id: v.ID, Count: v.Count, Flags: v.Flags}
+	r := socklbLb4Service{Id: v.ID, Count: v.Count}
 	for i, a := range v.Inline {
 		if !a.IsValid() {
 			continue
@@ -152,7 +152,7 @@ func (v ServiceValue) raw() (socklbLb4Service, error) {
 }
 
 func serviceValueFromRaw(r socklbLb4Service) ServiceValue {
-	v := ServiceValue{ID: r.Id, Count: r.Count, Flags: r.Flags}
+	v := ServiceValue{ID: r.Id, Count: r.Count}
 	for i, a := range r.InlineBe {
 		if a.Ip != 0 || a.Port != 0 {
 			v.Inline[i] = netip.AddrPortFrom(ip4FromRaw(a.Ip), portFromRaw(a.Port))

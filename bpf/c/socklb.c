@@ -81,8 +81,11 @@ struct lb4_addr {
 
 struct lb4_service {
 	__u32 id;     // service id, >= 1
-	__u16 count;  // active slots [0, count)
-	__u16 flags;  // reserved, 0
+	// Active slots [0, count). It was a __u16 followed by a reserved __u16
+	// that was always 0; on little-endian, which is all this object is
+	// built for, a pinned map written by that layout reads the same here,
+	// so the wider count needs no migration.
+	__u32 count;
 	// Backends of slots [0, min(count, LB4_INLINE_SLOTS)), as the slots and
 	// backends maps have them; the rest are 0.
 	struct lb4_addr inline_be[LB4_INLINE_SLOTS];
@@ -143,7 +146,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
 	__type(value, struct lb4_backend);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 262144);  // as many as slots: never the tighter limit
 } trellis_be4 SEC(".maps");
 
 struct {
