@@ -305,7 +305,7 @@ func TestDecodeEntry(t *testing.T) {
 		{"shard other index", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard+1), shB, "key-mismatch"},
 		{"shard at a service key", decShard, ServiceKey(sh.Cluster, sh.Namespace, sh.Service), shB, "bad-key"},
 		{"service at a shard key", decSvc, shKey(svc.Cluster, svc.Namespace, svc.Name, 0), svcB, "bad-key"},
-		{"shard index too large", decShard, "trellis/v1/backends/eu-west-1/payments-production/checkout-api/4096", shB, "bad-key"},
+		{"shard index too large", decShard, "trellis/v1/backends/eu-west-1/payments-production/checkout-api/1024", shB, "bad-key"},
 		{"shard duplicate backend", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard),
 			[]byte(`{"v":1,"cluster":"eu-west-1","namespace":"payments-production","service":"checkout-api","shard":3,"backends":[{"ip":"10.7.0.1","state":"active"},{"ip":"10.7.0.1","state":"active"}]}`), "invalid"},
 		{"shard too large", decShard, shKey(sh.Cluster, sh.Namespace, sh.Service, sh.Shard), make([]byte, MaxValueSize+1), "too-large"},
@@ -449,5 +449,21 @@ func BenchmarkDecodeService(b *testing.B) {
 		if _, err := DecodeService(data); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// A service value lists a generation per shard: with the most shards and
+// the largest generations it must still leave room for ports and
+// frontends.
+func TestMostBackendShardsFitOneValue(t *testing.T) {
+	s := sampleService()
+	s.Backends = nil
+	s.BackendShards = make([]uint64, MaxBackendShards)
+	for i := range s.BackendShards {
+		s.BackendShards[i] = 1<<64 - 1
+	}
+	b := mustEncode(t, s)
+	if len(b) > MaxValueSize/2 {
+		t.Fatalf("a service listing %d shards is %d bytes, want at most half of %d", MaxBackendShards, len(b), MaxValueSize)
 	}
 }

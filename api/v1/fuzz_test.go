@@ -120,7 +120,7 @@ func FuzzDecodeBackendShard(f *testing.F) {
 	empty.Backends = nil
 	addSeeds(f, sampleBackendShard(), sh, empty)
 	for _, s := range []string{
-		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":4096}`,
+		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":1024}`,
 		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":-1}`,
 		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":1.5}`,
 		`{"v":1,"cluster":"c","namespace":"n","service":"s","shard":0,"gen":-1}`,
@@ -142,7 +142,7 @@ func FuzzParseKey(f *testing.F) {
 		ServiceKey("c1", "default", "kubernetes"),
 		BackendShardKey("c1", "default", "kubernetes", 0), BackendShardKey("c1", "default", "kubernetes", MaxBackendShards-1),
 		SyncedKey("c1", KindIdentities), SyncedKey("c1", KindBackends),
-		"trellis/v1/backends/c/n/s/", "trellis/v1/backends/c/n/s/01", "trellis/v1/backends/c/n/s/4096", "trellis/v1/backends/c/n/s/-0",
+		"trellis/v1/backends/c/n/s/", "trellis/v1/backends/c/n/s/01", "trellis/v1/backends/c/n/s/1024", "trellis/v1/backends/c/n/s/-0",
 		"", "trellis/v1/", "trellis/v1/nodes/c1/", "trellis/v1/nodes//", "trellis/v1/services/c/n/s/",
 		"trellis/v1/endpoints/c/::ffff:1.2.3.4", "trellis/v1/endpoints/c/010.0.0.1",
 		"trellis/v1/endpoints/c/fe80::1%eth0", "trellis/v1/identities/c/007",

@@ -209,11 +209,12 @@ const (
 	// an EndpointSlice's limit, it bounds what one backend's change costs
 	// to rewrite and to decode again.
 	MaxShardBackends = 1000
-	// MaxBackendShards bounds a service's shards, so a reader can hold a
-	// service's shard generations in one value: 4096 shards of up to 1000
-	// backends, or about 56 KiB of backends each, is far beyond what the
-	// datapath holds (see bpf.MapSizes).
-	MaxBackendShards = 4096
+	// MaxBackendShards bounds a service's shards, so that the service value
+	// can list a generation of any size for each (1024 × 20 digits is 21
+	// KiB). 1024 shards of up to 1000 backends, or 56 KiB of them, hold
+	// 170 000 to a million backends: beyond what the datapath holds (see
+	// bpf.MapSizes).
+	MaxBackendShards = 1024
 	// ShardFillBytes is the JSON size up to which a writer adds backends
 	// to a shard: the 8 KiB left below MaxValueSize let the backends it
 	// holds change state or grow a little without the shard overflowing.
