@@ -9,10 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -412,4 +415,100 @@ func TestAPIServerStateDirHygiene(t *testing.T) {
 	if !strings.Contains(a.proc.Output(), "made it private") {
 		t.Error("no warning about the readable key")
 	}
+}
+
+// kill -9 under load: every registration the server acknowledged (204)
+// before it died is there after the restart, served and published, and
+// nothing the server did not acknowledge is half there.
+func TestAPIServerKillUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	a := newAPIServerProcess(t, testutil.BuildTrellis(t), "eu", 1)
+	a.start(t)
+	a.mustCall(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.0.0/20"]}`)
+	var creds v1.RemoteCredentials
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/remotes/us", "")), &creds); err != nil {
+		t.Fatal(err)
+	}
+
+	const writers = 4
+	var (
+		mu    sync.Mutex
+		acked = map[string]string{} // ip → the pod name acknowledged last
+		stop  = make(chan struct{})
+		wg    sync.WaitGroup
+	)
+	for w := range writers {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				// Each writer rewrites its own few endpoints over and over.
+				ip := fmt.Sprintf("10.1.%d.%d", w, 10+i%8)
+				pod := fmt.Sprintf("w%d-%d", w, i)
+				body := fmt.Sprintf(`{"namespace":"default","pod":%q,"node":"node-1","labels":{"app":"echo"}}`, pod)
+				req, _ := http.NewRequest("PUT", a.api.URL+"/v1/endpoints/"+ip, strings.NewReader(body))
+				req.Header.Set("Authorization", "Bearer "+a.api.Token)
+				resp, err := a.api.Client.Do(req)
+				if err != nil {
+					continue // the server is down
+				}
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusNoContent {
+					mu.Lock()
+					acked[ip] = pod
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	testutil.Eventually(t, 30*time.Second, "writes acknowledged", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(acked) >= writers*4
+	})
+	a.proc.Kill()
+	close(stop)
+	wg.Wait()
+	a.start(t)
+
+	var served []v1.EndpointView
+	if err := json.Unmarshal([]byte(a.mustCall(t, "GET", "/v1/endpoints", "")), &served); err != nil {
+		t.Fatal(err)
+	}
+	byIP := map[string]string{}
+	for _, e := range served {
+		byIP[e.IP.String()] = e.Pod
+	}
+	remote := remoteClient(t, creds)
+	published := keysUnder(t, remote, v1.KindPrefix(v1.KindEndpoints, "eu"))
+	for ip, pod := range acked {
+		// A write may have landed after its acknowledgement was lost in
+		// the crash; what counts is that an acknowledged one is never
+		// older than the one the server holds: same writer, same or later
+		// sequence number.
+		got, ok := byIP[ip]
+		if !ok {
+			t.Errorf("endpoint %s acknowledged (pod %s) but not served after the restart", ip, pod)
+			continue
+		}
+		if seq(got) < seq(pod) {
+			t.Errorf("endpoint %s serves pod %s, older than the acknowledged %s", ip, got, pod)
+		}
+		if !strings.Contains(published[v1.EndpointKey("eu", netip.MustParseAddr(ip))], `"pod":"`+got+`"`) {
+			t.Errorf("endpoint %s published as %s, served as pod %s", ip, published[v1.EndpointKey("eu", netip.MustParseAddr(ip))], got)
+		}
+	}
+	t.Logf("%d endpoints acknowledged before the kill, %d served after", len(acked), len(served))
+}
+
+// seq is the sequence number of a pod name w<writer>-<seq>.
+func seq(pod string) int {
+	_, s, _ := strings.Cut(pod, "-")
+	n, _ := strconv.Atoi(s)
+	return n
 }

@@ -161,6 +161,18 @@ func (p *Process) Stop(t testing.TB) {
 	}
 }
 
+// Kill ends the process group with SIGKILL, as a crash would, and waits
+// for the process.
+func (p *Process) Kill() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+}
+
 // Wait waits for the process to exit on its own and returns its error.
 func (p *Process) Wait(ctx context.Context) error {
 	select {
