@@ -3,8 +3,10 @@
 //
 // It owns:
 //
-//   - Embedded: an in-process etcd server, the mesh API server's default
-//     store and the store every test runs against.
+//   - Embedded: an in-process, single-member etcd server, bounded
+//     (auto-compaction, a quota, no peer listener, and a maintenance loop
+//     that defragments and recovers from NOSPACE), the mesh API server's
+//     default store and the store every test runs against.
 //   - Client: a connection to one etcd cluster (TLS/mTLS, timeouts, a rate
 //     limiter with a larger bootstrap burst, health), with single-key
 //     Get/Put/Delete, paged List at one revision, and Txn
@@ -29,7 +31,8 @@
 //   - RecordStore: typed JSON records under a private prefix, written
 //     synchronously (the registry's registered objects).
 //
-// Lifetimes: Embedded and Client are closed by their owner. A Session ends
+// Lifetimes: Embedded and Client are closed by their owner; Embedded's
+// maintenance loop runs in Run(ctx), which its owner stops before Close. A Session ends
 // with Close (the lease is left to expire), Revoke, or its Client's Close.
 // SyncStore and WatchStore do their work in Run(ctx), WatchKey until its
 // ctx ends; none of them closes the Client it was given.
