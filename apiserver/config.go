@@ -244,6 +244,7 @@ func (c *Config) ClusterConfig() v1.ClusterConfig {
 			SyncedCanaries:       true,
 			MaxConnectedClusters: c.MaxConnectedClusters,
 			Encryption:           c.Encryption,
+			BackendShards:        true,
 		},
 	}
 }

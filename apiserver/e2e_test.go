@@ -136,7 +136,7 @@ func TestAPIServerProcess(t *testing.T) {
 	var keys map[string]string
 	testutil.Eventually(t, 30*time.Second, "every key published", func() bool {
 		keys = keysUnder(t, remote, v1.Prefix)
-		return len(keys) == 11
+		return len(keys) == 12
 	})
 	var idKey string
 	for k := range keys {
@@ -149,7 +149,7 @@ func TestAPIServerProcess(t *testing.T) {
 		"trellis/v1/nodes/eu/node-1", "trellis/v1/endpoints/eu/10.1.1.10", "trellis/v1/endpoints/eu/10.1.1.11",
 		idKey, "trellis/v1/services/eu/default/echo",
 		v1.SyncedKey("eu", v1.KindNodes), v1.SyncedKey("eu", v1.KindEndpoints),
-		v1.SyncedKey("eu", v1.KindServices), v1.SyncedKey("eu", v1.KindIdentities),
+		v1.SyncedKey("eu", v1.KindServices), v1.SyncedKey("eu", v1.KindIdentities), v1.SyncedKey("eu", v1.KindBackends),
 	}
 	got := slices.Sorted(func(yield func(string) bool) {
 		for k := range keys {

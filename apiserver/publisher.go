@@ -2,7 +2,9 @@ package apiserver
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"sync"
 	"time"
@@ -13,11 +15,22 @@ import (
 
 // Publisher is the source.Sink the server hands to its source: it checks
 // each object against the cluster's config, encodes it and gives it to the
-// SyncStore of its kind.
+// SyncStore of its kind. A service too large for one value is split into
+// backend shards (see shards.go).
 type Publisher struct {
 	cluster v1.ClusterConfig
 	client  *kvstore.Client
 	stores  map[v1.Kind]*kvstore.SyncStore
+	log     *slog.Logger
+
+	// shardMu serialises service publications: a sharded service's layout
+	// and the order of its writes.
+	shardMu sync.Mutex
+	// layouts are the sharded services' assignments, by namespace/name.
+	layouts map[string]*shardLayout
+	// seen are the services published in this run, by namespace/name: a
+	// service not seen yet may have shards from an earlier run to adopt.
+	seen map[string]bool
 
 	identitiesOnce   sync.Once
 	identitiesSynced chan struct{}
@@ -28,14 +41,15 @@ type Publisher struct {
 
 // publishedKinds are the kinds a Publisher owns a SyncStore for;
 // identities are written by the allocator.
-var publishedKinds = []v1.Kind{v1.KindNodes, v1.KindEndpoints, v1.KindServices}
+var publishedKinds = []v1.Kind{v1.KindNodes, v1.KindEndpoints, v1.KindServices, v1.KindBackends}
 
 // NewPublisher creates one SyncStore per kind. withLease binds the keys to
 // the writer's leases (the Kubernetes source, whose truth lives elsewhere);
 // the registry keeps its keys without a lease because they are its truth.
 func NewPublisher(client *kvstore.Client, cluster v1.ClusterConfig, withLease bool) (*Publisher, error) {
 	p := &Publisher{cluster: cluster, client: client, stores: make(map[v1.Kind]*kvstore.SyncStore),
-		synced: make(map[v1.Kind]bool), identitiesSynced: make(chan struct{})}
+		synced: make(map[v1.Kind]bool), identitiesSynced: make(chan struct{}),
+		log: slog.Default().With("component", "publisher"), layouts: make(map[string]*shardLayout), seen: make(map[string]bool)}
 	for _, kind := range publishedKinds {
 		s, err := kvstore.NewSyncStore(client, kvstore.SyncStoreConfig{
 			Prefix:    v1.KindPrefix(kind, cluster.Name),
@@ -158,8 +172,17 @@ func (p *Publisher) DeleteEndpoint(ip netip.Addr) error {
 	return p.stores[v1.KindEndpoints].Delete(v1.EndpointKey(p.cluster.Name, ip))
 }
 
+// adoptTimeout bounds the read of a service's shards from an earlier run.
+const adoptTimeout = 5 * time.Second
+
 // UpsertService publishes a service. Its backends must be in the
-// cluster's pod CIDRs.
+// cluster's pod CIDRs. A service whose value would pass v1.MaxValueSize is
+// published in backend shards. The errors that refuse a service (nothing
+// is stored then) match v1.ErrInvalid (the service does not validate, or
+// a source set BackendShards) or v1.ErrTooLarge (a limit of the wire
+// format: a backend larger than a shard, more than v1.MaxBackendShards
+// shards, or ports and frontends that alone pass the value limit), and
+// name the service and the limit.
 func (p *Publisher) UpsertService(svc v1.Service) error {
 	if svc.Cluster == "" {
 		svc.Cluster = p.cluster.Name
@@ -173,23 +196,126 @@ func (p *Publisher) UpsertService(svc v1.Service) error {
 			return err
 		}
 	}
-	data, err := v1.Encode(svc)
+	if len(svc.BackendShards) > 0 {
+		return fmt.Errorf("service %s: backendShards is set by the server, not the source: %w", name, v1.ErrInvalid)
+	}
+	if err := svc.Validate(); err != nil {
+		return fmt.Errorf("service %s: %w", name, err)
+	}
+
+	p.shardMu.Lock()
+	defer p.shardMu.Unlock()
+	services, backends := p.stores[v1.KindServices], p.stores[v1.KindBackends]
+	key := v1.ServiceKey(svc.Cluster, svc.Namespace, svc.Name)
+	prev := p.layouts[name]
+	// Back to one value only when the backends fit in half of it, so a
+	// service near the limit does not flip between the two forms.
+	limit := v1.MaxValueSize
+	if prev != nil {
+		limit /= 2
+	}
+	data, fits, err := encodeWhole(svc, limit)
 	if err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
 	}
-	return p.stores[v1.KindServices].Upsert(v1.ServiceKey(svc.Cluster, svc.Namespace, svc.Name), data)
+	if fits {
+		if err := services.Upsert(key, data); err != nil {
+			return err
+		}
+		if prev != nil {
+			for i := range prev.shards {
+				backends.Delete(v1.BackendShardKey(svc.Cluster, svc.Namespace, svc.Name, i))
+			}
+			delete(p.layouts, name)
+		}
+		p.seen[name] = true
+		return nil
+	}
+
+	from := prev
+	if from == nil && !p.seen[name] {
+		ctx, cancel := context.WithTimeout(context.Background(), adoptTimeout)
+		from, err = adoptLayout(ctx, p.client, svc.Cluster, svc.Namespace, svc.Name)
+		cancel()
+		if err != nil {
+			p.log.Warn("publishing a sharded service without its earlier shards' layout: every shard is rewritten", "service", name, "err", err)
+		}
+	}
+	if from == nil {
+		from = freshLayout()
+	}
+	next, err := from.next(svc, clock())
+	if err != nil {
+		return err
+	}
+	w, err := next.writes(svc, from)
+	if err != nil {
+		return err
+	}
+	// The order does not matter to readers (shards.go); shards first only
+	// makes the service value usually find them in place.
+	for i, data := range w.upserts {
+		if err := backends.Upsert(v1.BackendShardKey(svc.Cluster, svc.Namespace, svc.Name, i), data); err != nil {
+			return err
+		}
+	}
+	for _, i := range w.deletes {
+		if err := backends.Delete(v1.BackendShardKey(svc.Cluster, svc.Namespace, svc.Name, i)); err != nil {
+			return err
+		}
+	}
+	if err := services.Upsert(key, w.head); err != nil {
+		return err
+	}
+	next.published()
+	p.layouts[name] = next
+	p.seen[name] = true
+	return nil
 }
 
-// DeleteService withdraws a service.
+// encodeWhole encodes svc with its backends in its own value, and reports
+// whether that is at most limit bytes. Large services are not encoded: a
+// backend is at least 30 bytes of JSON.
+func encodeWhole(svc v1.Service, limit int) ([]byte, bool, error) {
+	if len(svc.Backends)*30 > limit {
+		return nil, false, nil
+	}
+	data, err := v1.Encode(svc)
+	if errors.Is(err, v1.ErrTooLarge) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	return data, len(data) <= limit, nil
+}
+
+// DeleteService withdraws a service and its shards.
 func (p *Publisher) DeleteService(namespace, name string) error {
+	p.shardMu.Lock()
+	defer p.shardMu.Unlock()
+	id := namespace + "/" + name
+	if l := p.layouts[id]; l != nil {
+		for i := range l.shards {
+			if err := p.stores[v1.KindBackends].Delete(v1.BackendShardKey(p.cluster.Name, namespace, name, i)); err != nil {
+				return err
+			}
+		}
+		delete(p.layouts, id)
+	}
+	p.seen[id] = true
 	return p.stores[v1.KindServices].Delete(v1.ServiceKey(p.cluster.Name, namespace, name))
 }
 
 // Synced marks kind's initial state complete. For identities, whose keys
-// the allocator writes directly, Run writes the canary.
+// the allocator writes directly, Run writes the canary. Services include
+// their shards.
 func (p *Publisher) Synced(kind v1.Kind) {
 	if s, ok := p.stores[kind]; ok {
 		s.MarkSynced()
+		if kind == v1.KindServices {
+			p.stores[v1.KindBackends].MarkSynced()
+		}
 		return
 	}
 	if kind == v1.KindIdentities {
