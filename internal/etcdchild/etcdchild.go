@@ -1,7 +1,9 @@
-// Package etcdchild runs embedded etcds in a child process for benchmarks,
-// so the CPU and heap a benchmark measures are its own and not etcd's. The
-// child is the test binary itself, re-executed: a benchmark package's
-// TestMain calls ServeIfChild first.
+// Package etcdchild runs etcd in child processes: single-member embedded
+// etcds for benchmarks (Start), so the CPU and heap a benchmark measures
+// are its own and not etcd's, and multi-member TLS clusters for tests
+// (StartCluster), one process per member, so a test can kill one. The
+// child is the test binary itself, re-executed: the package's TestMain
+// calls ServeIfChild first.
 package etcdchild
 
 import (
@@ -26,9 +28,12 @@ const (
 )
 
 // ServeIfChild, in the child, serves one embedded etcd per requested
-// address until its stdin closes (the parent went away), then exits. In
-// the parent it returns at once.
+// address, or one cluster member, until its stdin closes (the parent went
+// away or stops it), then exits. In the parent it returns at once.
 func ServeIfChild() {
+	if spec := os.Getenv(envMember); spec != "" {
+		serveMember(spec)
+	}
 	addrs := os.Getenv(envAddrs)
 	if addrs == "" {
 		return
