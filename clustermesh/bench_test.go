@@ -62,7 +62,7 @@ func loadCluster(b *testing.B, cli *clientv3.Client, id int, size benchSize) {
 		flush(false)
 	}
 	put(v1.ClusterConfigKey(name), v1.ClusterConfig{Name: name, ID: v1.ClusterID(id), PodCIDRs: []netip.Prefix{cidr}, Region: fmt.Sprintf("r%d", id%4),
-		Capabilities: v1.Capabilities{SyncedCanaries: true, MaxConnectedClusters: 255}})
+		Capabilities: v1.Capabilities{SyncedCanaries: true, MaxConnectedClusters: 255, BackendShards: true}})
 	podIP := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, byte(id), byte(i >> 8), byte(i)}) }
 	for i := range size.nodes {
 		put(v1.NodeKey(name, fmt.Sprintf("node-%04d", i)), v1.Node{Cluster: name, Name: fmt.Sprintf("node-%04d", i),
@@ -248,7 +248,7 @@ func BenchmarkMergeUpdate(b *testing.B) {
 		}
 	}
 	st.publish()
-	svc := st.services["c05"][ServiceName{"default", "svc-007"}]
+	svc := st.services["c05"][ServiceName{"default", "svc-007"}].head
 	lat := make([]time.Duration, 0, b.N)
 	b.ResetTimer()
 	for i := range b.N {

@@ -2,6 +2,7 @@ package clustermesh
 
 import (
 	"cmp"
+	"net/netip"
 	"slices"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -27,8 +28,9 @@ type clusterInfo struct {
 //     none → all;
 //   - whenever the chosen set is remote only, clusters in the local
 //     cluster's region are preferred while any of them has backends.
-func mergeService(name ServiceName, local string, services map[string]map[ServiceName]v1.Service, clusters map[string]clusterInfo) *MergedService {
-	localSvc, haveLocal := services[local][name]
+func mergeService(name ServiceName, local string, services map[string]map[ServiceName]published, clusters map[string]clusterInfo) *MergedService {
+	localPub := services[local][name]
+	localSvc, haveLocal := localPub.head, localPub.hasHead
 	m := &MergedService{ServiceName: name, Affinity: v1.AffinityNone, Offered: make(map[string]int)}
 	if haveLocal {
 		m.Ports, m.FrontendIPs, m.Global = localSvc.Ports, localSvc.FrontendIPs, localSvc.Global
@@ -45,7 +47,7 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		if cluster == local || !mergeRemotes {
 			continue
 		}
-		if svc, ok := svcs[name]; ok && svc.Global && svc.Shared {
+		if p, ok := svcs[name]; ok && p.hasHead && p.head.Global && p.head.Shared {
 			remoteNames = append(remoteNames, cluster)
 		}
 	}
@@ -57,19 +59,19 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		m.Global = true
 		// Ports come from a remote: the first cluster by name, so the
 		// choice does not flap.
-		m.Ports = services[remoteNames[0]][name].Ports
+		m.Ports = services[remoteNames[0]][name].head.Ports
 	}
 
 	// Backends are resolved against the ports chosen above, whichever
 	// cluster they come from.
 	ports := newPortResolver(m.Ports)
-	localActive := active(local, clusters[local].id, localSvc.Backends, ports)
+	localActive := active(local, clusters[local].id, localPub, ports)
 	if len(localActive) > 0 {
 		m.Offered[local] = len(localActive)
 	}
 	remoteActive := make(map[string][]Backend)
 	for _, cluster := range remoteNames {
-		if b := active(cluster, clusters[cluster].id, services[cluster][name].Backends, ports); len(b) > 0 {
+		if b := active(cluster, clusters[cluster].id, services[cluster][name], ports); len(b) > 0 {
 			remoteActive[cluster] = b
 			m.Offered[cluster] = len(b)
 		}
@@ -108,25 +110,61 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 	return m
 }
 
-// active returns the active backends of one cluster, with their ports
-// resolved.
-func active(cluster string, id v1.ClusterID, backends []v1.Backend, ports *portResolver) []Backend {
-	n := 0
-	for _, b := range backends {
-		if b.State == v1.BackendActive {
-			n++
+// active returns the active backends one cluster publishes for a
+// service, with their ports resolved: from the service value, or from
+// its shards (see shards.go), where a backend two shards list (only a
+// writer that breaks the rules does that) counts once.
+func active(cluster string, id v1.ClusterID, p published, ports *portResolver) []Backend {
+	if !p.hasHead {
+		return nil
+	}
+	own, parts := p.backendLists()
+	if own != nil || len(parts) == 1 {
+		if own == nil {
+			own = parts[0]
 		}
+		parts = nil
+	}
+	n := countActive(own)
+	for _, part := range parts {
+		n += countActive(part)
 	}
 	if n == 0 {
 		return nil
 	}
 	out := make([]Backend, 0, n)
-	for _, b := range backends {
-		if b.State == v1.BackendActive {
-			out = append(out, Backend{Cluster: cluster, ClusterID: id, IP: b.IP, TargetPorts: ports.resolve(b.Ports)})
+	add := func(b *v1.Backend) {
+		out = append(out, Backend{Cluster: cluster, ClusterID: id, IP: b.IP, TargetPorts: ports.resolve(b.Ports)})
+	}
+	for i := range own {
+		if own[i].State == v1.BackendActive {
+			add(&own[i])
+		}
+	}
+	if len(parts) > 0 {
+		seen := make(map[netip.Addr]struct{}, n)
+		for _, part := range parts {
+			for i := range part {
+				if b := &part[i]; b.State == v1.BackendActive {
+					if _, dup := seen[b.IP]; !dup {
+						seen[b.IP] = struct{}{}
+						add(b)
+					}
+				}
+			}
 		}
 	}
 	return out
+}
+
+func countActive(backends []v1.Backend) int {
+	n := 0
+	for i := range backends {
+		if backends[i].State == v1.BackendActive {
+			n++
+		}
+	}
+	return n
 }
 
 // preferRegion returns the backends of clusters in region when any has

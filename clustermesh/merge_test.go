@@ -23,6 +23,19 @@ func svc(cluster string, global, shared bool, affinity v1.Affinity, b []v1.Backe
 		Ports: []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: 8080}}, Backends: b}
 }
 
+// publishedOf is services as the state holds them: values that carry
+// their backends.
+func publishedOf(services map[string]map[ServiceName]v1.Service) map[string]map[ServiceName]published {
+	out := make(map[string]map[ServiceName]published, len(services))
+	for c, svcs := range services {
+		out[c] = make(map[ServiceName]published, len(svcs))
+		for n, s := range svcs {
+			out[c][n] = published{head: s, hasHead: true}
+		}
+	}
+	return out
+}
+
 // clustersOf returns the clusters of the chosen backends, deduplicated in
 // order.
 func clustersOf(m *MergedService) []string {
@@ -103,9 +116,9 @@ func TestMergeService(t *testing.T) {
 		}, []string{"us"}, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			services := make(map[string]map[ServiceName]v1.Service)
+			services := make(map[string]map[ServiceName]published)
 			for c, s := range tc.services {
-				services[c] = map[ServiceName]v1.Service{name: s}
+				services[c] = map[ServiceName]published{name: {head: s, hasHead: true}}
 			}
 			m := mergeService(name, "eu", services, regions)
 			if m == nil {
@@ -116,7 +129,7 @@ func TestMergeService(t *testing.T) {
 			}
 		})
 	}
-	if m := mergeService(name, "eu", map[string]map[ServiceName]v1.Service{"us": {name: svc("us", true, false, "", backends(A))}}, regions); m != nil {
+	if m := mergeService(name, "eu", publishedOf(map[string]map[ServiceName]v1.Service{"us": {name: svc("us", true, false, "", backends(A))}}), regions); m != nil {
 		t.Errorf("a service only an unshared remote has should not exist here: %+v", m)
 	}
 }
@@ -155,7 +168,7 @@ func TestMergeServiceResolvesBackends(t *testing.T) {
 			{IP: ip("10.2.0.3"), State: v1.BackendActive, Ports: named(8080, 0)},
 		}}},
 	}
-	m := mergeService(name, "eu", services, clusters)
+	m := mergeService(name, "eu", publishedOf(services), clusters)
 	if m == nil {
 		t.Fatal("no merged service")
 	}
@@ -209,7 +222,7 @@ func TestMergeServiceResolvesBackends(t *testing.T) {
 		Ports:    []v1.ServicePort{{Name: "web", Protocol: v1.ProtocolUDP, Port: 53, TargetPort: 5353}},
 		Backends: []v1.Backend{{IP: ip("10.3.0.1"), State: v1.BackendActive}}}}
 	delete(services, "eu")
-	m = mergeService(name, "eu", services, clusters)
+	m = mergeService(name, "eu", publishedOf(services), clusters)
 	if m == nil || len(m.Ports) != 1 || m.Ports[0].Name != "web" {
 		t.Fatalf("ports of a service absent locally: %+v", m)
 	}

@@ -50,6 +50,9 @@ type serviceObserver struct {
 	cluster string
 	state   *state
 	store   func() *kvstore.WatchStore[v1.Service]
+	// noShards: the cluster publishes no backend shards (it does not
+	// advertise them), so none an earlier session held is wanted.
+	noShards bool
 }
 
 func (o serviceObserver) OnUpsert(_ string, s v1.Service) { o.state.upsertService(o.cluster, s) }
@@ -60,6 +63,29 @@ func (o serviceObserver) OnSync() {
 	ws := o.store()
 	o.state.pruneServices(o.cluster, func(n ServiceName) bool {
 		_, ok := ws.Get(v1.ServiceKey(o.cluster, n.Namespace, n.Name))
+		return ok
+	})
+	if o.noShards {
+		o.state.pruneShards(o.cluster, func(ServiceName, int) bool { return false })
+	}
+}
+
+type backendShardObserver struct {
+	cluster string
+	state   *state
+	store   func() *kvstore.WatchStore[v1.BackendShard]
+}
+
+func (o backendShardObserver) OnUpsert(_ string, sh v1.BackendShard) {
+	o.state.upsertShard(o.cluster, sh)
+}
+func (o backendShardObserver) OnDelete(_ string, sh v1.BackendShard) {
+	o.state.deleteShard(o.cluster, ServiceName{sh.Namespace, sh.Service}, sh.Shard)
+}
+func (o backendShardObserver) OnSync() {
+	ws := o.store()
+	o.state.pruneShards(o.cluster, func(n ServiceName, i int) bool {
+		_, ok := ws.Get(v1.BackendShardKey(o.cluster, n.Namespace, n.Name, i))
 		return ok
 	})
 }

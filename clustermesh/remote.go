@@ -42,10 +42,19 @@ type storeSet struct {
 	endpoints  *kvstore.WatchStore[v1.Endpoint]
 	identities *kvstore.WatchStore[v1.Identity]
 	services   *kvstore.WatchStore[v1.Service]
+	// backends is nil for a cluster that does not advertise backend
+	// shards.
+	backends *kvstore.WatchStore[v1.BackendShard]
 }
 
 func (s *storeSet) ready() bool {
-	return s != nil && s.nodes.Synced() && s.endpoints.Synced() && s.identities.Synced() && s.services.Synced()
+	return s != nil && s.nodes.Synced() && s.endpoints.Synced() && s.identities.Synced() && s.servicesSynced()
+}
+
+// servicesSynced: the services and, when the cluster has them, their
+// backend shards.
+func (s *storeSet) servicesSynced() bool {
+	return s.services.Synced() && (s.backends == nil || s.backends.Synced())
 }
 
 // errConfigChanged ends a session so the next one re-validates.
@@ -248,10 +257,11 @@ func (r *remote) newStores(client *kvstore.Client, cfg v1.ClusterConfig) (*store
 	}); err != nil {
 		return nil, nil, err
 	}
+	shards := cfg.Capabilities.BackendShards
 	if set.services, err = kvstore.NewWatchStore(client, kvstore.WatchStoreConfig[v1.Service]{
 		Prefix: v1.KindPrefix(v1.KindServices, cfg.Name), SyncedKey: canary(v1.KindServices), Name: cfg.Name + "/services",
 		Decode: val.service, Reason: reason,
-		Observer: serviceObserver{cluster: cfg.Name, state: st, store: func() *kvstore.WatchStore[v1.Service] { return set.services }},
+		Observer: serviceObserver{cluster: cfg.Name, state: st, store: func() *kvstore.WatchStore[v1.Service] { return set.services }, noShards: !shards},
 	}); err != nil {
 		return nil, nil, err
 	}
@@ -260,6 +270,16 @@ func (r *remote) newStores(client *kvstore.Client, cfg v1.ClusterConfig) (*store
 		func(ctx context.Context) { set.endpoints.Run(ctx) },
 		func(ctx context.Context) { set.identities.Run(ctx) },
 		func(ctx context.Context) { set.services.Run(ctx) },
+	}
+	if shards {
+		if set.backends, err = kvstore.NewWatchStore(client, kvstore.WatchStoreConfig[v1.BackendShard]{
+			Prefix: v1.KindPrefix(v1.KindBackends, cfg.Name), SyncedKey: canary(v1.KindBackends), Name: cfg.Name + "/backends",
+			Decode: val.backendShard, Reason: reason,
+			Observer: backendShardObserver{cluster: cfg.Name, state: st, store: func() *kvstore.WatchStore[v1.BackendShard] { return set.backends }},
+		}); err != nil {
+			return nil, nil, err
+		}
+		run = append(run, func(ctx context.Context) { set.backends.Run(ctx) })
 	}
 	return set, run, nil
 }
@@ -329,7 +349,9 @@ func (r *remote) status() ClusterStatus {
 	}
 	add := func(kind v1.Kind, s kvstore.WatchStoreStats) {
 		st.Entries[string(kind)] = s.Entries
-		if s.Synced {
+		// Backend shards are part of services: "services" is synced
+		// once both are.
+		if s.Synced && (kind != v1.KindServices || r.stores.servicesSynced()) && kind != v1.KindBackends {
 			st.SyncedKinds = append(st.SyncedKinds, string(kind))
 		}
 		for reason, n := range s.Rejected {
@@ -346,6 +368,9 @@ func (r *remote) status() ClusterStatus {
 	add(v1.KindEndpoints, r.stores.endpoints.Stats())
 	add(v1.KindIdentities, r.stores.identities.Stats())
 	add(v1.KindServices, r.stores.services.Stats())
+	if r.stores.backends != nil {
+		add(v1.KindBackends, r.stores.backends.Stats())
+	}
 	sort.Strings(st.SyncedKinds)
 	st.Ready = r.stores.ready()
 	return st

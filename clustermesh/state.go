@@ -22,8 +22,8 @@ type state struct {
 	log   *slog.Logger
 
 	mu       sync.Mutex
-	underlay *underlay                             // every decoded node, and who holds which node IP
-	services map[string]map[ServiceName]v1.Service // cluster → name → published service
+	underlay *underlay                            // every decoded node, and who holds which node IP
+	services map[string]map[ServiceName]published // cluster → name → what it publishes of the service
 	clusters map[string]clusterInfo
 	pending  pendingChanges
 	version  uint64
@@ -59,7 +59,7 @@ func newState(local string, localIPs []netip.Addr, log *slog.Logger) *state {
 		local:    local,
 		log:      log,
 		underlay: newUnderlay(local, localIPs),
-		services: make(map[string]map[ServiceName]v1.Service),
+		services: make(map[string]map[ServiceName]published),
 		clusters: make(map[string]clusterInfo),
 		wake:     make(chan struct{}, 1),
 		subs:     make(map[chan struct{}]struct{}),
@@ -144,19 +144,69 @@ func (s *state) deleteEndpoint(cluster string, ip netip.Addr) {
 func (s *state) upsertService(cluster string, svc v1.Service) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.services[cluster] == nil {
-		s.services[cluster] = make(map[ServiceName]v1.Service)
-	}
 	name := ServiceName{svc.Namespace, svc.Name}
-	s.services[cluster][name] = svc
-	s.pending.services[name] = struct{}{}
-	s.changed()
+	p := s.services[cluster][name]
+	prev, hadHead := p.head, p.hasHead
+	p.head, p.hasHead = svc, true
+	p.refresh(prev, hadHead)
+	s.setPublishedLocked(cluster, name, p)
 }
 
 func (s *state) deleteService(cluster string, name ServiceName) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.services[cluster], name)
+	s.deleteServiceLocked(cluster, name)
+}
+
+func (s *state) deleteServiceLocked(cluster string, name ServiceName) {
+	p, ok := s.services[cluster][name]
+	if !ok || !p.hasHead {
+		return
+	}
+	p.head, p.hasHead, p.parts, p.complete = v1.Service{}, false, nil, false
+	s.setPublishedLocked(cluster, name, p)
+}
+
+func (s *state) upsertShard(cluster string, sh v1.BackendShard) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	name := ServiceName{sh.Namespace, sh.Service}
+	p := s.services[cluster][name]
+	if p.shards == nil {
+		p.shards = make(map[int]v1.BackendShard)
+	}
+	p.shards[sh.Shard] = sh
+	p.refresh(p.head, p.hasHead)
+	s.setPublishedLocked(cluster, name, p)
+}
+
+func (s *state) deleteShard(cluster string, name ServiceName, shard int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.deleteShardLocked(cluster, name, shard)
+}
+
+func (s *state) deleteShardLocked(cluster string, name ServiceName, shard int) {
+	p, ok := s.services[cluster][name]
+	if _, has := p.shards[shard]; !ok || !has {
+		return
+	}
+	delete(p.shards, shard)
+	p.refresh(p.head, p.hasHead)
+	s.setPublishedLocked(cluster, name, p)
+}
+
+// setPublishedLocked stores what cluster publishes of name, forgetting it
+// once there is nothing left, and has the service merged again.
+func (s *state) setPublishedLocked(cluster string, name ServiceName, p published) {
+	if !p.hasHead && len(p.shards) == 0 {
+		delete(s.services[cluster], name)
+	} else {
+		if s.services[cluster] == nil {
+			s.services[cluster] = make(map[ServiceName]published)
+		}
+		s.services[cluster][name] = p
+	}
 	s.pending.services[name] = struct{}{}
 	s.changed()
 }
@@ -367,11 +417,23 @@ func (s *state) pruneEndpoints(cluster string, keep func(ip netip.Addr) bool) {
 func (s *state) pruneServices(cluster string, keep func(ServiceName) bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for name := range s.services[cluster] {
-		if !keep(name) {
-			delete(s.services[cluster], name)
-			s.pending.services[name] = struct{}{}
-			s.changed()
+	for name, p := range s.services[cluster] {
+		if p.hasHead && !keep(name) {
+			s.deleteServiceLocked(cluster, name)
+		}
+	}
+}
+
+// pruneShards deletes the cluster's backend shards for which keep is
+// false.
+func (s *state) pruneShards(cluster string, keep func(ServiceName, int) bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, p := range s.services[cluster] {
+		for i := range p.shards {
+			if !keep(name, i) {
+				s.deleteShardLocked(cluster, name, i)
+			}
 		}
 	}
 }

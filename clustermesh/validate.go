@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
@@ -135,6 +136,11 @@ func (v validator) service(key string, data []byte) (v1.Service, error) {
 		return svc, err
 	}
 	name := svc.Namespace + "/" + svc.Name
+	if len(svc.BackendShards) > 0 && !v.cfg.Capabilities.BackendShards {
+		// Its shards would never be read: the cluster did not say it
+		// writes them (and their canary).
+		return svc, fmt.Errorf("service %s lists %d backend shards, but cluster %s does not advertise backendShards: %w", name, len(svc.BackendShards), v.cfg.Name, v1.ErrInvalid)
+	}
 	for _, b := range svc.Backends {
 		if err := v.inPodCIDRs("service "+name+" backend", b.IP); err != nil {
 			return svc, err
@@ -152,4 +158,21 @@ func (v validator) service(key string, data []byte) (v1.Service, error) {
 		}
 	}
 	return svc, nil
+}
+
+// backendShard checks a shard's backends as service backends are checked:
+// every one inside the cluster's pinned pod CIDRs, or the whole shard is
+// rejected (and its key keeps its last good value).
+func (v validator) backendShard(key string, data []byte) (v1.BackendShard, error) {
+	sh, err := v1.DecodeBackendShardEntry(key, data)
+	if err != nil {
+		return sh, err
+	}
+	what := "service " + sh.Namespace + "/" + sh.Service + " shard " + strconv.Itoa(sh.Shard) + " backend"
+	for _, b := range sh.Backends {
+		if err := v.inPodCIDRs(what, b.IP); err != nil {
+			return sh, err
+		}
+	}
+	return sh, nil
 }

@@ -224,6 +224,50 @@ func TestValidatorService(t *testing.T) {
 	}
 }
 
+// Backend shards are checked as service backends are: every backend
+// inside the cluster's pinned pod CIDRs, key and body agreeing. A
+// service value that lists shards is refused from a cluster that did not
+// advertise them.
+func TestValidatorBackendShard(t *testing.T) {
+	sharding := euConfig
+	sharding.Capabilities.BackendShards = true
+	val := validator{cfg: sharding}
+	shard := func(i int, ips ...string) v1.BackendShard {
+		sh := v1.BackendShard{Cluster: "eu", Namespace: "default", Service: "echo", Shard: i, Gen: 3}
+		for _, ip := range ips {
+			sh.Backends = append(sh.Backends, v1.Backend{IP: netip.MustParseAddr(ip), State: v1.BackendActive})
+		}
+		return sh
+	}
+	key := v1.BackendShardKey("eu", "default", "echo", 2)
+	for _, tc := range []struct {
+		name    string
+		e       entry
+		reason  string
+		mention string
+	}{
+		{"fine", entry{key, encode(t, shard(2, "10.1.1.10", "fd01::a"))}, "", ""},
+		{"fine empty", entry{key, encode(t, shard(2))}, "", ""},
+		{"one backend outside", entry{key, encode(t, shard(2, "10.1.1.10", "10.2.1.10"))}, ReasonOutsidePodCIDRs, "service default/echo shard 2 backend 10.2.1.10"},
+		{"index differs from key", entry{key, encode(t, shard(3, "10.1.1.10"))}, "key-mismatch", ""},
+		{"other cluster's key", entry{v1.BackendShardKey("us", "default", "echo", 2), encode(t, shard(2, "10.1.1.10"))}, "key-mismatch", ""},
+		{"duplicate backend", entry{key, []byte(`{"v":1,"cluster":"eu","namespace":"default","service":"echo","shard":2,"backends":[{"ip":"10.1.0.1","state":"active"},{"ip":"10.1.0.1","state":"active"}]}`)}, "invalid", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := val.backendShard(tc.e.key, tc.e.data)
+			checkVerdict(t, err, tc.reason, tc.mention)
+		})
+	}
+
+	sharded := euService("default", "echo")
+	sharded.BackendShards = []uint64{3, 3}
+	skey := v1.ServiceKey("eu", "default", "echo")
+	_, err := val.service(skey, encode(t, sharded))
+	checkVerdict(t, err, "", "")
+	_, err = validator{cfg: euConfig}.service(skey, encode(t, sharded))
+	checkVerdict(t, err, "invalid", "does not advertise backendShards")
+}
+
 func withFrontend(svc v1.Service, ip string) v1.Service {
 	svc.FrontendIPs = []netip.Addr{netip.MustParseAddr(ip)}
 	return svc
