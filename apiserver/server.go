@@ -31,9 +31,9 @@ import (
 
 // HeartbeatTTL is the lease of the heartbeat key. The key is written once
 // per lease and kept by the lease's renewals, which etcd does not store:
-// it exists while the server lives (and up to HeartbeatTTL after it died)
-// and adds no revisions, where a key rewritten every few seconds would
-// add one each time, for ever.
+// it exists while the server lives (and up to HeartbeatTTL after it
+// stopped or died) and adds no revisions, where a key rewritten every few
+// seconds would add one each time, for ever.
 const HeartbeatTTL = 30 * time.Second
 
 // Server is one cluster's mesh API server.
@@ -481,8 +481,11 @@ func (s *Server) publishClusterConfig(ctx context.Context) error {
 
 // heartbeat keeps the heartbeat key on a lease of its own until ctx
 // ends, and writes it again under a new lease when the lease is lost (etcd
-// unreachable for a whole TTL). At the end it revokes the lease: the key
-// goes with the server.
+// unreachable for a whole TTL). At the end it leaves the lease to expire
+// rather than revoking it: a server restarted within HeartbeatTTL puts the
+// key on its new lease first, so readers see no delete across a restart
+// (as with every other key), and a server that stays down loses the key
+// HeartbeatTTL later.
 func (s *Server) heartbeat(ctx context.Context) error {
 	key := v1.HeartbeatKey(s.cfg.ClusterName)
 	delay := time.Second
@@ -504,11 +507,7 @@ func (s *Server) heartbeat(ctx context.Context) error {
 		delay = time.Second
 		select {
 		case <-ctx.Done():
-			rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			if err := sess.Revoke(rctx); err != nil {
-				s.log.Debug("heartbeat lease not revoked; the key expires with it", "key", key, "lease", sess.String(), "err", err)
-			}
-			cancel()
+			sess.Close()
 			return nil
 		case <-sess.Done():
 			s.log.Warn("heartbeat lease lost; writing the heartbeat again", "key", key, "lease", sess.String(), "err", sess.Err())
