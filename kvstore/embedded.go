@@ -178,6 +178,10 @@ type Embedded struct {
 	// compactions and defrags count, for metrics, what was done and why.
 	compactions, defrags reasons
 	lastDefragNanos      atomic.Int64 // how long the last defragmentation took
+	// closed is set by Close. The etcd pointer stays: a metrics scrape
+	// that began before Close (an HTTP server drains its handlers after
+	// its owner moved on) must not find it nil.
+	closed atomic.Bool
 }
 
 // reasons counts maintenance actions by why they ran.
@@ -309,11 +313,10 @@ func (e *Embedded) Server() *embed.Etcd { return e.etcd }
 // Close stops etcd. It is safe on nil and safe to call twice. Stop Run
 // first: a defragmentation in progress holds the database.
 func (e *Embedded) Close() error {
-	if e == nil || e.etcd == nil {
+	if e == nil || e.closed.Swap(true) {
 		return nil
 	}
 	e.etcd.Close()
-	e.etcd = nil
 	return nil
 }
 
@@ -565,6 +568,9 @@ func (c *embeddedCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c *embeddedCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.e.closed.Load() {
+		return // a stopped etcd has nothing to report
+	}
 	st := c.e.Status()
 	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)

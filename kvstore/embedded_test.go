@@ -314,3 +314,21 @@ func gather(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 	}
 	return out
 }
+
+// A scrape after Close (an HTTP server still draining) reports nothing
+// and does not fail; Close twice is harmless.
+func TestEmbeddedMetricsAfterClose(t *testing.T) {
+	e := startEtcdWith(t, EmbeddedConfig{})
+	reg := prometheus.NewRegistry()
+	if err := e.Register(reg); err != nil {
+		t.Fatal(err)
+	}
+	if m := gather(t, reg); m["trellis_etcd_quota_backend_bytes"] != float64(DefaultQuotaBackendBytes) || m["trellis_etcd_db_size_bytes"] == 0 {
+		t.Errorf("metrics of a running etcd: %v", m)
+	}
+	e.Close()
+	e.Close()
+	if m := gather(t, reg); len(m) != 0 {
+		t.Errorf("metrics of a closed etcd: %v, want none", m)
+	}
+}
