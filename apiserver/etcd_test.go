@@ -141,6 +141,31 @@ func TestEmbeddedEtcdNoSpace(t *testing.T) {
 	}
 }
 
+// The quota is a flag of `trellis apiserver` and a key of its config file,
+// both checked at start.
+func TestAPIServerEtcdQuotaFlag(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	bin := testutil.BuildTrellis(t)
+	file := filepath.Join(t.TempDir(), "apiserver.yaml")
+	if err := os.WriteFile(file, []byte("clusterName: eu\nclusterID: 1\npodCIDRs: [10.1.0.0/16]\netcdQuotaBackendBytes: 1048576\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16", "--state-dir", t.TempDir(), "--etcd-quota-backend-bytes", "1048576"},
+		{"--config", file, "--state-dir", t.TempDir()},
+	} {
+		p := testutil.Start(t, bin, append([]string{"apiserver"}, args...)...)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := p.Wait(ctx)
+		cancel()
+		if want := "--etcd-quota-backend-bytes 1048576: must be between"; err == nil || !strings.Contains(p.Output(), want) {
+			t.Errorf("apiserver %v: exit %v, output %q; want a failure saying %q", args, err, p.Output(), want)
+		}
+	}
+}
+
 // rootEtcdClient dials the embedded etcd of the API server in stateDir as
 // root, on its internal listener.
 func rootEtcdClient(t testing.TB, stateDir string) *clientv3.Client {
