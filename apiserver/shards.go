@@ -44,6 +44,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -82,15 +83,7 @@ type sizedBackend struct {
 }
 
 func (s *shard) clone() *shard {
-	return &shard{gen: s.gen, ips: slices.Clone(s.ips), backends: cloneMap(s.backends), size: s.size, dirty: true}
-}
-
-func cloneMap[K comparable, V any](m map[K]V) map[K]V {
-	out := make(map[K]V, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
+	return &shard{gen: s.gen, ips: slices.Clone(s.ips), backends: maps.Clone(s.backends), size: s.size, dirty: true}
 }
 
 func (s *shard) add(b sizedBackend) {
@@ -155,7 +148,9 @@ func (l *shardLayout) next(svc v1.Service, now uint64) (*shardLayout, error) {
 	overhead := shardOverhead(svc.Cluster, svc.Namespace, svc.Name)
 	gen := max(l.gen, now)
 	genUsed := false
-	n := &shardLayout{gen: l.gen, shards: slices.Clone(l.shards), where: make(map[netip.Addr]int, len(svc.Backends))}
+	// where starts as a copy (a block copy, much cheaper than inserting
+	// every backend again) and follows the changes below.
+	n := &shardLayout{gen: l.gen, shards: slices.Clone(l.shards), where: maps.Clone(l.where)}
 	touched := make(map[int]bool)
 	cow := func(i int) *shard {
 		if !touched[i] {
@@ -171,15 +166,6 @@ func (l *shardLayout) next(svc v1.Service, now uint64) (*shardLayout, error) {
 		genUsed = true
 	}
 
-	desired := make(map[netip.Addr]struct{}, len(svc.Backends))
-	for _, b := range svc.Backends {
-		desired[b.IP] = struct{}{}
-	}
-	for ip, i := range l.where {
-		if _, ok := desired[ip]; !ok {
-			cow(i).remove(ip)
-		}
-	}
 	// Backends to place: new ones (from -1), and those a full shard gives
 	// up (from its index).
 	type pending struct {
@@ -187,7 +173,7 @@ func (l *shardLayout) next(svc v1.Service, now uint64) (*shardLayout, error) {
 		from int
 	}
 	var place []pending
-	totalBytes := 0
+	totalBytes, kept := 0, 0
 	for _, b := range svc.Backends {
 		i, had := l.where[b.IP]
 		var sb sizedBackend
@@ -195,20 +181,36 @@ func (l *shardLayout) next(svc v1.Service, now uint64) (*shardLayout, error) {
 		case !had:
 			sb = sizedBackend{b: b, size: backendSize(b)}
 			place = append(place, pending{b: sb, from: -1})
-		case sameBackend(l.shards[i].backends[b.IP].b, b):
-			sb = l.shards[i].backends[b.IP]
-			n.where[b.IP] = i
 		default:
+			kept++
+			cur := l.shards[i].backends[b.IP]
+			if sameBackend(cur.b, b) {
+				sb = cur
+				break
+			}
 			sb = sizedBackend{b: b, size: backendSize(b)}
 			s := cow(i)
-			s.size += sb.size - s.backends[b.IP].size
+			s.size += sb.size - cur.size
 			s.backends[b.IP] = sb
-			n.where[b.IP] = i
 		}
 		if overhead+sb.size > v1.MaxValueSize {
 			return nil, fmt.Errorf("service %s: backend %s is %d bytes of JSON, a backend shard holds at most %d: %w", name, b.IP, sb.size-1, v1.MaxValueSize-overhead, v1.ErrTooLarge)
 		}
 		totalBytes += sb.size
+	}
+	// Removed backends; a source that only adds and changes (backends come
+	// in each IP once) skips the search.
+	if kept < len(l.where) {
+		desired := make(map[netip.Addr]struct{}, len(svc.Backends))
+		for _, b := range svc.Backends {
+			desired[b.IP] = struct{}{}
+		}
+		for ip, i := range l.where {
+			if _, ok := desired[ip]; !ok {
+				cow(i).remove(ip)
+				delete(n.where, ip)
+			}
+		}
 	}
 
 	// A shard whose backends grew past the value limit gives up backends
