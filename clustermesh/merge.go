@@ -2,7 +2,6 @@ package clustermesh
 
 import (
 	"cmp"
-	"net/netip"
 	"slices"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -142,12 +141,15 @@ func active(cluster string, id v1.ClusterID, p published, ports *portResolver) [
 		}
 	}
 	if len(parts) > 0 {
-		seen := make(map[netip.Addr]struct{}, n)
+		// Keyed by the 16 bytes (validation admits no IPv4-mapped
+		// address, so they are unique): they hash faster than a
+		// netip.Addr.
+		seen := make(map[[16]byte]struct{}, n)
 		for _, part := range parts {
 			for i := range part {
 				if b := &part[i]; b.State == v1.BackendActive {
-					if _, dup := seen[b.IP]; !dup {
-						seen[b.IP] = struct{}{}
+					if _, dup := seen[b.IP.As16()]; !dup {
+						seen[b.IP.As16()] = struct{}{}
 						add(b)
 					}
 				}
