@@ -66,7 +66,8 @@ bench:
 		command -v iptables-restore >/dev/null || apt-get install -y iptables || { apt-get update && apt-get install -y iptables; }; \
 		GO=$(GO) ./hack/bench-datapath.sh $(BENCH_ROUNDS) bench-connect.out | tee -a bench.out; \
 		$(GO) test -run '^$$' -bench 'MapUpdate' -count 5 ./bpf | tee -a bench.out; \
-	else echo "skipping ./bpf benchmarks: they need root"; fi
+		$(GO) test -run '^$$' -bench 'LargeService' -benchtime 1x -count 5 ./internal/scalebench | tee -a bench.out; \
+	else echo "skipping ./bpf and ./internal/scalebench benchmarks: they need root"; fi
 
 clean:
 	rm -rf bin bench.out bench-connect.out
