@@ -5,6 +5,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
@@ -56,13 +57,19 @@ type nodeClaim struct {
 	excluded string
 }
 
-// underlay holds every decoded node and who holds each node IP. Guarded by
-// state.mu.
+// underlay holds every decoded node, who holds each node IP and each
+// pod CIDR, and which claims are kept out. Guarded by state.mu.
+//
+// The indexes keep a node's arrival O(its IPs and CIDRs) rather than
+// O(nodes in the mesh): with 16 clusters of 1 000 nodes, walking every
+// claim on each arrival made the first sync take 30 s instead of 2.
 type underlay struct {
 	local    string
 	localIPs map[netip.Addr]bool
 	claims   map[string]map[string]*nodeClaim // cluster → name
 	owners   map[netip.Addr]nodeRef
+	podCIDRs map[string]*prefixIndex // cluster → its accepted nodes' pod CIDRs
+	out      map[nodeRef]bool        // claims kept out, to try again
 }
 
 func newUnderlay(local string, localIPs []netip.Addr) *underlay {
@@ -71,6 +78,8 @@ func newUnderlay(local string, localIPs []netip.Addr) *underlay {
 		localIPs: make(map[netip.Addr]bool, len(localIPs)),
 		claims:   make(map[string]map[string]*nodeClaim),
 		owners:   make(map[netip.Addr]nodeRef),
+		podCIDRs: make(map[string]*prefixIndex),
+		out:      make(map[nodeRef]bool),
 	}
 	for _, ip := range localIPs {
 		u.localIPs[ip] = true
@@ -91,22 +100,28 @@ type verdict struct {
 // the merged state changed (n and any node a change of n freed).
 func (u *underlay) upsert(cluster string, n v1.Node) []verdict {
 	ref := nodeRef{cluster, n.Name}
-	u.release(ref)
+	freed := u.release(ref)
 	if u.claims[cluster] == nil {
 		u.claims[cluster] = make(map[string]*nodeClaim)
 	}
 	u.claims[cluster][n.Name] = &nodeClaim{node: n}
 	out := u.admit(ref)
-	return append(out, u.retry()...)
+	if freed {
+		out = append(out, u.retry()...)
+	}
+	return out
 }
 
 // remove forgets cluster's node name.
 func (u *underlay) remove(cluster, name string) []verdict {
 	ref := nodeRef{cluster, name}
-	u.release(ref)
+	freed := u.release(ref)
 	delete(u.claims[cluster], name)
 	out := []verdict{{ref: ref}}
-	return append(out, u.retry()...)
+	if freed {
+		out = append(out, u.retry()...)
+	}
+	return out
 }
 
 // drop forgets every node of cluster (it was drained).
@@ -115,6 +130,7 @@ func (u *underlay) drop(cluster string) []verdict {
 		u.release(nodeRef{cluster, name})
 	}
 	delete(u.claims, cluster)
+	delete(u.podCIDRs, cluster)
 	return u.retry()
 }
 
@@ -123,20 +139,34 @@ func (u *underlay) names(cluster string) []string {
 	return slices.Collect(maps.Keys(u.claims[cluster]))
 }
 
-// release gives up the IPs ref holds.
-func (u *underlay) release(ref nodeRef) {
+// release gives up what ref's claim holds: its IPs and pod CIDRs when it
+// was accepted (reporting that something was freed), its place among the
+// excluded otherwise.
+func (u *underlay) release(ref nodeRef) (freed bool) {
 	c := u.claims[ref.cluster][ref.name]
-	if c == nil || c.excluded != "" {
-		return
+	if c == nil {
+		return false
+	}
+	if c.excluded != "" {
+		delete(u.out, ref)
+		return false
 	}
 	for _, ip := range c.node.IPs {
 		if u.owners[ip] == ref {
 			delete(u.owners, ip)
+			freed = true
 		}
 	}
+	if x := u.podCIDRs[ref.cluster]; x != nil {
+		for _, p := range c.node.PodCIDRs {
+			x.remove(p, ref.name)
+			freed = true
+		}
+	}
+	return freed
 }
 
-// admit decides for ref's claim, which holds no IP yet.
+// admit decides for ref's claim, which holds nothing yet.
 func (u *underlay) admit(ref nodeRef) []verdict {
 	c := u.claims[ref.cluster][ref.name]
 	if reason, why := u.conflict(ref); reason != "" {
@@ -145,7 +175,18 @@ func (u *underlay) admit(ref nodeRef) []verdict {
 	for _, ip := range c.node.IPs {
 		u.owners[ip] = ref
 	}
+	if len(c.node.PodCIDRs) > 0 {
+		x := u.podCIDRs[ref.cluster]
+		if x == nil {
+			x = &prefixIndex{}
+			u.podCIDRs[ref.cluster] = x
+		}
+		for _, p := range c.node.PodCIDRs {
+			x.insert(p, ref.name)
+		}
+	}
 	c.excluded = ""
+	delete(u.out, ref)
 	n := c.node
 	return []verdict{{ref: ref, node: &n}}
 }
@@ -164,13 +205,12 @@ func (u *underlay) conflict(ref nodeRef) (reason, why string) {
 	// Pod CIDRs of different clusters cannot overlap (each lies inside its
 	// cluster's pin, and pins are disjoint); within one cluster the node
 	// that holds a range keeps it, as with IPs, so the tunnel never has
-	// to choose.
-	for name, other := range u.claims[ref.cluster] {
-		if name == ref.name || other.excluded != "" {
-			continue
-		}
-		if a, b, ok := v1.PrefixesOverlap(c.node.PodCIDRs, other.node.PodCIDRs); ok {
-			return ReasonPodCIDRConflict, fmt.Sprintf("pod CIDR %s overlaps %s of node %s", a, b, nodeRef{ref.cluster, name})
+	// to choose. A node's own CIDRs are disjoint (v1.Node validation).
+	if x := u.podCIDRs[ref.cluster]; x != nil {
+		for _, p := range c.node.PodCIDRs {
+			if held, ok := x.overlapping(p); ok && held.owner != ref.name {
+				return ReasonPodCIDRConflict, fmt.Sprintf("pod CIDR %s overlaps %s of node %s", p, held.prefix, nodeRef{ref.cluster, held.owner})
+			}
 		}
 	}
 	return "", ""
@@ -178,44 +218,41 @@ func (u *underlay) conflict(ref nodeRef) (reason, why string) {
 
 func (u *underlay) exclude(ref nodeRef, reason, why string) verdict {
 	u.claims[ref.cluster][ref.name].excluded = reason
+	u.out[ref] = true
 	return verdict{ref: ref, why: reason + ": " + why}
 }
 
-// retry admits excluded claims whose conflict is gone, in a fixed order.
+// retry admits excluded claims whose conflict is gone, in cluster and
+// node name order.
 func (u *underlay) retry() []verdict {
-	var out []verdict
-	for _, cluster := range slices.Sorted(maps.Keys(u.claims)) {
-		for _, name := range slices.Sorted(maps.Keys(u.claims[cluster])) {
-			c := u.claims[cluster][name]
-			if c.excluded == "" || !u.free(nodeRef{cluster, name}) {
-				continue
-			}
-			out = append(out, u.admit(nodeRef{cluster, name})...)
+	if len(u.out) == 0 {
+		return nil
+	}
+	refs := slices.SortedFunc(maps.Keys(u.out), func(a, b nodeRef) int {
+		if c := strings.Compare(a.cluster, b.cluster); c != 0 {
+			return c
 		}
+		return strings.Compare(a.name, b.name)
+	})
+	var out []verdict
+	for _, ref := range refs {
+		if reason, _ := u.conflict(ref); reason != "" {
+			continue
+		}
+		out = append(out, u.admit(ref)...)
 	}
 	return out
-}
-
-// free reports whether ref's claim would now be admitted.
-func (u *underlay) free(ref nodeRef) bool {
-	reason, _ := u.conflict(ref)
-	return reason == ""
 }
 
 // excluded counts, per cluster, the nodes kept out of the merged state by
 // reason.
 func (u *underlay) excluded() map[string]map[string]int {
 	out := make(map[string]map[string]int)
-	for cluster, claims := range u.claims {
-		for _, c := range claims {
-			if c.excluded == "" {
-				continue
-			}
-			if out[cluster] == nil {
-				out[cluster] = make(map[string]int)
-			}
-			out[cluster][c.excluded]++
+	for ref := range u.out {
+		if out[ref.cluster] == nil {
+			out[ref.cluster] = make(map[string]int)
 		}
+		out[ref.cluster][u.claims[ref.cluster][ref.name].excluded]++
 	}
 	return out
 }
