@@ -512,3 +512,80 @@ func seq(pod string) int {
 	n, _ := strconv.Atoi(s)
 	return n
 }
+
+// A selector service matching 1000 endpoints used to publish 727 of them
+// (one value's 64 KiB) while every PUT said 204, and after a restart it was
+// skipped. Now its backends travel in shards: the remote cluster reads all
+// 1000, before and after a kill -9.
+func TestAPIServerSelectorServiceOf1000Endpoints(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	a := newAPIServerProcess(t, testutil.BuildTrellis(t), "eu", 1)
+	a.start(t)
+	a.mustCall(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.0.0/20"]}`)
+	a.mustCall(t, "PUT", "/v1/services/default/echo", `{"ports":[{"name":"http","protocol":"TCP","port":80,"targetPort":8080}],
+		"frontendIPs":["10.96.0.10"],"selector":{"app":"echo"},"annotations":{"trellis.io/global":"true"}}`)
+	const endpoints = 1000
+	want := map[netip.Addr]bool{}
+	for i := range endpoints {
+		ip := netip.AddrFrom4([4]byte{10, 1, byte(i / 250), byte(1 + i%250)})
+		want[ip] = true
+		a.mustCall(t, "PUT", "/v1/endpoints/"+ip.String(),
+			fmt.Sprintf(`{"namespace":"default","pod":"echo-%d","node":"node-1","nodeIP":"192.168.0.1","labels":{"app":"echo"}}`, i))
+	}
+	var creds v1.RemoteCredentials
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/remotes/us", "")), &creds); err != nil {
+		t.Fatal(err)
+	}
+	remote := remoteClient(t, creds)
+	checkPublished := func(when string) {
+		t.Helper()
+		testutil.EventuallyNoError(t, 30*time.Second, "service published whole "+when, func() error {
+			return publishedBackends(t, remote, "eu", "default", "echo", want)
+		})
+	}
+	checkPublished("after the registrations")
+	a.proc.Kill()
+	a.start(t)
+	checkPublished("after kill -9 and a restart")
+}
+
+// publishedBackends reads service ns/name of cluster as a remote agent
+// would (its value, then every backend shard it lists at the listed
+// generation) and compares its backends with want.
+func publishedBackends(t *testing.T, cli *clientv3.Client, cluster, ns, name string, want map[netip.Addr]bool) error {
+	key := v1.ServiceKey(cluster, ns, name)
+	svc, err := v1.DecodeServiceEntry(key, []byte(keysUnder(t, cli, key)[key]))
+	if err != nil {
+		return err
+	}
+	backends := svc.Backends
+	if len(svc.BackendShards) > 0 {
+		shards := keysUnder(t, cli, v1.BackendShardPrefix(cluster, ns, name))
+		for i, gen := range svc.BackendShards {
+			k := v1.BackendShardKey(cluster, ns, name, i)
+			sh, err := v1.DecodeBackendShardEntry(k, []byte(shards[k]))
+			if err != nil {
+				return err
+			}
+			if sh.Gen != gen {
+				return fmt.Errorf("shard %d at generation %d, the service lists %d", i, sh.Gen, gen)
+			}
+			backends = append(backends, sh.Backends...)
+		}
+	}
+	got := map[netip.Addr]bool{}
+	for _, b := range backends {
+		got[b.IP] = true
+	}
+	if len(got) != len(want) || len(backends) != len(want) {
+		return fmt.Errorf("%d backends (%d distinct) in %d shards, want %d", len(backends), len(got), len(svc.BackendShards), len(want))
+	}
+	for ip := range want {
+		if !got[ip] {
+			return fmt.Errorf("backend %s missing", ip)
+		}
+	}
+	return nil
+}
