@@ -30,8 +30,9 @@ type Config struct {
 	Zone        string   `json:"zone,omitempty"`
 	// MaxConnectedClusters is 255 or 511 and must match across the mesh.
 	MaxConnectedClusters int `json:"maxConnectedClusters,omitempty"`
-	// Encryption is the mode the cluster's nodes use: "", "wireguard" or
-	// "ipsec"; published so peers can tell.
+	// Encryption is the encryption type ("", "wireguard" or "ipsec") the
+	// cluster starts with when none was ever set through the admin API
+	// (`trellis encryption enable`); once one was, the stored setting wins.
 	Encryption string `json:"encryption,omitempty"`
 
 	// StateDir holds the CA, certificates, the admin token and (embedded)
@@ -243,9 +244,9 @@ func (c *Config) ClusterConfig() v1.ClusterConfig {
 		Capabilities: v1.Capabilities{
 			SyncedCanaries:       true,
 			MaxConnectedClusters: c.MaxConnectedClusters,
-			Encryption:           c.Encryption,
 			BackendShards:        true,
 		},
+		Encryption: v1.EncryptionConfig{Type: c.Encryption},
 	}
 }
 

@@ -589,3 +589,88 @@ func publishedBackends(t *testing.T, cli *clientv3.Client, cluster, ns, name str
 	}
 	return nil
 }
+
+// The encryption setting through the admin API: stored, published in the
+// cluster-config, refused when invalid (nothing changes), kept across a
+// restart (where it wins over --encryption), and listed with each node's
+// published key.
+func TestAPIServerEncryptionSetting(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts the trellis binary; skipped in -short")
+	}
+	a := newAPIServerProcess(t, testutil.BuildTrellis(t), "eu", 1)
+	a.start(t)
+	const key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+	a.mustCall(t, "PUT", "/v1/nodes/node-1", `{"ips":["192.168.0.1"],"podCIDRs":["10.1.1.0/24"],"wireGuardPublicKey":"`+key+`"}`)
+	a.mustCall(t, "PUT", "/v1/nodes/node-2", `{"ips":["192.168.0.2"],"podCIDRs":["10.1.2.0/24"]}`)
+	if code, body := a.call(t, "PUT", "/v1/nodes/node-3", `{"ips":["192.168.0.3"],"podCIDRs":["10.1.3.0/24"],"wireGuardPublicKey":"`+key+`"}`); code != http.StatusBadRequest || !strings.Contains(body, "node node-1's already") {
+		t.Fatalf("a node with node-1's key: %d %s, want 400 naming node-1", code, body)
+	}
+	var creds v1.RemoteCredentials
+	if err := json.Unmarshal([]byte(a.mustCall(t, "POST", "/admin/v1/remotes/us", "")), &creds); err != nil {
+		t.Fatal(err)
+	}
+	remote := remoteClient(t, creds)
+	published := func() v1.EncryptionConfig {
+		t.Helper()
+		k := v1.ClusterConfigKey("eu")
+		cc, err := v1.DecodeClusterConfigEntry(k, []byte(keysUnder(t, remote, k)[k]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cc.Encryption
+	}
+	if got := published(); got != (v1.EncryptionConfig{}) {
+		t.Fatalf("published at start: %+v, want off", got)
+	}
+
+	want := v1.EncryptionConfig{Type: v1.EncryptionWireGuard, Strict: true}
+	a.mustCall(t, "PUT", "/admin/v1/encryption", `{"type":"wireguard","strict":true}`)
+	if got := published(); got != want {
+		t.Fatalf("published after enable: %+v, want %+v", got, want)
+	}
+	for _, bad := range []struct{ body, says string }{
+		{`{"type":"tls"}`, "encryption.type"},
+		{`{"type":"wireguard","strict":"yes"}`, "encryption request"},
+		{`{"type":"wireguard","rotation":9}`, "unknown field"},
+	} {
+		if code, body := a.call(t, "PUT", "/admin/v1/encryption", bad.body); code != http.StatusBadRequest || !strings.Contains(body, bad.says) {
+			t.Errorf("PUT %s: %d %s, want 400 naming %s", bad.body, code, body, bad.says)
+		}
+	}
+	a.mustCall(t, "POST", "/admin/v1/encryption/rotate", "")
+	want.Rotation = 1
+	if got := published(); got != want {
+		t.Fatalf("published after rotate: %+v, want %+v", got, want)
+	}
+	var st v1.EncryptionStatus
+	if err := json.Unmarshal([]byte(a.mustCall(t, "GET", "/admin/v1/encryption", "")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Setting != want || len(st.Nodes) != 2 || st.Nodes[0].WireGuardPublicKey != key || st.Nodes[1].WireGuardPublicKey != "" {
+		t.Fatalf("status %+v", st)
+	}
+	// A node's credential cannot change the setting.
+	nodeCred := a.mustCall(t, "POST", "/admin/v1/nodes/node-2/credential", "")
+	var cred v1.NodeCredential
+	if err := json.Unmarshal([]byte(nodeCred), &cred); err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := a.api.DoAs(t, cred.Token, "PUT", "/admin/v1/encryption", `{"type":""}`); code != http.StatusForbidden {
+		t.Fatalf("a node credential turning encryption off: %d, want 403", code)
+	}
+
+	// The stored setting survives a restart and wins over the flag.
+	a.proc.Stop(t)
+	a.start(t, "--encryption", "ipsec")
+	if got := published(); got != want {
+		t.Fatalf("published after a restart with --encryption ipsec: %+v, want the stored %+v", got, want)
+	}
+	a.mustCall(t, "PUT", "/admin/v1/encryption", `{"type":""}`)
+	if got := published(); got != (v1.EncryptionConfig{Rotation: 1}) {
+		t.Fatalf("published after disable: %+v", got)
+	}
+	if code, body := a.call(t, "POST", "/admin/v1/encryption/rotate", ""); code != http.StatusBadRequest || !strings.Contains(body, "encryption is off") {
+		t.Fatalf("rotate while off: %d %s", code, body)
+	}
+}

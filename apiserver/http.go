@@ -36,6 +36,9 @@ func (s *Server) routes(mux *http.ServeMux) {
 	mux.HandleFunc("DELETE /admin/v1/remotes/{name}", s.handleRevokeRemote)
 	mux.HandleFunc("POST /admin/v1/nodes/{name}/credential", s.handleIssueNodeCredential)
 	mux.HandleFunc("DELETE /admin/v1/nodes/{name}/credential", s.handleRevokeNodeCredential)
+	mux.HandleFunc("GET /admin/v1/encryption", s.handleEncryption)
+	mux.HandleFunc("PUT /admin/v1/encryption", s.handleSetEncryption)
+	mux.HandleFunc("POST /admin/v1/encryption/rotate", s.handleRotateEncryption)
 }
 
 func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {

@@ -69,6 +69,8 @@ type Server struct {
 
 	remotesMu sync.Mutex // serializes issuing and revoking
 	remotes   *kvstore.RecordStore[remoteRecord]
+
+	enc *encryptionSetting
 }
 
 // runner is what a source does once wired.
@@ -125,6 +127,9 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		if err := s.loadRemotes(ctx); err != nil {
 			return err
 		}
+	}
+	if err := s.loadEncryption(ctx); err != nil {
+		return err
 	}
 	if err := s.publishClusterConfig(ctx); err != nil {
 		return err
@@ -456,7 +461,14 @@ func (s *Server) connectWriter(metrics *kvstore.Metrics) error {
 // ID already stored there is reported: peers drain a cluster whose ID
 // changes.
 func (s *Server) publishClusterConfig(ctx context.Context) error {
-	cc := s.cfg.ClusterConfig()
+	s.enc.mu.Lock()
+	defer s.enc.mu.Unlock()
+	return s.publishClusterConfigLocked(ctx, s.clusterConfigWith(s.enc.cur))
+}
+
+// publishClusterConfigLocked writes cc; the caller holds s.enc.mu, so
+// that writes of the setting are not reordered.
+func (s *Server) publishClusterConfigLocked(ctx context.Context, cc v1.ClusterConfig) error {
 	data, err := v1.Encode(cc)
 	if err != nil {
 		return fmt.Errorf("apiserver: cluster-config: %w", err)

@@ -305,6 +305,8 @@ type ClusterStatus struct {
 	// Rejected counts the entries the cluster published that failed
 	// validation, by reason, since the agent started.
 	Rejected map[string]uint64 `json:"rejected,omitempty"`
+	// Encryption is the cluster's published encryption setting ("" off).
+	Encryption string `json:"encryption,omitempty"`
 	// Excluded counts the cluster's nodes that decoded but are kept out of
 	// the merged state now, by reason (a node IP another node holds).
 	Excluded    map[string]int `json:"excluded,omitempty"`

@@ -134,6 +134,7 @@ func (r *remote) session(ctx context.Context) error {
 		return err
 	}
 	r.mesh.state.setCluster(cfg)
+	r.mesh.state.setEncryption(r.name, cfg.Encryption)
 	r.mu.Lock()
 	r.config = &cfg
 	r.connected = true
@@ -302,12 +303,20 @@ func (r *remote) watchConfig(ctx context.Context, client *kvstore.Client, cfg v1
 		if configDiffers(cfg, next) {
 			return errConfigChanged
 		}
+		// The encryption setting changes live: the session goes on.
+		r.mu.Lock()
+		if r.config != nil {
+			r.config.Encryption = next.Encryption
+		}
+		r.mu.Unlock()
+		r.mesh.state.setEncryption(r.name, next.Encryption)
 		return nil
 	})
 }
 
 // configDiffers reports changes that need the cluster re-validated or its
-// decoders rebuilt.
+// decoders rebuilt. The encryption setting is not one of them: agents
+// apply it live.
 func configDiffers(a, b v1.ClusterConfig) bool {
 	if a.ID != b.ID || a.Region != b.Region || a.Capabilities != b.Capabilities || len(a.PodCIDRs) != len(b.PodCIDRs) {
 		return true
@@ -339,6 +348,10 @@ func (r *remote) status() ClusterStatus {
 	if r.config != nil {
 		st.ClusterID = uint32(r.config.ID)
 		st.Region = r.config.Region
+		st.Encryption = r.config.Encryption.Type
+		if r.config.Encryption.Strict {
+			st.Encryption += " (strict)"
+		}
 	}
 	if r.lastErr != nil {
 		st.LastError = r.lastErr.Error()

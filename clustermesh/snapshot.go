@@ -79,6 +79,9 @@ type Snapshot struct {
 	IPCache map[string]map[netip.Addr]IPCacheEntry
 	// ClusterIDs of the admitted clusters, by name.
 	ClusterIDs map[string]v1.ClusterID
+	// Encryption is the local cluster's encryption setting: the last one
+	// its cluster-config published (kept while its session is down).
+	Encryption v1.EncryptionConfig
 }
 
 // LookupIP finds a pod IP in any cluster.

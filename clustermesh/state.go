@@ -25,8 +25,12 @@ type state struct {
 	underlay *underlay                            // every decoded node, and who holds which node IP
 	services map[string]map[ServiceName]published // cluster → name → what it publishes of the service
 	clusters map[string]clusterInfo
-	pending  pendingChanges
-	version  uint64
+	// encryption is the local cluster's setting as last published. A lost
+	// session keeps it: an unreachable API server must not switch a
+	// node's encryption off.
+	encryption v1.EncryptionConfig
+	pending    pendingChanges
+	version    uint64
 
 	snap   atomic.Pointer[Snapshot]
 	wake   chan struct{}
@@ -224,6 +228,23 @@ func (s *state) setCluster(cfg v1.ClusterConfig) {
 	s.remergeAllLocked()
 }
 
+// setEncryption records cluster's encryption setting; only the local
+// cluster's matters to this agent (a pair of nodes is encrypted when both
+// publish keys, whatever their clusters' settings).
+func (s *state) setEncryption(cluster string, enc v1.EncryptionConfig) {
+	if cluster != s.local {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.encryption == enc {
+		return
+	}
+	s.log.Info("local cluster's encryption setting", "type", enc.Type, "strict", enc.Strict, "rotation", enc.Rotation)
+	s.encryption = enc
+	s.changed()
+}
+
 // drain removes everything a cluster contributed.
 func (s *state) drain(cluster string) {
 	s.mu.Lock()
@@ -268,7 +289,7 @@ func (s *state) publish() bool {
 		return false
 	}
 	old := s.snap.Load()
-	next := &Snapshot{Services: old.Services, Nodes: old.Nodes, IPCache: old.IPCache, ClusterIDs: old.ClusterIDs, Time: time.Now()}
+	next := &Snapshot{Services: old.Services, Nodes: old.Nodes, IPCache: old.IPCache, ClusterIDs: old.ClusterIDs, Encryption: s.encryption, Time: time.Now()}
 	p := s.pending
 	if p.clusters {
 		next.ClusterIDs = make(map[string]v1.ClusterID, len(s.clusters))

@@ -26,6 +26,9 @@ import (
 //   - an IP held by an accepted node stays with it: a later claim by any
 //     other node, of any cluster (the local one included), is excluded
 //     (ReasonUnderlayConflict), whatever the names;
+//   - likewise a WireGuard public key (ReasonKeyConflict): peers are
+//     keyed by it, so a copied key would take the holder's encrypted
+//     traffic;
 //   - likewise a pod CIDR: a node whose range overlaps one an accepted
 //     node of its cluster holds is excluded (ReasonPodCIDRConflict);
 //     across clusters ranges cannot overlap, each being inside its
@@ -68,6 +71,7 @@ type underlay struct {
 	localIPs map[netip.Addr]bool
 	claims   map[string]map[string]*nodeClaim // cluster → name
 	owners   map[netip.Addr]nodeRef
+	keys     map[string]nodeRef      // WireGuard public key → holder
 	podCIDRs map[string]*prefixIndex // cluster → its accepted nodes' pod CIDRs
 	out      map[nodeRef]bool        // claims kept out, to try again
 }
@@ -78,6 +82,7 @@ func newUnderlay(local string, localIPs []netip.Addr) *underlay {
 		localIPs: make(map[netip.Addr]bool, len(localIPs)),
 		claims:   make(map[string]map[string]*nodeClaim),
 		owners:   make(map[netip.Addr]nodeRef),
+		keys:     make(map[string]nodeRef),
 		podCIDRs: make(map[string]*prefixIndex),
 		out:      make(map[nodeRef]bool),
 	}
@@ -163,6 +168,10 @@ func (u *underlay) release(ref nodeRef) (freed bool) {
 			freed = true
 		}
 	}
+	if k := c.node.WireGuardPublicKey; k != "" && u.keys[k] == ref {
+		delete(u.keys, k)
+		freed = true
+	}
 	return freed
 }
 
@@ -174,6 +183,9 @@ func (u *underlay) admit(ref nodeRef) []verdict {
 	}
 	for _, ip := range c.node.IPs {
 		u.owners[ip] = ref
+	}
+	if k := c.node.WireGuardPublicKey; k != "" {
+		u.keys[k] = ref
 	}
 	if len(c.node.PodCIDRs) > 0 {
 		x := u.podCIDRs[ref.cluster]
@@ -200,6 +212,11 @@ func (u *underlay) conflict(ref nodeRef) (reason, why string) {
 		}
 		if holder, held := u.owners[ip]; held && holder != ref {
 			return ReasonUnderlayConflict, fmt.Sprintf("node IP %s is held by node %s", ip, holder)
+		}
+	}
+	if k := c.node.WireGuardPublicKey; k != "" {
+		if holder, held := u.keys[k]; held && holder != ref {
+			return ReasonKeyConflict, fmt.Sprintf("WireGuard key %s is held by node %s", k, holder)
 		}
 	}
 	// Pod CIDRs of different clusters cannot overlap (each lies inside its

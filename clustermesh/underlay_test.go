@@ -142,3 +142,23 @@ func TestUnderlayPodCIDRConflict(t *testing.T) {
 	s.deleteNode("us", "n1")
 	wantAccepted(t, s, "us/a-greedy")
 }
+
+// A node publishing another node's WireGuard key is kept out: peers are
+// keyed by public key, so it would take the holder's encrypted traffic.
+// The holder changing its key (a rotation) frees the old one.
+func TestUnderlayWireGuardKeyConflict(t *testing.T) {
+	const k1, k2 = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw="
+	withKey := func(n v1.Node, key string) v1.Node { n.WireGuardPublicKey = key; return n }
+	s := newTestState("192.168.100.101")
+	s.upsertNode("us", withKey(ulNode("us", "real", "192.168.100.111"), k1))
+	s.upsertNode("ap", withKey(ulNode("ap", "evil", "192.168.100.120"), k1))
+	wantAccepted(t, s, "us/real")
+	wantExcluded(t, s, map[string]map[string]int{"ap": {ReasonKeyConflict: 1}})
+
+	// The holder rotates: the copied (old) key is free again, and a node
+	// may hold it; the new key stays with the holder.
+	s.upsertNode("us", withKey(ulNode("us", "real", "192.168.100.111"), k2))
+	wantAccepted(t, s, "ap/evil", "us/real")
+	s.upsertNode("ap", withKey(ulNode("ap", "evil2", "192.168.100.121"), k2))
+	wantExcluded(t, s, map[string]map[string]int{"ap": {ReasonKeyConflict: 1}})
+}

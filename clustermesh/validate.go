@@ -34,6 +34,10 @@ const (
 	// ReasonPodCIDRConflict: a node whose pod CIDR overlaps one another
 	// node of its cluster already holds.
 	ReasonPodCIDRConflict = "pod-cidr-conflict"
+	// ReasonKeyConflict: a node publishing the WireGuard key another
+	// node of the mesh already holds. Peers are keyed by public key, so
+	// it would take that node's encrypted traffic.
+	ReasonKeyConflict = "wireguard-key-conflict"
 )
 
 // errHijack marks an entry that is well formed but claims something that

@@ -277,6 +277,26 @@ func (c *Client) RevokeNodeCredential(ctx context.Context, node string) error {
 	return c.do(ctx, http.MethodDelete, "/admin/v1/nodes/"+url.PathEscape(node)+"/credential", nil, nil)
 }
 
+// Encryption reports the cluster's encryption setting and what each of its
+// nodes publishes.
+func (c *Client) Encryption(ctx context.Context) (v1.EncryptionStatus, error) {
+	var st v1.EncryptionStatus
+	return st, c.do(ctx, http.MethodGet, "/admin/v1/encryption", nil, &st)
+}
+
+// SetEncryption changes the cluster's encryption live (Type "" turns it
+// off) and returns the setting now published.
+func (c *Client) SetEncryption(ctx context.Context, req v1.EncryptionRequest) (v1.EncryptionConfig, error) {
+	var got v1.EncryptionConfig
+	return got, c.do(ctx, http.MethodPut, "/admin/v1/encryption", req, &got)
+}
+
+// RotateEncryption asks every node of the cluster to take a new key.
+func (c *Client) RotateEncryption(ctx context.Context) (v1.EncryptionConfig, error) {
+	var got v1.EncryptionConfig
+	return got, c.do(ctx, http.MethodPost, "/admin/v1/encryption/rotate", nil, &got)
+}
+
 // Info is what the cluster says about itself before joining a mesh.
 func (c *Client) Info(ctx context.Context) (v1.ClusterInfo, error) {
 	var info v1.ClusterInfo

@@ -74,7 +74,7 @@ func TestWireFormat(t *testing.T) {
 		{Endpoint{Cluster: "c", IP: netip.MustParseAddr("fd00::1"), Identity: MakeIdentity(1, 1), NodeIP: netip.MustParseAddr("10.0.0.1")}, `{"v":1,"cluster":"c","ip":"fd00::1","identity":65537,"nodeIP":"10.0.0.1"}`},
 		{ClusterConfig{Name: "c", ID: 1, PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Capabilities: Capabilities{MaxConnectedClusters: 255}},
 			`{"v":1,"name":"c","id":1,"podCIDRs":["10.0.0.0/8"],"capabilities":{"maxConnectedClusters":255}}`},
-		{sampleClusterConfig(), `{"v":1,"name":"eu-west-1","id":7,"podCIDRs":["10.7.0.0/16","fd00:7::/48"],"region":"eu-west-1","zone":"eu-west-1a","capabilities":{"syncedCanaries":true,"maxConnectedClusters":255,"encryption":"wireguard"}}`},
+		{sampleClusterConfig(), `{"v":1,"name":"eu-west-1","id":7,"podCIDRs":["10.7.0.0/16","fd00:7::/48"],"region":"eu-west-1","zone":"eu-west-1a","capabilities":{"syncedCanaries":true,"maxConnectedClusters":255},"encryption":{"type":"wireguard"}}`},
 		{Node{Cluster: "c", Name: "n", IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, IPsecKeyIndex: 3, HealthAddr: "10.0.0.1:4240"},
 			`{"v":1,"cluster":"c","name":"n","ips":["10.0.0.1"],"ipsecKeyIndex":3,"healthAddr":"10.0.0.1:4240"}`},
 		{Identity{Cluster: "c", ID: 65537, Labels: map[string]string{"k8s:io.kubernetes.pod.namespace": "default", "k8s:app": "web"}},

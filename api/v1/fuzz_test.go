@@ -75,7 +75,7 @@ func addSeeds(f *testing.F, samples ...any) {
 
 func FuzzDecodeClusterConfig(f *testing.F) {
 	c := sampleClusterConfig()
-	c.ID, c.Capabilities.MaxConnectedClusters, c.Capabilities.Encryption = 511, 511, EncryptionIPsec
+	c.ID, c.Capabilities.MaxConnectedClusters, c.Encryption.Type = 511, 511, EncryptionIPsec
 	c.Region, c.Zone = "", ""
 	addSeeds(f, sampleClusterConfig(), c)
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode(t, data, DecodeClusterConfig) })

@@ -22,8 +22,8 @@ func sampleClusterConfig() ClusterConfig {
 		Capabilities: Capabilities{
 			SyncedCanaries:       true,
 			MaxConnectedClusters: 255,
-			Encryption:           EncryptionWireGuard,
 		},
+		Encryption: EncryptionConfig{Type: EncryptionWireGuard},
 	}
 }
 

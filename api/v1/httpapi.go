@@ -15,6 +15,7 @@ type NodeRequest struct {
 	IPs                []netip.Addr   `json:"ips"`
 	PodCIDRs           []netip.Prefix `json:"podCIDRs,omitempty"`
 	WireGuardPublicKey string         `json:"wireGuardPublicKey,omitempty"`
+	IPsecKeyIndex      uint8          `json:"ipsecKeyIndex,omitempty"`
 	HealthAddr         string         `json:"healthAddr,omitempty"`
 	Region             string         `json:"region,omitempty"`
 	Zone               string         `json:"zone,omitempty"`
@@ -50,6 +51,28 @@ type ServiceRequest struct {
 	Selector    map[string]string `json:"selector,omitempty"`
 	Backends    []Backend         `json:"backends,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+// EncryptionRequest sets a cluster's encryption (PUT
+// /admin/v1/encryption): Type "" turns it off. Rotation is not set here
+// (POST /admin/v1/encryption/rotate).
+type EncryptionRequest struct {
+	Type   string `json:"type"`
+	Strict bool   `json:"strict,omitempty"`
+}
+
+// EncryptionStatus is GET /admin/v1/encryption: the cluster's setting as
+// published in its cluster-config, and what each of its nodes publishes.
+type EncryptionStatus struct {
+	Setting EncryptionConfig `json:"setting"`
+	Nodes   []NodeEncryption `json:"nodes"`
+}
+
+// NodeEncryption is what one node publishes about its encryption.
+type NodeEncryption struct {
+	Name               string `json:"name"`
+	WireGuardPublicKey string `json:"wireGuardPublicKey,omitempty"`
+	IPsecKeyIndex      uint8  `json:"ipsecKeyIndex,omitempty"`
 }
 
 // ClusterInfo is what a cluster says about itself before it joins a mesh

@@ -51,6 +51,27 @@ type ClusterConfig struct {
 	Zone   string `json:"zone,omitempty"`
 	// Capabilities tells readers how to treat the rest of this store.
 	Capabilities Capabilities `json:"capabilities"`
+	// Encryption is the node-to-node encryption this cluster's agents run.
+	// It is a setting, changed live through the API server's admin API
+	// (`trellis encryption enable`), and a reader applies a change without
+	// re-validating the cluster. Other clusters do not act on it: a pair of
+	// nodes is encrypted when both nodes publish a key (see
+	// [Node.WireGuardPublicKey]).
+	Encryption EncryptionConfig `json:"encryption,omitzero"`
+}
+
+// EncryptionConfig is a cluster's encryption setting.
+type EncryptionConfig struct {
+	// Type is [EncryptionNone], [EncryptionWireGuard] or [EncryptionIPsec].
+	Type string `json:"type,omitempty"`
+	// Strict drops unencrypted pod traffic between two nodes that both
+	// have encryption on, instead of letting it through in clear while the
+	// encrypted path is not up. Needs a Type.
+	Strict bool `json:"strict,omitempty"`
+	// Rotation counts key rotations asked for (`trellis encryption
+	// rotate`): each node of the cluster takes a new key when it sees the
+	// count go up.
+	Rotation uint64 `json:"rotation,omitempty"`
 }
 
 // Capabilities are the features a cluster's mesh API server promises.
@@ -63,9 +84,6 @@ type Capabilities struct {
 	// MaxConnectedClusters is 255 or 511, the mesh-wide cluster ID space
 	// the cluster was configured for. Every cluster in a mesh must agree.
 	MaxConnectedClusters int `json:"maxConnectedClusters"`
-	// Encryption is the node-to-node encryption the cluster uses:
-	// "" (none), "wireguard" or "ipsec".
-	Encryption string `json:"encryption,omitempty"`
 	// BackendShards means the server publishes the backends of a service
 	// too large for one value as [BackendShard] values under
 	// [KindBackends], and writes a [SyncedKey] for that kind too. A reader
@@ -74,7 +92,11 @@ type Capabilities struct {
 	BackendShards bool `json:"backendShards,omitempty"`
 }
 
-// Encryption modes for [Capabilities.Encryption].
+// MaxIPsecKeyIndex is the largest [Node.IPsecKeyIndex]: the index lives in
+// four bits of the SPI.
+const MaxIPsecKeyIndex = 15
+
+// Encryption types for [EncryptionConfig.Type].
 const (
 	EncryptionNone      = ""
 	EncryptionWireGuard = "wireguard"
@@ -98,8 +120,8 @@ type Node struct {
 	// WireGuardPublicKey is the node's WireGuard key, standard base64 of
 	// 32 bytes; empty when the node does not run WireGuard.
 	WireGuardPublicKey string `json:"wireGuardPublicKey,omitempty"`
-	// IPsecKeyIndex selects the pre-shared key generation in use; 0 when
-	// the node does not run IPsec.
+	// IPsecKeyIndex selects the pre-shared key generation in use, 1 to
+	// [MaxIPsecKeyIndex]; 0 when the node does not run IPsec.
 	IPsecKeyIndex uint8 `json:"ipsecKeyIndex,omitempty"`
 	// HealthAddr is host:port of the node's health endpoint; optional.
 	HealthAddr string `json:"healthAddr,omitempty"`

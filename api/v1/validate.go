@@ -88,10 +88,25 @@ func (c *ClusterConfig) check() *ValidationError {
 	if int(c.ID) > caps.MaxConnectedClusters {
 		return bad("id", u64(uint64(c.ID)), "above capabilities.maxConnectedClusters "+strconv.Itoa(caps.MaxConnectedClusters)+"; lower the ID or set maxConnectedClusters to 511")
 	}
-	switch caps.Encryption {
+	return c.Encryption.check()
+}
+
+// Validate checks the type and that strict has one.
+func (e EncryptionConfig) Validate() error {
+	if ve := e.check(); ve != nil {
+		return ve
+	}
+	return nil
+}
+
+func (e EncryptionConfig) check() *ValidationError {
+	switch e.Type {
 	case EncryptionNone, EncryptionWireGuard, EncryptionIPsec:
 	default:
-		return bad("capabilities.encryption", caps.Encryption, `want "" (none), "wireguard" or "ipsec"`)
+		return bad("encryption.type", e.Type, `want "" (none), "wireguard" or "ipsec"`)
+	}
+	if e.Strict && e.Type == EncryptionNone {
+		return bad("encryption.strict", "true", "strict needs an encryption type (wireguard or ipsec)")
 	}
 	return nil
 }
@@ -124,6 +139,9 @@ func (n *Node) check() *ValidationError {
 		if msg := checkWireGuardKey(n.WireGuardPublicKey); msg != "" {
 			return bad("wireGuardPublicKey", n.WireGuardPublicKey, msg)
 		}
+	}
+	if n.IPsecKeyIndex > MaxIPsecKeyIndex {
+		return bad("ipsecKeyIndex", strconv.Itoa(int(n.IPsecKeyIndex)), "want 0 (no IPsec) or a key index 1-15")
 	}
 	if n.HealthAddr != "" {
 		if msg := checkHostPort(n.HealthAddr); msg != "" {

@@ -108,9 +108,13 @@ func TestClusterConfigValidate(t *testing.T) {
 		{"no topology ok", func(c *ClusterConfig) { c.Region, c.Zone = "", "" }, ""},
 		{"max clusters 0", func(c *ClusterConfig) { c.Capabilities.MaxConnectedClusters = 0 }, "capabilities.maxConnectedClusters"},
 		{"max clusters 256", func(c *ClusterConfig) { c.Capabilities.MaxConnectedClusters = 256 }, "capabilities.maxConnectedClusters"},
-		{"encryption unknown", func(c *ClusterConfig) { c.Capabilities.Encryption = "WireGuard" }, "capabilities.encryption"},
-		{"encryption ipsec", func(c *ClusterConfig) { c.Capabilities.Encryption = EncryptionIPsec }, ""},
-		{"encryption none", func(c *ClusterConfig) { c.Capabilities.Encryption = EncryptionNone }, ""},
+		{"encryption unknown", func(c *ClusterConfig) { c.Encryption.Type = "WireGuard" }, "encryption.type"},
+		{"encryption ipsec", func(c *ClusterConfig) { c.Encryption.Type = EncryptionIPsec }, ""},
+		{"encryption none", func(c *ClusterConfig) { c.Encryption = EncryptionConfig{} }, ""},
+		{"strict without a type", func(c *ClusterConfig) { c.Encryption = EncryptionConfig{Strict: true} }, "encryption.strict"},
+		{"strict wireguard", func(c *ClusterConfig) {
+			c.Encryption = EncryptionConfig{Type: EncryptionWireGuard, Strict: true, Rotation: 3}
+		}, ""},
 	})
 }
 

@@ -20,7 +20,7 @@ import (
 func (r *Registry) checkNode(n v1.NodeRequest) (v1.Node, error) {
 	node := v1.Node{
 		Cluster: r.cfg.Cluster.Name, Name: n.Name, IPs: n.IPs, PodCIDRs: n.PodCIDRs,
-		WireGuardPublicKey: n.WireGuardPublicKey, HealthAddr: n.HealthAddr, Region: n.Region, Zone: n.Zone,
+		WireGuardPublicKey: n.WireGuardPublicKey, IPsecKeyIndex: n.IPsecKeyIndex, HealthAddr: n.HealthAddr, Region: n.Region, Zone: n.Zone,
 	}
 	if err := node.Validate(); err != nil {
 		return node, err
@@ -45,7 +45,7 @@ func (r *Registry) checkNode(n v1.NodeRequest) (v1.Node, error) {
 }
 
 // nodeConflictLocked checks n against the other registered nodes: no two
-// nodes share an IP or overlapping pod CIDRs.
+// nodes share an IP, overlapping pod CIDRs or a WireGuard key.
 func (r *Registry) nodeConflictLocked(n v1.NodeRequest) error {
 	for name, other := range r.nodes {
 		if name == n.Name {
@@ -58,6 +58,11 @@ func (r *Registry) nodeConflictLocked(n v1.NodeRequest) error {
 		}
 		if a, b, ok := v1.PrefixesOverlap(n.PodCIDRs, other.req.PodCIDRs); ok {
 			return fmt.Errorf("node %s: pod CIDR %s overlaps %s of node %s; node pod CIDRs must be disjoint", n.Name, a, b, name)
+		}
+		// Peers key their tunnels by public key: two nodes with one key
+		// would take each other's traffic.
+		if n.WireGuardPublicKey != "" && n.WireGuardPublicKey == other.req.WireGuardPublicKey {
+			return fmt.Errorf("node %s: wireGuardPublicKey is node %s's already; each node has a key of its own", n.Name, name)
 		}
 	}
 	return nil

@@ -58,7 +58,7 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 	f.StringVar(&cfg.Region, "region", "", "the cluster's region (failover prefers clusters of the same region)")
 	f.StringVar(&cfg.Zone, "zone", "", "the cluster's zone")
 	f.IntVar(&cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match across the mesh")
-	f.StringVar(&cfg.Encryption, "encryption", "", "node encryption mode to advertise: '', wireguard or ipsec")
+	f.StringVar(&cfg.Encryption, "encryption", "", "encryption type the cluster starts with until `trellis encryption` sets one: '', wireguard or ipsec")
 	f.StringVar(&cfg.StateDir, "state-dir", "", "directory for the CA, certificates, admin token and etcd data")
 	f.StringSliceVar(&cfg.EtcdEndpoints, "etcd-endpoints", nil, "external etcd client URLs (default: run an embedded etcd)")
 	f.StringVar(&cfg.EtcdCAFile, "etcd-ca-file", "", "CA of the external etcd")

@@ -42,6 +42,7 @@ encrypts traffic between nodes.`,
 		newStatusCmd(),
 		newConnectCmd(),
 		newDisconnectCmd(),
+		newEncryptionCmd(),
 		newLabCmd(opts),
 	)
 	return root
