@@ -3,10 +3,12 @@ package k8s
 import (
 	"cmp"
 	"fmt"
-	"github.com/trellis-mesh/trellis/apiserver/source"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
+
+	"github.com/trellis-mesh/trellis/apiserver/source"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -125,6 +127,23 @@ func nodeFromK8s(cluster string, defRegion, defZone string, n *corev1.Node) (nod
 		node.Zone = z
 	} else if z, ok := n.Labels[corev1.LabelFailureDomainBetaZone]; ok {
 		node.Zone = z
+	}
+	// A malformed key is published as no key (the node stays reachable in
+	// clear) and reported, rather than failing the node.
+	if k, ok := n.Annotations[source.AnnotationWireGuardKey]; ok {
+		node.WireGuardPublicKey = k
+		if err := node.Validate(); err != nil {
+			node.WireGuardPublicKey = ""
+			skipped = append(skipped, "annotation "+source.AnnotationWireGuardKey+"="+k)
+		}
+	}
+	if v, ok := n.Annotations[source.AnnotationIPsecKeyIndex]; ok {
+		i, err := strconv.ParseUint(v, 10, 8)
+		if err != nil || i == 0 || i > v1.MaxIPsecKeyIndex {
+			skipped = append(skipped, "annotation "+source.AnnotationIPsecKeyIndex+"="+v)
+		} else {
+			node.IPsecKeyIndex = uint8(i)
+		}
 	}
 	return node, skipped, nil
 }

@@ -2,10 +2,11 @@ package k8s
 
 import (
 	"errors"
-	"github.com/trellis-mesh/trellis/apiserver/source"
 	"net/netip"
 	"reflect"
 	"testing"
+
+	"github.com/trellis-mesh/trellis/apiserver/source"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -264,6 +265,21 @@ func TestNodeFromK8s(t *testing.T) {
 	if err != nil || !reflect.DeepEqual(got.PodCIDRs, []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")}) {
 		t.Errorf("legacy podCIDR: %+v, %v", got.PodCIDRs, err)
 	}
+
+	// The agent's key annotations are published; malformed ones are
+	// skipped (and reported), never published.
+	const key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+	n.Annotations = map[string]string{source.AnnotationWireGuardKey: key, source.AnnotationIPsecKeyIndex: "3"}
+	got, skipped, err = nodeFromK8s("east", "", "", n)
+	if err != nil || len(skipped) != 0 || got.WireGuardPublicKey != key || got.IPsecKeyIndex != 3 {
+		t.Errorf("key annotations: %+v, skipped %v, %v", got, skipped, err)
+	}
+	n.Annotations = map[string]string{source.AnnotationWireGuardKey: "not-a-key", source.AnnotationIPsecKeyIndex: "16"}
+	got, skipped, err = nodeFromK8s("east", "", "", n)
+	if err != nil || len(skipped) != 2 || got.WireGuardPublicKey != "" || got.IPsecKeyIndex != 0 {
+		t.Errorf("malformed key annotations: %+v, skipped %v, %v", got, skipped, err)
+	}
+
 	n.Status.Addresses = n.Status.Addresses[:2]
 	if _, _, err := nodeFromK8s("east", "", "", n); err == nil {
 		t.Errorf("node with only an ExternalIP mapped without error")

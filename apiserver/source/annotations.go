@@ -7,6 +7,17 @@ import (
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
+// Node annotations the agent writes on its own Kubernetes node (as
+// Cilium's does with network.cilium.io/wg-pub-key) and the source
+// publishes in the node's entry.
+const (
+	// AnnotationWireGuardKey is the node's WireGuard public key (standard
+	// base64); absent when the node runs no WireGuard.
+	AnnotationWireGuardKey = "trellis.io/wg-pub-key"
+	// AnnotationIPsecKeyIndex is the IPsec key index the node uses, 1-15.
+	AnnotationIPsecKeyIndex = "trellis.io/ipsec-key-index"
+)
+
 // Service annotations read by the source. See the package documentation for
 // their precedence and defaults.
 const (
