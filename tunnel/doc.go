@@ -71,6 +71,19 @@
 // a node whose IP is on no subnet of the underlay device is refused with an
 // error matching ErrNotOnLink, and the others are installed.
 //
+// # Paths
+//
+// Each node passed to Set says where its pod CIDRs go (Node.Path): by the
+// tunnel's mode (the default), straight into Config.EncryptedDevice (the
+// WireGuard device, "C dev trellis_wg proto 126"), or to an unreachable
+// route (strict encryption while the encrypted path to the node is not
+// up). The tunnel owns every route to a remote pod CIDR whatever its path,
+// and keeps a node's neighbour and FDB entries on every path, so moving a
+// node between paths is one route replace per pod CIDR: there is no
+// moment without a route, and nothing else changes. When the encrypted
+// device is missing, a node that wants it keeps the route it has and Set
+// reports the device: traffic never falls back to clear by itself.
+//
 // # Node validation
 //
 // Set refuses, and reports in its error: nodes without a name or with an

@@ -269,9 +269,16 @@ func readView(t *testing.T, h *netlink.Handle, dev string) kernelView {
 		netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	must(t, "list routes", err)
 	for _, r := range rs {
+		if r.Type == unix.RTN_UNREACHABLE {
+			v.routes = append(v.routes, fmt.Sprintf("%s unreachable", r.Dst))
+			continue
+		}
 		l, err := h.LinkByIndex(r.LinkIndex)
 		must(t, "route link", err)
 		s := fmt.Sprintf("%s via %s dev %s", r.Dst, r.Gw, l.Attrs().Name)
+		if r.Gw == nil {
+			s = fmt.Sprintf("%s dev %s", r.Dst, l.Attrs().Name)
+		}
 		if r.Flags&int(netlink.FLAG_ONLINK) != 0 {
 			s += " onlink"
 		}
@@ -292,6 +299,12 @@ func viewOf(o Owned) kernelView {
 	}
 	for _, r := range o.Routes {
 		s := fmt.Sprintf("%s via %s dev %s", r.Dst, r.Via, r.Device)
+		switch r.Path {
+		case PathBlocked:
+			s = fmt.Sprintf("%s unreachable", r.Dst)
+		case PathEncrypted:
+			s = fmt.Sprintf("%s dev %s", r.Dst, r.Device)
+		}
 		if r.OnLink {
 			s += " onlink"
 		}

@@ -50,6 +50,7 @@ func VTEPAddr(podCIDR netip.Prefix) netip.Addr {
 // nodePlan is what one remote node needs in the kernel.
 type nodePlan struct {
 	name     string
+	path     Path
 	underlay netip.Addr
 	mac      net.HardwareAddr // tunnel modes only
 	vteps    []netip.Addr     // tunnel modes: one per overlay family
@@ -120,7 +121,11 @@ func makePlan(mode Mode, localIP netip.Addr, localCIDRs []netip.Prefix, nodes []
 		seenName[n.Name] = true
 		seenIP[ip] = n.Name
 
-		np := nodePlan{name: n.Name, underlay: ip}
+		if n.Path > PathBlocked {
+			nerr("unknown path %d", n.Path)
+			continue
+		}
+		np := nodePlan{name: n.Name, path: n.Path, underlay: ip}
 		if mode != ModeNative {
 			if ip.Is4() != localIP.Unmap().Is4() {
 				nerr("underlay family differs from the local IP %s", localIP)

@@ -173,6 +173,13 @@ func (t *Tunnel) set(ctx context.Context, nodes []Node) error {
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
+	links := routeLinks{tunnel: link}
+	for _, n := range p.nodes {
+		if n.path == PathEncrypted {
+			links.encrypted, links.encryptedErr = t.encryptedLink()
+			break
+		}
+	}
 
 	todo := p.nodes
 	if t.cfg.Mode == ModeNative {
@@ -209,7 +216,7 @@ func (t *Tunnel) set(ctx context.Context, nodes []Node) error {
 			errs = append(errs, err)
 			break
 		}
-		if err := t.applyNode(link, n, ks, &next); err != nil {
+		if err := t.applyNode(links, n, ks, &next); err != nil {
 			t.log.Warn("tunnel: node not fully installed", "node", n.name, "err", err)
 			errs = append(errs, err)
 		}
@@ -218,7 +225,7 @@ func (t *Tunnel) set(ctx context.Context, nodes []Node) error {
 	// Nodes a cancelled context kept us from visiting keep what the kernel
 	// already has for them.
 	for _, n := range todo[done:] {
-		t.recordPresent(link, n, ks, &next)
+		t.recordPresent(links, n, ks, &next)
 	}
 	if ctx.Err() == nil {
 		errs = append(errs, t.deleteStale(ks, desired)...)
@@ -253,18 +260,59 @@ func fdbEntry(idx int, mac net.HardwareAddr, dst netip.Addr) *netlink.Neigh {
 	}
 }
 
-// route is the kernel route for one pod CIDR of node n, and its record.
-func (t *Tunnel) route(link netlink.Link, n nodePlan, rp routePlan) (*netlink.Route, Route) {
-	r := &netlink.Route{
-		LinkIndex: link.Attrs().Index,
-		Dst:       ipNet(rp.dst),
-		Gw:        net.IP(rp.via.AsSlice()),
-		Protocol:  RouteProtocol,
-		Table:     unix.RT_TABLE_MAIN,
-		Scope:     netlink.SCOPE_UNIVERSE,
-		Type:      unix.RTN_UNICAST,
+// routeLinks are the devices routes point into.
+type routeLinks struct {
+	tunnel netlink.Link // the tunnel device, or the underlay in native mode
+	// encrypted is Config.EncryptedDevice, looked up when a node wants
+	// it; encryptedErr says why it is not there.
+	encrypted    netlink.Link
+	encryptedErr error
+}
+
+// encryptedLink finds Config.EncryptedDevice.
+func (t *Tunnel) encryptedLink() (netlink.Link, error) {
+	if t.cfg.EncryptedDevice == "" {
+		return nil, errors.New("tunnel: a node is on the encrypted path but Config.EncryptedDevice is not set")
 	}
-	rec := Route{Node: n.name, Dst: rp.dst, Via: rp.via, Device: link.Attrs().Name}
+	link, err := t.h.LinkByName(t.cfg.EncryptedDevice)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel: find encryption device %s (routes to its nodes stay as they are): %w", t.cfg.EncryptedDevice, err)
+	}
+	return link, nil
+}
+
+// route is the kernel route for one pod CIDR of node n, and its record. It
+// fails only on the encrypted path when the device is missing.
+func (t *Tunnel) route(links routeLinks, n nodePlan, rp routePlan) (*netlink.Route, Route, error) {
+	r := &netlink.Route{
+		Dst:      ipNet(rp.dst),
+		Protocol: RouteProtocol,
+		Table:    unix.RT_TABLE_MAIN,
+		Scope:    netlink.SCOPE_UNIVERSE,
+		Type:     unix.RTN_UNICAST,
+	}
+	rec := Route{Node: n.name, Dst: rp.dst, Path: n.path}
+	switch n.path {
+	case PathEncrypted:
+		if links.encryptedErr != nil {
+			return nil, rec, links.encryptedErr
+		}
+		r.LinkIndex = links.encrypted.Attrs().Index
+		if rp.dst.Addr().Is4() {
+			// IPv6 routes have no scope (the kernel lists them as
+			// universe), IPv4 ones without a gateway are link-scoped.
+			r.Scope = netlink.SCOPE_LINK
+		}
+		rec.Device = links.encrypted.Attrs().Name
+		return r, rec, nil
+	case PathBlocked:
+		r.Type = unix.RTN_UNREACHABLE
+		return r, rec, nil
+	}
+	link := links.tunnel
+	r.LinkIndex = link.Attrs().Index
+	r.Gw = net.IP(rp.via.AsSlice())
+	rec.Via, rec.Device = rp.via, link.Attrs().Name
 	if t.cfg.Mode != ModeNative {
 		// The VTEP address is on no subnet of the device: onlink tells the
 		// kernel to trust that the gateway is reachable there anyway.
@@ -275,12 +323,17 @@ func (t *Tunnel) route(link netlink.Link, n nodePlan, rp routePlan) (*netlink.Ro
 		r.Encap = &ipEncap{id: uint64(t.cfg.VNI), dst: n.underlay}
 		rec.TunnelDst = n.underlay
 	}
-	return r, rec
+	return r, rec, nil
 }
 
 // routeMatches says whether the kernel's route have is the route want
 // (recorded as rec).
 func (t *Tunnel) routeMatches(have, want *netlink.Route, rec Route) bool {
+	if want.Type == unix.RTN_UNREACHABLE {
+		// The kernel lists an IPv6 unreachable route on lo: only the type
+		// says what it is.
+		return have.Type == want.Type && have.Gw == nil && len(have.MultiPath) == 0 && have.Encap == nil
+	}
 	if have.LinkIndex != want.LinkIndex || !have.Gw.Equal(want.Gw) ||
 		have.Flags&int(netlink.FLAG_ONLINK) != want.Flags&int(netlink.FLAG_ONLINK) ||
 		have.Scope != want.Scope || have.Type != want.Type || have.Src != nil ||
@@ -303,9 +356,9 @@ func (t *Tunnel) routeMatches(have, want *netlink.Route, rec Route) bool {
 // applyNode installs one node's entries in order neighbour → FDB → routes.
 // If the neighbour or FDB entry fails, or every route fails, it removes the
 // entries it created for the node in this call.
-func (t *Tunnel) applyNode(link netlink.Link, n nodePlan, ks *kernelState, next *ownedState) error {
-	idx := link.Attrs().Index
-	dev := link.Attrs().Name
+func (t *Tunnel) applyNode(links routeLinks, n nodePlan, ks *kernelState, next *ownedState) error {
+	idx := links.tunnel.Attrs().Index
+	dev := links.tunnel.Attrs().Name
 	var undo []func()
 	rollback := func() {
 		for i := len(undo) - 1; i >= 0; i-- {
@@ -365,7 +418,16 @@ func (t *Tunnel) applyNode(link netlink.Link, n nodePlan, ks *kernelState, next 
 	var errs []error
 	installed := 0
 	for _, rp := range n.routes {
-		want, rec := t.route(link, n, rp)
+		want, rec, err := t.route(links, n, rp)
+		if err != nil {
+			// The route stays as the kernel has it (the prefix is still
+			// wanted, so nothing deletes it); keep recording what it was.
+			if prev, ok := t.owned.routes[rp.dst]; ok {
+				next.routes[rp.dst] = prev
+			}
+			errs = append(errs, fmt.Errorf("node %q: %w", n.name, err))
+			continue
+		}
 		have, ok := ks.routes[rp.dst]
 		if ok && t.routeMatches(&have, want, rec) {
 			next.routes[rp.dst] = rec
@@ -373,7 +435,6 @@ func (t *Tunnel) applyNode(link netlink.Link, n nodePlan, ks *kernelState, next 
 			continue
 		}
 		t.stats.Changes++
-		var err error
 		if ok {
 			err = t.h.RouteReplace(want)
 		} else {
@@ -383,11 +444,13 @@ func (t *Tunnel) applyNode(link netlink.Link, n nodePlan, ks *kernelState, next 
 			}
 		}
 		if err != nil {
-			errs = append(errs, fmt.Errorf("tunnel: add route %s via %s dev %s for node %q: %w", rp.dst, rp.via, dev, n.name, err))
+			errs = append(errs, fmt.Errorf("tunnel: add route %s (%s path, dev %s) for node %q: %w", rp.dst, n.path, rec.Device, n.name, err))
 			continue
 		}
-		_, was := t.owned.routes[rp.dst]
-		t.noteRepair(was, "route", rp.dst.String(), n.name)
+		// A route the Tunnel had installed as it is now wanted was lost
+		// (drift); one wanted on another path is a change.
+		prev, was := t.owned.routes[rp.dst]
+		t.noteRepair(was && prev == rec, "route", rp.dst.String(), n.name)
 		next.routes[rp.dst] = rec
 		installed++
 	}
@@ -399,7 +462,7 @@ func (t *Tunnel) applyNode(link netlink.Link, n nodePlan, ks *kernelState, next 
 
 // recordPresent records the entries of node n that the kernel already has,
 // without writing anything.
-func (t *Tunnel) recordPresent(link netlink.Link, n nodePlan, ks *kernelState, next *ownedState) {
+func (t *Tunnel) recordPresent(links routeLinks, n nodePlan, ks *kernelState, next *ownedState) {
 	for _, v := range n.vteps {
 		if have, ok := ks.neigh[v]; ok && bytes.Equal(have.HardwareAddr, n.mac) {
 			next.neigh[v] = Neighbour{Node: n.name, IP: v, MAC: n.mac}
@@ -412,7 +475,10 @@ func (t *Tunnel) recordPresent(link netlink.Link, n nodePlan, ks *kernelState, n
 		}
 	}
 	for _, rp := range n.routes {
-		want, rec := t.route(link, n, rp)
+		want, rec, err := t.route(links, n, rp)
+		if err != nil {
+			continue
+		}
 		if have, ok := ks.routes[rp.dst]; ok && t.routeMatches(&have, want, rec) {
 			next.routes[rp.dst] = rec
 		}

@@ -67,6 +67,39 @@ type Node struct {
 	// packets and the gateway of native routes.
 	IP       netip.Addr
 	PodCIDRs []netip.Prefix
+	// Path is where the node's pod CIDRs are routed; PathTunnel by
+	// default.
+	Path Path
+}
+
+// Path selects where a remote node's pod CIDRs are routed. The tunnel
+// keeps a node's neighbour and FDB entries whatever its path, so moving a
+// node from one path to another is one route replace per pod CIDR: no
+// packet finds the node without a route in between.
+type Path uint8
+
+const (
+	// PathTunnel routes by the tunnel's mode: VXLAN, Geneve or native.
+	PathTunnel Path = iota
+	// PathEncrypted routes straight into Config.EncryptedDevice (the
+	// WireGuard device), which picks the peer by the destination.
+	PathEncrypted
+	// PathBlocked installs an unreachable route: strict encryption while
+	// the encrypted path to the node is not up, so that nothing leaves in
+	// clear and local senders get EHOSTUNREACH rather than a silent drop.
+	PathBlocked
+)
+
+func (p Path) String() string {
+	switch p {
+	case PathTunnel:
+		return "tunnel"
+	case PathEncrypted:
+		return "encrypted"
+	case PathBlocked:
+		return "blocked"
+	}
+	return fmt.Sprintf("path(%d)", uint8(p))
 }
 
 // Config describes the tunnel. The zero value of every field but
@@ -99,6 +132,11 @@ type Config struct {
 	// has a source address remote nodes route back. Remote pod CIDRs that
 	// overlap them are refused. Optional.
 	LocalPodCIDRs []netip.Prefix
+	// EncryptedDevice is the device PathEncrypted routes into
+	// (encryption/wireguard's trellis_wg); the tunnel only looks it up.
+	// A node on PathEncrypted while it is missing keeps the route it has
+	// and Set reports it: traffic never falls back to clear by itself.
+	EncryptedDevice string
 	// NetNS is the network namespace to program; 0 or -1 (netns.None())
 	// means the caller's. The Tunnel does not close it.
 	NetNS netns.NsHandle
@@ -161,8 +199,9 @@ type FDBEntry struct {
 type Route struct {
 	Node   string
 	Dst    netip.Prefix
-	Via    netip.Addr
-	Device string
+	Path   Path
+	Via    netip.Addr // zero on PathEncrypted and PathBlocked
+	Device string     // "" on PathBlocked
 	OnLink bool
 	// TunnelDst is the encap destination (Geneve mode), else zero.
 	TunnelDst netip.Addr

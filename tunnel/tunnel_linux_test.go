@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -601,4 +602,84 @@ func runEncapLab(t *testing.T, l *lab, mode Mode, device func(*Tunnel, netlink.L
 	if _, err := n1.h.LinkByName(dev); err == nil {
 		t.Error("device survived Cleanup")
 	}
+}
+
+// A node's path moves between the tunnel, the encrypted device and an
+// unreachable route by one route replace each, leaving its neighbour and
+// FDB entries alone; each path converges (a second Set writes nothing);
+// a missing encrypted device leaves the route as it was and says so.
+func TestPaths(t *testing.T) {
+	privtest.RequireRoot(t)
+	l := newLab(t, labCIDRs[:2]...)
+	n1, n2 := l.nodes[0], l.nodes[1]
+	// The encrypted device is one end of a veth pair here (this kernel has
+	// no dummy driver): the route's shape is what is tested;
+	// encryption/wireguard's tests carry traffic through the real one.
+	const encDev = "tl_enc0"
+	must(t, "add encrypted device", n1.h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: encDev}, PeerName: "tl_enc1"}))
+	linkUp(t, n1.h, encDev)
+	t1 := newTunnel(t, n1, Config{EncryptedDevice: encDev})
+	t2 := newTunnel(t, n2, Config{})
+	must(t, "Set on node2", t2.Set(t.Context(), []Node{n1.node()}))
+	echo2 := startEcho(t, n2.podNS, n2.podIP)
+
+	// A second node with an IPv6 pod CIDR, for the IPv6 unreachable route
+	// (the kernel lists it on lo).
+	v6 := Node{Name: "n9", Cluster: "c9", IP: netip.MustParseAddr("192.168.77.9"), PodCIDRs: []netip.Prefix{netip.MustParsePrefix("fd00:9::/64")}}
+	set := func(path Path) {
+		t.Helper()
+		a, b := n2.node(), v6
+		a.Path, b.Path = path, path
+		must(t, "Set "+path.String(), t1.Set(t.Context(), []Node{a, b}))
+		if err := t1.Set(t.Context(), []Node{a, b}); err != nil || t1.Stats().LastChanges != 0 {
+			t.Fatalf("second Set on the %s path: %v, %d changes; want converged", path, err, t1.Stats().LastChanges)
+		}
+	}
+	set(PathTunnel)
+	tunnelView := readView(t, n1.h, DefaultVXLANDevice)
+	reach(t, n1, n2, echo2)
+
+	for _, step := range []struct {
+		path   Path
+		routes []string
+	}{
+		{PathEncrypted, []string{"10.1.2.0/24 dev " + encDev, "fd00:9::/64 dev " + encDev}},
+		{PathBlocked, []string{"10.1.2.0/24 unreachable", "fd00:9::/64 unreachable"}},
+		{PathTunnel, tunnelView.routes},
+	} {
+		before := t1.Stats()
+		set(step.path)
+		v := readView(t, n1.h, DefaultVXLANDevice)
+		want := kernelView{neigh: tunnelView.neigh, fdb: tunnelView.fdb, routes: step.routes}
+		if !v.equal(want) {
+			t.Fatalf("on the %s path the kernel holds\n%s\nwant\n%s", step.path, v, want)
+		}
+		if o := viewOf(t1.Owned()); !o.equal(want) {
+			t.Errorf("Owned() on the %s path: %s, want %s", step.path, o, want)
+		}
+		// One replace per route, no repair counted.
+		if s := t1.Stats(); s.Changes-before.Changes != 2 || s.Repairs != before.Repairs {
+			t.Errorf("moving to the %s path: %d changes, %d repairs; want 2 and 0", step.path, s.Changes-before.Changes, s.Repairs-before.Repairs)
+		}
+		if step.path == PathBlocked {
+			unreachable(t, n1, n2, echo2)
+		}
+	}
+	reach(t, n1, n2, echo2)
+
+	// The encrypted device goes: a node that wants it keeps its route
+	// (here: through the tunnel) and Set names the device.
+	enc, err := n1.h.LinkByName(encDev)
+	must(t, "find encrypted device", err)
+	must(t, "delete encrypted device", n1.h.LinkDel(enc))
+	a := n2.node()
+	a.Path = PathEncrypted
+	err = t1.Set(t.Context(), []Node{a})
+	if err == nil || !strings.Contains(err.Error(), encDev) {
+		t.Fatalf("Set with the encrypted device missing: %v, want an error naming %s", err, encDev)
+	}
+	if v := readView(t, n1.h, DefaultVXLANDevice); !slices.Contains(v.routes, "10.1.2.0/24 via 10.1.2.0 dev trellis_vxlan onlink") {
+		t.Fatalf("route after the failed move: %v, want it left on the tunnel", v.routes)
+	}
+	reach(t, n1, n2, echo2)
 }
