@@ -40,14 +40,22 @@ $(KUBE_APISERVER):
 fuzz:
 	./hack/fuzz.sh $(FUZZTIME) $(FUZZ_PKGS)
 
-## generate: rebuild bpf/socklb_bpfel.{go,o} from bpf/c/socklb.c (needs: make bpf-toolchain).
+# The packages with eBPF C sources and committed bpf2go output, and that
+# output (check-generate compares only it: the rest of a package may hold
+# work in progress).
+BPF_PKGS := bpf encryption/strict
+BPF_GENERATED := $(foreach p,$(BPF_PKGS),'$(p)/*_bpfel.*')
+
+## generate: rebuild the eBPF objects from their C sources: bpf/socklb_bpfel.{go,o} (bpf/c/socklb.c) and encryption/strict/strict_bpfel.{go,o} (encryption/strict/c/strict.c) (needs: make bpf-toolchain).
 generate:
 	@command -v clang >/dev/null || { echo "clang missing: run make bpf-toolchain (as root)"; exit 1; }
-	$(GO) generate ./bpf/...
+	$(GO) generate $(addprefix ./,$(addsuffix /...,$(BPF_PKGS)))
 
 ## check-generate: the committed eBPF objects build from source and are up to date.
 check-generate: generate
-	git diff --exit-code -- bpf/ || { echo "bpf/: generated files differ from the committed ones: run make generate and commit"; exit 1; }
+	git diff --exit-code -- $(BPF_GENERATED) || { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
+	@untracked=$$(git ls-files --others --exclude-standard -- $(BPF_GENERATED)); \
+	if [ -n "$$untracked" ]; then echo "generated files not committed: $$untracked"; exit 1; fi
 
 ## bpf-toolchain: clang, llvm-strip and the libbpf headers for make generate (Debian, as root).
 bpf-toolchain:
