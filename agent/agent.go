@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -97,6 +98,23 @@ type Datapath interface {
 	Apply(ctx context.Context, snap *clustermesh.Snapshot) error
 }
 
+// keyPublisher is a datapath with a key for the node to publish.
+type keyPublisher interface {
+	Published() (string, <-chan struct{})
+}
+
+// encryptingDatapath is a datapath with an encryption step.
+type encryptingDatapath interface {
+	EncryptionStatus() *EncryptionStatus
+	RotateKey() error
+}
+
+// retryingDatapath is a datapath that may want another apply although
+// nothing changed.
+type retryingDatapath interface {
+	RetryIn() time.Duration
+}
+
 // Agent is one node's daemon.
 type Agent struct {
 	cfg      Config
@@ -106,6 +124,9 @@ type Agent struct {
 	// metrics are served on the status socket at /metrics: the mesh's
 	// store operations and rejections, and the process.
 	metrics *prometheus.Registry
+
+	// kick asks the reconcile loop for an apply now (a key rotation).
+	kick chan struct{}
 
 	mu          sync.Mutex
 	applied     uint64
@@ -144,7 +165,7 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	metrics.MustRegister(mesh.Collector())
-	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics}, nil
+	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics, kick: make(chan struct{}, 1)}, nil
 }
 
 // Mesh exposes the agent's view of the mesh.
@@ -212,8 +233,12 @@ func (a *Agent) newRegistrar() (*registrar, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: --registry-url: %w", err)
 	}
+	var keys func() (string, <-chan struct{})
+	if p, ok := a.datapath.(keyPublisher); ok {
+		keys = p.Published
+	}
 	return &registrar{
-		api:  api,
+		api: api, keys: keys,
 		node: a.cfg.NodeName, nodeIP: a.cfg.NodeIP, podCIDRs: a.cfg.PodCIDRs,
 		podsDir: filepath.Join(a.cfg.StateDir, "pods"), log: a.log,
 		registered: make(map[string]PodFile),
@@ -236,6 +261,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			return
 		case <-changed:
 		case <-retry.C:
+		case <-a.kick:
 		}
 		snap := a.mesh.Snapshot()
 		var err error
@@ -244,11 +270,18 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 		a.mu.Lock()
 		if err != nil {
+			if a.applyErr == nil || a.applyErr.Error() != err.Error() {
+				a.log.Warn("datapath apply failed; retrying", "version", snap.Version, "err", err)
+			}
 			a.applyErr, a.applyErrAt = err, time.Now()
-			a.log.Warn("datapath apply failed; retrying", "version", snap.Version, "err", err)
 			retry.Reset(time.Second)
 		} else {
 			a.applied, a.lastApplied, a.applyErr = snap.Version, time.Now(), nil
+		}
+		if r, ok := a.datapath.(retryingDatapath); ok {
+			if d := r.RetryIn(); d > 0 && (err == nil || d < time.Second) {
+				retry.Reset(d)
+			}
 		}
 		a.mu.Unlock()
 	}
@@ -305,6 +338,9 @@ type Status struct {
 	DatapathError    string    `json:"datapathError,omitempty"`
 	DatapathErrorAt  time.Time `json:"datapathErrorAt,omitzero"`
 	DatapathDisabled bool      `json:"datapathDisabled,omitempty"`
+	// Encryption is the node's encryption and each peer's path; nil when
+	// the agent runs without an encryption step.
+	Encryption *EncryptionStatus `json:"encryption,omitempty"`
 }
 
 // Status reports the agent's view.
@@ -316,7 +352,27 @@ func (a *Agent) Status() Status {
 	if a.applyErr != nil {
 		st.DatapathError, st.DatapathErrorAt = a.applyErr.Error(), a.applyErrAt
 	}
+	if e, ok := a.datapath.(encryptingDatapath); ok {
+		st.Encryption = e.EncryptionStatus()
+	}
 	return st
+}
+
+// RotateKey gives this node a new WireGuard key at once (the next apply
+// replaces it on the device and publishes it).
+func (a *Agent) RotateKey() error {
+	e, ok := a.datapath.(encryptingDatapath)
+	if !ok {
+		return errors.New("this agent runs without an encryption step")
+	}
+	if err := e.RotateKey(); err != nil {
+		return err
+	}
+	select {
+	case a.kick <- struct{}{}:
+	default:
+	}
+	return nil
 }
 
 func (a *Agent) statusHandler() http.Handler {
@@ -325,19 +381,50 @@ func (a *Agent) statusHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(a.Status())
 	})
+	mux.HandleFunc("POST /v1/encryption/rotate", func(w http.ResponseWriter, _ *http.Request) {
+		if err := a.RotateKey(); err != nil {
+			http.Error(w, err.Error(), http.StatusConflict)
+			return
+		}
+		w.WriteHeader(http.StatusAccepted)
+	})
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
 	return mux
 }
 
-// FetchStatus asks the agent behind socket for its status.
-func FetchStatus(ctx context.Context, socket string) (Status, error) {
-	client := &http.Client{Transport: &http.Transport{
+// socketClient talks HTTP to the agent behind its status socket.
+func socketClient(socket string) *http.Client {
+	return &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", socket)
 		},
 	}, Timeout: 10 * time.Second}
+}
+
+// RequestKeyRotation asks the agent behind socket to give its node a new
+// WireGuard key.
+func RequestKeyRotation(ctx context.Context, socket string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agent/v1/encryption/rotate", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := socketClient(socket).Do(req)
+	if err != nil {
+		return fmt.Errorf("agent status socket %s: %w (is the agent running?)", socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("agent refused the rotation: %s", strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+// FetchStatus asks the agent behind socket for its status.
+func FetchStatus(ctx context.Context, socket string) (Status, error) {
+	client := socketClient(socket)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/status", nil)
 	if err != nil {
 		return Status{}, err

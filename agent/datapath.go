@@ -26,6 +26,11 @@ type DatapathConfig struct {
 	LB *bpf.Config
 	// Tunnel reaches remote nodes' pod CIDRs. Nil: no routes to them.
 	Tunnel *tunnel.Config
+	// Encryption lets the node encrypt when its cluster's setting says so
+	// (it needs Tunnel: the routes move between the tunnel and the
+	// encryption device). Nil: the node never encrypts, and says so in
+	// status when its cluster asks it to.
+	Encryption *EncryptionConfig
 	// Logger defaults to discarding.
 	Logger *slog.Logger
 }
@@ -35,7 +40,10 @@ type DatapathConfig struct {
 type KernelDatapath struct {
 	lb  *bpf.LB
 	tun *tunnel.Tunnel
+	enc *encryptor
 	log *slog.Logger
+	// again is how soon the last apply asked to run again (0: no need).
+	again time.Duration
 	// lastFullSync is when the LB last read its maps back; between such
 	// syncs it plans against what it wrote (see bpf.LB.Update).
 	lastFullSync time.Time
@@ -87,6 +95,20 @@ func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) 
 	// pointing there: tunnel to the union, services, tunnel to the new set.
 	var errs []error
 	nodes := tunnelNodes(snap)
+	d.again = 0
+	if d.enc != nil {
+		// Peers are configured here, before the routes move to them.
+		paths, again, err := d.enc.step(ctx, snap)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("encryption: %w", err))
+		}
+		for i := range nodes {
+			nodes[i].Path = paths[nodes[i].Name]
+		}
+		d.again = again
+	} else if snap.Encryption.Type != v1.EncryptionNone {
+		errs = append(errs, fmt.Errorf("encryption: the cluster's setting is %s, but this agent runs without a tunnel and cannot encrypt; pod traffic from this node stays in clear", snap.Encryption.Type))
+	}
 	if d.tun != nil {
 		// The union can conflict (a departed node's pod CIDR handed to a
 		// new node); then skip the intermediate step rather than stall.
@@ -111,9 +133,46 @@ func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) 
 			errs = append(errs, fmt.Errorf("tunnel: %w", err))
 		} else {
 			d.lastNodes = nodes
+			// Peers whose routes moved away go only now.
+			if d.enc != nil {
+				if err := d.enc.finish(ctx); err != nil {
+					errs = append(errs, fmt.Errorf("encryption: %w", err))
+				}
+			}
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// RetryIn is how soon the datapath wants another apply although nothing
+// changed (a peer waiting for its handshake, a drain); 0 when it does not.
+func (d *KernelDatapath) RetryIn() time.Duration { return d.again }
+
+// Published is the WireGuard public key this node publishes ("" none), and
+// a channel that receives when it changes.
+func (d *KernelDatapath) Published() (string, <-chan struct{}) {
+	if d.enc == nil {
+		return "", nil
+	}
+	return d.enc.Published()
+}
+
+// EncryptionStatus is the encryption step's last view; nil without one.
+func (d *KernelDatapath) EncryptionStatus() *EncryptionStatus {
+	if d.enc == nil {
+		return nil
+	}
+	st := d.enc.Status()
+	return &st
+}
+
+// RotateKey makes the next apply give this node a new WireGuard key.
+func (d *KernelDatapath) RotateKey() error {
+	if d.enc == nil {
+		return errors.New("this agent runs without encryption (no tunnel)")
+	}
+	d.enc.AskRotate()
+	return nil
 }
 
 // unionNodes is old plus new, new winning for a node in both.
@@ -142,6 +201,9 @@ func (d *KernelDatapath) Close() error {
 	}
 	if d.tun != nil {
 		errs = append(errs, d.tun.Close())
+	}
+	if d.enc != nil {
+		errs = append(errs, d.enc.Close())
 	}
 	return errors.Join(errs...)
 }

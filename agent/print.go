@@ -72,6 +72,7 @@ func PrintStatus(w io.Writer, st Status) {
 			c.Entries["nodes"], c.Entries["endpoints"], c.Entries["identities"], c.Entries["services"], rej, lastErr)
 	}
 	tw.Flush()
+	printEncryption(w, st.Encryption)
 	if len(st.Services) == 0 {
 		return
 	}
@@ -98,4 +99,51 @@ func orDash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// printEncryption shows the node's encryption and, per peer, whether its
+// traffic is encrypted.
+func printEncryption(w io.Writer, e *EncryptionStatus) {
+	if e == nil {
+		return
+	}
+	fmt.Fprintln(w)
+	switch {
+	case e.Type == "" && !e.Draining:
+		fmt.Fprint(w, "Encryption: off")
+	case e.Draining:
+		fmt.Fprint(w, "Encryption: off, draining (the device goes once peers stop sending)")
+	default:
+		fmt.Fprintf(w, "Encryption: %s", e.Type)
+		if e.Strict {
+			fmt.Fprint(w, ", strict")
+		}
+		if e.PublicKey != "" {
+			fmt.Fprintf(w, ", public key %s", e.PublicKey)
+		}
+	}
+	if e.Strictly != nil {
+		fmt.Fprintf(w, "; strict drops in %d, out %d", e.Strictly.Ingress, e.Strictly.Egress)
+	}
+	fmt.Fprintln(w)
+	if e.Error != "" {
+		fmt.Fprintf(w, "Encryption error: %s\n", e.Error)
+	}
+	if len(e.Peers) == 0 {
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tPATH\tKEY\tLAST HANDSHAKE\tRX\tTX")
+	for _, p := range e.Peers {
+		hs := "-"
+		if !p.LastHandshake.IsZero() {
+			hs = time.Since(p.LastHandshake).Round(time.Second).String() + " ago"
+		}
+		key := "-"
+		if p.PublicKey != "" {
+			key = p.PublicKey[:min(8, len(p.PublicKey))] + "…"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\n", p.Node, p.Path, key, hs, p.RxBytes, p.TxBytes)
+	}
+	tw.Flush()
 }

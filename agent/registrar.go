@@ -35,16 +35,31 @@ type registrar struct {
 	node     string
 	nodeIP   netip.Addr
 	podCIDRs []netip.Prefix
-	wgKey    string
-	podsDir  string
+	// keys is the WireGuard key the node publishes now and a channel
+	// that receives when it changes; nil: never one.
+	keys    func() (string, <-chan struct{})
+	wgKey   string // the key last registered
+	podsDir string
 	log      *slog.Logger
 
 	registered map[string]PodFile // file name → what was registered
 }
 
-// registerNode announces this node; retried by run until it works.
+// registerNode announces this node with its current key; retried by run
+// until it works.
 func (r *registrar) registerNode(ctx context.Context) error {
-	return r.api.PutNode(ctx, v1.NodeRequest{Name: r.node, IPs: []netip.Addr{r.nodeIP}, PodCIDRs: r.podCIDRs, WireGuardPublicKey: r.wgKey})
+	var key string
+	if r.keys != nil {
+		key, _ = r.keys()
+	}
+	if err := r.api.PutNode(ctx, v1.NodeRequest{Name: r.node, IPs: []netip.Addr{r.nodeIP}, PodCIDRs: r.podCIDRs, WireGuardPublicKey: key}); err != nil {
+		return err
+	}
+	if key != r.wgKey {
+		r.log.Info("published the node's WireGuard key", "publicKey", key)
+		r.wgKey = key
+	}
+	return nil
 }
 
 // withdraw deletes an endpoint; one the registry no longer has is gone
@@ -149,8 +164,21 @@ func (r *registrar) run(ctx context.Context, interval time.Duration) {
 	r.log.Info("node registered", "node", r.node, "ip", r.nodeIP)
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var keyChanged <-chan struct{}
+	if r.keys != nil {
+		_, keyChanged = r.keys()
+	}
 	var lastErr string
 	for {
+		// A new key (encryption on, off, a rotation) is published at once;
+		// a failure is retried at the next tick.
+		if r.keys != nil {
+			if key, _ := r.keys(); key != r.wgKey {
+				if err := r.registerNode(ctx); err != nil && ctx.Err() == nil {
+					r.log.Warn("cannot publish the node's new key; retrying", "err", err)
+				}
+			}
+		}
 		err := r.syncPods(ctx)
 		if err != nil && err.Error() != lastErr && ctx.Err() == nil {
 			r.log.Warn("pod registration incomplete; retrying", "err", err)
@@ -163,6 +191,7 @@ func (r *registrar) run(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-keyChanged:
 		}
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/trellis-mesh/trellis/agent"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
 
@@ -79,17 +80,26 @@ func setEncryption(cmd *cobra.Command, stateDir, server string, req v1.Encryptio
 }
 
 func newEncryptionRotateCmd() *cobra.Command {
-	var stateDir, server string
+	var stateDir, server, socket string
 	cmd := &cobra.Command{
-		Use:   "rotate",
-		Short: "Give every node of the cluster a new key",
+		Use:   "rotate [--state-dir DIR | --status-socket SOCKET]",
+		Short: "Give every node of the cluster (or one node) a new key",
 		Long: `Give every node of the cluster a new key: each node replaces its WireGuard
 private key, publishes the new public key, and its peers move to it; the old
 key retires. Connections stay up (packets in flight during the switch are
-retransmitted). To rotate one node only, use
-'trellis agent rotate-key' on that node.`,
+retransmitted).
+
+With --status-socket, only the node whose agent listens there rotates (run it
+on that node).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if socket != "" {
+				if err := agent.RequestKeyRotation(cmd.Context(), socket); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), "the node takes a new key now; `trellis status` shows it")
+				return nil
+			}
 			api, err := adminAPI(stateDir, server)
 			if err != nil {
 				return err
@@ -103,6 +113,7 @@ retransmitted). To rotate one node only, use
 		},
 	}
 	addAdminFlags(cmd, &stateDir, &server)
+	cmd.Flags().StringVar(&socket, "status-socket", "", "rotate only the node of the agent listening on this socket")
 	return cmd
 }
 

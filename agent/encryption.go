@@ -1,0 +1,587 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	v1 "github.com/trellis-mesh/trellis/api/v1"
+	"github.com/trellis-mesh/trellis/clustermesh"
+	"github.com/trellis-mesh/trellis/tunnel"
+)
+
+// The encryption step of the datapath apply: it decides, per remote node,
+// which path the tunnel routes its pod CIDRs on, and keeps this node's
+// WireGuard device, key and peers in step with the cluster's setting.
+//
+// Rules (a pair is encrypted when both nodes have encryption on):
+//   - The cluster's setting (clustermesh.Snapshot.Encryption) says whether
+//     this node runs WireGuard. A remote node runs it when it publishes a
+//     key; its cluster's setting is not consulted, so meshes may mix.
+//   - Peers are configured before routes move to them: a node's route
+//     moves to the WireGuard device only once a handshake with it
+//     succeeded (every peer has a persistent keepalive, so the handshake
+//     happens as soon as both sides know each other). Until then its
+//     traffic goes in clear, or, with strict on, nowhere.
+//   - Once a pair is established it never falls back to clear by itself: a
+//     failed handshake or a blocked UDP port must not downgrade the
+//     traffic. Only the peer withdrawing its key, or this node turning
+//     encryption off, moves it back to the tunnel.
+//   - Turning off drains: the key is withdrawn first while routes stay on
+//     the device, until this node's own entry shows the withdrawal (so its
+//     peers are about to see it too) and drainGrace passed; then the routes
+//     move back to the tunnel; the device goes once its peers have sent
+//     nothing for drainQuiet (at most drainMax after the switch).
+//   - A rotation (the setting's count went up, or `trellis agent
+//     rotate-key`) replaces the private key on the device and publishes the
+//     new public key; peers move to it as they see it. Established routes
+//     stay on the device meanwhile.
+
+const (
+	// peerKeepalive makes each side send to the other as soon as it is
+	// configured, which starts the handshake that gates the route move.
+	peerKeepalive = 25 * time.Second
+	// handshakeFresh is how recent a handshake must be to count: after
+	// 180 s without a new one WireGuard rejects the session's keys.
+	handshakeFresh = 180 * time.Second
+	drainGrace     = 2 * time.Second
+	drainQuiet     = 5 * time.Second
+	drainMax       = time.Minute
+	// pendingRetry is how soon an apply runs again while a peer waits for
+	// its handshake or a drain is in progress.
+	pendingRetry = 500 * time.Millisecond
+)
+
+// wireGuard is this node's WireGuard device and key, as the encryption
+// step uses them (encryption/wireguard behind it in the agent; a fake in
+// the decision tests).
+type wireGuard interface {
+	// Up makes the device run with the node's private key (starting it, or
+	// adopting the running one) and returns the public key.
+	Up(ctx context.Context) (publicKey string, err error)
+	// Running reports whether a device is there (adopting it if so),
+	// without starting one.
+	Running(ctx context.Context) bool
+	// Rotate gives the node a new private key, on the device and on disk,
+	// and returns the new public key.
+	Rotate(ctx context.Context) (publicKey string, err error)
+	// SetPeers makes the device's peers exactly peers.
+	SetPeers(ctx context.Context, peers []wgPeer) error
+	// Peers reports the device's peers by public key.
+	Peers(ctx context.Context) (map[string]wgPeerStatus, error)
+	// Down removes the device.
+	Down(ctx context.Context) error
+	Close() error
+}
+
+type wgPeer struct {
+	PublicKey  string
+	Endpoint   netip.AddrPort
+	AllowedIPs []netip.Prefix
+	Keepalive  time.Duration
+}
+
+type wgPeerStatus struct {
+	LastHandshake time.Time
+	RxBytes       uint64
+	TxBytes       uint64
+}
+
+// strictFilter drops clear pod traffic to and from the given pod CIDRs on
+// the tunnel device (encryption/strict).
+type strictFilter interface {
+	Set(prefixes []netip.Prefix) error
+	Drops() (ingress, egress uint64, err error)
+	Remove() error
+	Close() error
+}
+
+// encryptor is the encryption step's state. Guarded by mu (Apply runs on
+// the reconcile goroutine; status and rotate requests come from others).
+type encryptor struct {
+	node    nodeRef
+	port    uint16
+	wg      wireGuard
+	strict  func() (strictFilter, error) // opens (or adopts) the filter
+	stateFn string                       // file holding the last rotation count applied
+	log     *slog.Logger
+	now     func() time.Time
+
+	mu          sync.Mutex
+	published   string // the public key this node publishes ("" none)
+	publishedCh chan struct{}
+	up          bool // the device runs under this process
+	established map[string]bool
+	// configured are the peers on the device by node; prune is what they
+	// become once the tunnel moved the routes (nil: nothing to prune).
+	configured  map[nodeRef]wgPeer
+	prune       map[nodeRef]wgPeer
+	rotateAsked bool
+	filter      strictFilter
+	draining    *drainState
+	status      EncryptionStatus
+}
+
+type nodeRef struct{ cluster, name string }
+
+func (r nodeRef) String() string { return r.cluster + "/" + r.name }
+
+type drainState struct {
+	since    time.Time // encryption turned off
+	switched time.Time // routes moved back to the tunnel (zero: not yet)
+	lastRx   uint64
+	rxAt     time.Time // when lastRx last changed
+}
+
+// EncryptionStatus is what `trellis status` shows about encryption.
+type EncryptionStatus struct {
+	Type      string `json:"type,omitempty"`
+	Strict    bool   `json:"strict,omitempty"`
+	PublicKey string `json:"publicKey,omitempty"`
+	// Draining: encryption was turned off and the device is going.
+	Draining bool                 `json:"draining,omitempty"`
+	Peers    []PeerEncryption     `json:"peers,omitempty"`
+	Strictly *StrictFilterCounter `json:"strictDrops,omitempty"`
+	Error    string               `json:"error,omitempty"`
+}
+
+// PeerEncryption is one remote node as the encryption step sees it.
+type PeerEncryption struct {
+	Node string `json:"node"`
+	// Path is where its pod CIDRs are routed: tunnel (clear), encrypted,
+	// or blocked (strict, handshake pending).
+	Path          string    `json:"path"`
+	PublicKey     string    `json:"publicKey,omitempty"`
+	LastHandshake time.Time `json:"lastHandshake,omitzero"`
+	RxBytes       uint64    `json:"rxBytes,omitempty"`
+	TxBytes       uint64    `json:"txBytes,omitempty"`
+}
+
+// StrictFilterCounter counts clear pod packets strict mode dropped.
+type StrictFilterCounter struct {
+	Ingress uint64 `json:"ingress"`
+	Egress  uint64 `json:"egress"`
+}
+
+func newEncryptor(node nodeRef, port uint16, wg wireGuard, strict func() (strictFilter, error), stateFile string, log *slog.Logger) *encryptor {
+	return &encryptor{
+		node: node, port: port, wg: wg, strict: strict, stateFn: stateFile, log: log, now: time.Now,
+		publishedCh: make(chan struct{}, 1), established: make(map[string]bool), configured: make(map[nodeRef]wgPeer),
+	}
+}
+
+// Published returns the public key this node should publish, and a
+// channel that receives when it changes.
+func (e *encryptor) Published() (string, <-chan struct{}) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.published, e.publishedCh
+}
+
+func (e *encryptor) publish(key string) {
+	if e.published == key {
+		return
+	}
+	e.published = key
+	select {
+	case e.publishedCh <- struct{}{}:
+	default:
+	}
+}
+
+// Status reports the last step's view.
+func (e *encryptor) Status() EncryptionStatus {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.status
+	st.Peers = slices.Clone(st.Peers)
+	return st
+}
+
+// AskRotate makes the next step give this node a new key.
+func (e *encryptor) AskRotate() {
+	e.mu.Lock()
+	e.rotateAsked = true
+	e.mu.Unlock()
+}
+
+// step runs the encryption step for snap. It returns the path of each
+// remote node (by "cluster/name"; absent means the tunnel) and how soon
+// it wants to run again (0: not before the next change).
+func (e *encryptor) step(ctx context.Context, snap *clustermesh.Snapshot) (paths map[string]tunnel.Path, again time.Duration, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	setting := snap.Encryption
+	st := EncryptionStatus{Type: setting.Type, Strict: setting.Strict}
+	defer func() {
+		if err != nil {
+			st.Error = err.Error()
+		}
+		e.status = st
+	}()
+	if setting.Type == v1.EncryptionIPsec {
+		// The IPsec datapath is encryption/ipsec's; the agent does not
+		// run it yet (see docs/design.md).
+		err = errors.New("encryption type ipsec: this agent runs WireGuard only; pods stay in clear (turn it on with `trellis encryption enable --type wireguard`)")
+	}
+	wantWG := setting.Type == v1.EncryptionWireGuard
+	var strictErr error
+	if wantWG {
+		paths, again, err = e.on(ctx, snap, &st)
+	} else {
+		paths, again, err = e.off(ctx, snap, &st)
+	}
+	strictErr = e.stepStrict(snap, setting.Strict && wantWG, &st)
+	return paths, again, errors.Join(err, strictErr)
+}
+
+// on is the step while this node has WireGuard on.
+func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *EncryptionStatus) (map[string]tunnel.Path, time.Duration, error) {
+	e.draining = nil
+	pub, err := e.wg.Up(ctx)
+	if err != nil {
+		// Without a device nothing can be encrypted; peers already
+		// established keep their route (the tunnel leaves it while the
+		// device is missing), the rest stay as the setting allows.
+		return e.fallbackPaths(snap), time.Second, fmt.Errorf("wireguard: %w", err)
+	}
+	e.up = true
+	if due, count := e.rotationDue(snap.Encryption.Rotation); due || e.rotateAsked {
+		if pub, err = e.wg.Rotate(ctx); err != nil {
+			return e.fallbackPaths(snap), time.Second, fmt.Errorf("wireguard: rotate the key: %w", err)
+		}
+		e.log.Info("wireguard key rotated", "publicKey", pub, "rotation", count)
+		e.rotateAsked = false
+		if err := e.saveRotation(count); err != nil {
+			e.log.Warn("cannot record the rotation count; the next start may rotate again", "err", err)
+		}
+	}
+	e.publish(pub)
+	st.PublicKey = pub
+
+	// Peers are added before the routes move to them, and removed only
+	// after the routes moved away (finish): until then the union.
+	want, refs := e.peersOf(snap)
+	union := maps.Clone(want)
+	for ref, p := range e.configured {
+		if _, ok := union[ref]; !ok {
+			union[ref] = p
+		}
+	}
+	if err := e.wg.SetPeers(ctx, peerList(union)); err != nil {
+		return e.fallbackPaths(snap), time.Second, fmt.Errorf("wireguard: configure peers: %w", err)
+	}
+	e.configured, e.prune = union, want
+	have, err := e.wg.Peers(ctx)
+	if err != nil {
+		return e.fallbackPaths(snap), time.Second, fmt.Errorf("wireguard: read peers: %w", err)
+	}
+	paths := make(map[string]tunnel.Path)
+	var again time.Duration
+	now := e.now()
+	for ref, key := range refs {
+		name := ref.String()
+		ps := have[key]
+		if !e.established[name] && !ps.LastHandshake.IsZero() && now.Sub(ps.LastHandshake) < handshakeFresh {
+			e.established[name] = true
+			e.log.Info("encrypted path to a node is up", "peer", name)
+		}
+		path := tunnel.PathTunnel
+		switch {
+		case e.established[name]:
+			path = tunnel.PathEncrypted
+		case snap.Encryption.Strict:
+			path = tunnel.PathBlocked
+			again = pendingRetry
+		default:
+			again = pendingRetry
+		}
+		paths[name] = path
+		st.Peers = append(st.Peers, PeerEncryption{Node: name, Path: path.String(), PublicKey: key,
+			LastHandshake: ps.LastHandshake, RxBytes: ps.RxBytes, TxBytes: ps.TxBytes})
+	}
+	// A node that withdrew its key (or left) starts over.
+	for name := range e.established {
+		if _, ok := paths[name]; !ok {
+			delete(e.established, name)
+		}
+	}
+	e.addClearPeers(snap, st)
+	return paths, again, nil
+}
+
+// fallbackPaths are the paths when the device cannot be configured: an
+// established peer keeps the device's route, a strict peer is blocked,
+// the rest go in clear.
+func (e *encryptor) fallbackPaths(snap *clustermesh.Snapshot) map[string]tunnel.Path {
+	paths := make(map[string]tunnel.Path)
+	for ref := range e.keyed(snap) {
+		switch {
+		case e.established[ref.String()]:
+			paths[ref.String()] = tunnel.PathEncrypted
+		case snap.Encryption.Strict:
+			paths[ref.String()] = tunnel.PathBlocked
+		}
+	}
+	return paths
+}
+
+// off is the step while this node has WireGuard off: nothing, or a drain.
+func (e *encryptor) off(ctx context.Context, snap *clustermesh.Snapshot, st *EncryptionStatus) (map[string]tunnel.Path, time.Duration, error) {
+	e.publish("")
+	if !e.up {
+		// A device left by an earlier process (it crashed while draining,
+		// or the setting changed while no agent ran) is drained too.
+		if !e.wg.Running(ctx) {
+			e.established = make(map[string]bool)
+			e.addClearPeers(snap, st)
+			return nil, 0, nil
+		}
+		e.up = true
+	}
+	now := e.now()
+	if e.draining == nil {
+		e.draining = &drainState{since: now, rxAt: now}
+		e.log.Info("encryption turned off: withdrawing the key, then the routes, then the device")
+	}
+	d := e.draining
+	st.Draining = true
+	have, err := e.wg.Peers(ctx)
+	if err != nil {
+		have = nil
+	}
+	var rx uint64
+	for _, ps := range have {
+		rx += ps.RxBytes
+	}
+	if rx != d.lastRx {
+		d.lastRx, d.rxAt = rx, now
+	}
+
+	withdrawn := true
+	if self := snap.Nodes[e.node.cluster][e.node.name]; self != nil && self.WireGuardPublicKey != "" {
+		withdrawn = false
+	}
+	if d.switched.IsZero() && withdrawn && now.Sub(d.since) >= drainGrace {
+		// Quiet is measured from here: until now peers had every reason
+		// to send encrypted.
+		d.switched, d.rxAt = now, now
+		e.log.Info("encryption off: routes back to the tunnel; the device stays until peers go quiet")
+	}
+	if d.switched.IsZero() {
+		// Phase 1: peers have not all seen the withdrawal; keep sending
+		// encrypted to those established.
+		paths := make(map[string]tunnel.Path)
+		for name := range e.established {
+			paths[name] = tunnel.PathEncrypted
+		}
+		e.addClearPeers(snap, st)
+		return paths, pendingRetry, nil
+	}
+	if now.Sub(d.rxAt) < drainQuiet && now.Sub(d.switched) < drainMax {
+		e.addClearPeers(snap, st)
+		return nil, pendingRetry, nil
+	}
+	if err := e.wg.Down(ctx); err != nil {
+		return nil, time.Second, fmt.Errorf("wireguard: remove the device: %w", err)
+	}
+	e.log.Info("encryption off: device removed")
+	e.up, e.draining = false, nil
+	e.established = make(map[string]bool)
+	e.configured, e.prune = make(map[nodeRef]wgPeer), nil
+	st.Draining = false
+	e.addClearPeers(snap, st)
+	return nil, 0, nil
+}
+
+// addClearPeers lists, for status, the remote nodes without a path entry.
+func (e *encryptor) addClearPeers(snap *clustermesh.Snapshot, st *EncryptionStatus) {
+	listed := make(map[string]bool, len(st.Peers))
+	for _, p := range st.Peers {
+		listed[p.Node] = true
+	}
+	for cluster, nodes := range snap.Nodes {
+		for name, n := range nodes {
+			ref := nodeRef{cluster, name}
+			if ref == e.node || listed[ref.String()] {
+				continue
+			}
+			path := tunnel.PathTunnel
+			if e.draining != nil && e.draining.switched.IsZero() && e.established[ref.String()] {
+				path = tunnel.PathEncrypted
+			}
+			st.Peers = append(st.Peers, PeerEncryption{Node: ref.String(), Path: path.String(), PublicKey: n.WireGuardPublicKey})
+		}
+	}
+	slices.SortFunc(st.Peers, func(a, b PeerEncryption) int { return strings.Compare(a.Node, b.Node) })
+}
+
+// keyed lists the remote nodes that publish a WireGuard key and can be
+// peers (an underlay IP and pod CIDRs), with their key.
+func (e *encryptor) keyed(snap *clustermesh.Snapshot) map[nodeRef]string {
+	out := make(map[nodeRef]string)
+	for cluster, nodes := range snap.Nodes {
+		for name, n := range nodes {
+			ref := nodeRef{cluster, name}
+			if ref == e.node || n.WireGuardPublicKey == "" || len(n.IPs) == 0 || len(n.PodCIDRs) == 0 {
+				continue
+			}
+			out[ref] = n.WireGuardPublicKey
+		}
+	}
+	return out
+}
+
+// peersOf is the device's peers for snap: every keyed remote node,
+// reached at its first IP, owning its pod CIDRs.
+func (e *encryptor) peersOf(snap *clustermesh.Snapshot) (map[nodeRef]wgPeer, map[nodeRef]string) {
+	refs := e.keyed(snap)
+	peers := make(map[nodeRef]wgPeer, len(refs))
+	for ref, key := range refs {
+		n := snap.Nodes[ref.cluster][ref.name]
+		peers[ref] = wgPeer{
+			PublicKey: key, Endpoint: netip.AddrPortFrom(n.IPs[0], e.port),
+			AllowedIPs: slices.Clone(n.PodCIDRs), Keepalive: peerKeepalive,
+		}
+	}
+	return peers, refs
+}
+
+// peerList is peers in a stable order. A node that rotated its key
+// appears once, under its new key (its old entry is replaced, not kept
+// beside it: two peers cannot own one pod CIDR).
+func peerList(peers map[nodeRef]wgPeer) []wgPeer {
+	out := slices.Collect(maps.Values(peers))
+	slices.SortFunc(out, func(a, b wgPeer) int { return strings.Compare(a.PublicKey, b.PublicKey) })
+	return out
+}
+
+// finish runs after the tunnel applied the step's paths: peers no longer
+// wanted go now that no route points at them.
+func (e *encryptor) finish(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.prune == nil || !e.up {
+		return nil
+	}
+	if len(e.prune) != len(e.configured) {
+		if err := e.wg.SetPeers(ctx, peerList(e.prune)); err != nil {
+			return fmt.Errorf("wireguard: remove departed peers: %w", err)
+		}
+	}
+	e.configured, e.prune = e.prune, nil
+	return nil
+}
+
+// stepStrict keeps the strict filter on the tunnel device in step: on
+// with the pod CIDRs of every keyed node while strict is on, removed
+// otherwise.
+func (e *encryptor) stepStrict(snap *clustermesh.Snapshot, on bool, st *EncryptionStatus) error {
+	if !on {
+		if e.filter != nil {
+			err := e.filter.Remove()
+			e.filter = nil
+			if err != nil {
+				return fmt.Errorf("strict filter: remove: %w", err)
+			}
+		}
+		return nil
+	}
+	if e.strict == nil {
+		return errors.New("strict encryption needs the tunnel (--tunnel vxlan or geneve): its filter sits on the tunnel device")
+	}
+	if e.filter == nil {
+		f, err := e.strict()
+		if err != nil {
+			return fmt.Errorf("strict filter: %w", err)
+		}
+		e.filter = f
+	}
+	var prefixes []netip.Prefix
+	for ref := range e.keyed(snap) {
+		prefixes = append(prefixes, snap.Nodes[ref.cluster][ref.name].PodCIDRs...)
+	}
+	if err := e.filter.Set(prefixes); err != nil {
+		return fmt.Errorf("strict filter: %w", err)
+	}
+	if in, out, err := e.filter.Drops(); err == nil {
+		st.Strictly = &StrictFilterCounter{Ingress: in, Egress: out}
+	}
+	return nil
+}
+
+// rotationDue reports whether the setting's rotation count is above the
+// one this node last applied. A node that never applied one takes the
+// current count without rotating: its key is new anyway.
+func (e *encryptor) rotationDue(count uint64) (bool, uint64) {
+	data, err := os.ReadFile(e.stateFn)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			if err := e.saveRotation(count); err != nil {
+				e.log.Warn("cannot record the rotation count", "err", err)
+			}
+		}
+		return false, count
+	}
+	last, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	if err != nil {
+		e.log.Warn("unreadable rotation count; taking the current one", "file", e.stateFn, "err", err)
+		return false, count
+	}
+	return count > last, count
+}
+
+func (e *encryptor) saveRotation(count uint64) error {
+	tmp := e.stateFn + ".tmp"
+	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(count, 10)+"\n"), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, e.stateFn)
+}
+
+// Close releases the device and filter handles; both stay in the kernel.
+func (e *encryptor) Close() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var errs []error
+	if e.filter != nil {
+		errs = append(errs, e.filter.Close())
+	}
+	errs = append(errs, e.wg.Close())
+	return errors.Join(errs...)
+}
+
+// EncryptionConfig is how this node encrypts when its cluster turns
+// encryption on.
+type EncryptionConfig struct {
+	// Node and Cluster name this node (its own entry in the snapshot
+	// shows when its key withdrawal was published).
+	Node, Cluster string
+	// StateDir holds the private key (0600), the last rotation count
+	// applied, and the userspace device's socket and log.
+	StateDir string
+	// Device is the WireGuard device's name; default trellis_wg.
+	Device string
+	// Port is the UDP port of every node's device; default 51871. All
+	// nodes of a mesh use the same.
+	Port uint16
+	// MTU of the device; default the underlay's MTU less 80 (WireGuard
+	// over IPv6, the worst case).
+	MTU int
+	// StartCommand runs the userspace device as a process of its own (the
+	// agent's binary: `trellis agent wireguard-device ...`), so that it
+	// outlives an agent restart.
+	StartCommand []string
+	// StrictPinDir is the bpffs directory of the strict filter's pinned
+	// programs and map, so that strictness outlives the agent too.
+	StrictPinDir string
+}
