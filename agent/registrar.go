@@ -40,7 +40,7 @@ type registrar struct {
 	keys    func() (string, <-chan struct{})
 	wgKey   string // the key last registered
 	podsDir string
-	log      *slog.Logger
+	log     *slog.Logger
 
 	registered map[string]PodFile // file name → what was registered
 }
