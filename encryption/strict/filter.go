@@ -100,6 +100,11 @@ func Open(cfg Config) (_ *Filter, err error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	f := &Filter{cfg: cfg, log: cfg.Logger.With("device", cfg.Device)}
+	defer func() {
+		if err != nil {
+			f.Close() // what is pinned stays
+		}
+	}()
 
 	// The device first: without it there is nothing to do.
 	ifindex, err := f.deviceIndex()
@@ -114,11 +119,6 @@ func Open(cfg Config) (_ *Filter, err error) {
 	if err := f.load(); err != nil {
 		return nil, err
 	}
-	defer func() {
-		if err != nil {
-			f.Close()
-		}
-	}()
 	if cfg.PinDir != "" {
 		if err := f.adoptLinks(ifindex); err != nil {
 			return nil, err
@@ -244,6 +244,9 @@ func (f *Filter) mapByName(name string) *ebpf.Map {
 // tunnel's drift repair): call it after the tunnel's Set. A missing device
 // does not keep Set from converging the maps; the error names it.
 func (f *Filter) Set(ctx context.Context, prefixes []netip.Prefix) error {
+	if f == nil {
+		return ErrClosed
+	}
 	v4, v6, err := normalize(prefixes)
 	if err != nil {
 		return err
@@ -271,6 +274,9 @@ func (f *Filter) Set(ctx context.Context, prefixes []netip.Prefix) error {
 
 // Prefixes returns what the maps hold, IPv4 first, each family sorted.
 func (f *Filter) Prefixes() ([]netip.Prefix, error) {
+	if f == nil {
+		return nil, ErrClosed
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.objs == nil {
@@ -293,6 +299,9 @@ func (f *Filter) Prefixes() ([]netip.Prefix, error) {
 
 // Stats returns the counters; the drop counters are read from the kernel.
 func (f *Filter) Stats() (Stats, error) {
+	if f == nil {
+		return Stats{}, ErrClosed
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.objs == nil {

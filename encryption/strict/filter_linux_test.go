@@ -40,6 +40,22 @@ func TestOpenMissingDevice(t *testing.T) {
 	}
 }
 
+func TestNilFilter(t *testing.T) {
+	var f *Filter
+	if err := f.Set(t.Context(), nil); !errors.Is(err, ErrClosed) {
+		t.Errorf("Set on nil: %v", err)
+	}
+	if _, err := f.Stats(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Stats on nil: %v", err)
+	}
+	if _, err := f.Prefixes(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Prefixes on nil: %v", err)
+	}
+	if f.Close() != nil || f.Remove() != nil {
+		t.Error("Close or Remove on nil failed")
+	}
+}
+
 // frame builds an Ethernet frame carrying an IP packet from src to dst
 // (UDP, 4 bytes of payload), or an ARP frame when src is not valid.
 func frame(src, dst netip.Addr) []byte {
