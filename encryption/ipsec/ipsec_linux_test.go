@@ -275,6 +275,29 @@ func TestApplyPolicies(t *testing.T) {
 	}
 	checkPolicies(t, m, d.Policies, 1)
 
+	// One of Trellis's at a desired place but of another shape (two
+	// templates, as another version might make) is updated in place.
+	first := d.Policies[0]
+	if first.Dir != DirOut || !first.Src.Addr().Is4() {
+		t.Fatalf("first policy %s", first)
+	}
+	_, fs, _ := net.ParseCIDR(first.Src.String())
+	_, fd, _ := net.ParseCIDR(first.Dst.String())
+	if err := h.XfrmPolicyDel(&netlink.XfrmPolicy{Src: fs, Dst: fd, Dir: netlink.XFRM_DIR_OUT}); err != nil {
+		t.Fatal(err)
+	}
+	tm := netlink.XfrmPolicyTmpl{Src: first.TmplSrc.AsSlice(), Dst: first.TmplDst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Reqid: Reqid}
+	if err := h.XfrmPolicyAdd(&netlink.XfrmPolicy{Src: fs, Dst: fd, Dir: netlink.XFRM_DIR_OUT, Tmpls: []netlink.XfrmPolicyTmpl{tm, tm}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Apply(ctx, Desired{Policies: d.Policies}); err != nil {
+		t.Fatal(err)
+	}
+	if w := m.Stats().LastWrites; w != 1 {
+		t.Errorf("reshaping a policy wrote %d times, want 1", w)
+	}
+	checkPolicies(t, m, d.Policies, 1)
+
 	// A desired policy whose place another owner's holds is reported and
 	// not overwritten.
 	clash := d.Policies[0]

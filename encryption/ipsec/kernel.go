@@ -75,16 +75,16 @@ func CheckKernel(ns netns.NsHandle) error {
 		return err
 	}
 	defer x.close()
-	return x.checkKernel()
+	return checkKernel(x)
 }
 
-func (x *xfrmSocket) checkKernel() error {
+func checkKernel(x xfrmKernel) error {
 	u := &UnsupportedError{}
 	for _, p := range probeTargets() {
 		base := sa{src: p.src, dst: p.dst, spi: probeSPI, reqid: probeReqid, proto: protoESP, mode: modeTunnel, replay: ReplayWindow}
 		gcm := base
 		gcm.aead = &algo{name: AEADAlgorithm, key: make([]byte, AEADKeyBytes), bits: AEADICVBits}
-		err := x.probe(gcm)
+		err := probe(x, gcm)
 		switch {
 		case err == nil:
 			continue
@@ -95,7 +95,7 @@ func (x *xfrmSocket) checkKernel() error {
 			// The algorithm hid whether ESP exists: ask with others.
 			for _, alt := range []sa{withAlgos(base, &algo{name: "cbc(aes)", key: make([]byte, 32)}, &algo{name: "hmac(sha256)", key: make([]byte, 32), bits: 128}),
 				withAlgos(base, &algo{name: "ecb(cipher_null)"}, nil)} {
-				err := x.probe(alt)
+				err := probe(x, alt)
 				if errors.Is(err, unix.ENOSYS) {
 					continue // this algorithm is missing too
 				}
@@ -124,7 +124,7 @@ func withAlgos(s sa, crypt, auth *algo) sa {
 
 // probe adds s and deletes it again. A probe state left by an earlier
 // process (EEXIST) proves the kernel took one before.
-func (x *xfrmSocket) probe(s sa) error {
+func probe(x xfrmKernel, s sa) error {
 	err := x.addSA(s)
 	if err != nil && !errors.Is(err, unix.EEXIST) {
 		return err

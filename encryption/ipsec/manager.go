@@ -42,7 +42,7 @@ type Manager struct {
 	log *slog.Logger
 
 	mu    sync.Mutex
-	x     *xfrmSocket
+	x     xfrmKernel // nil once closed
 	stats Stats
 }
 
@@ -55,7 +55,7 @@ func New(cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := m.x.checkKernel(); err != nil {
+	if err := checkKernel(m.x); err != nil {
 		m.Close()
 		return nil, err
 	}
@@ -107,14 +107,13 @@ func (m *Manager) Stats() Stats {
 // kernelState is the namespace's xfrm objects, Trellis's (by reqid) apart
 // from the others.
 type kernelState struct {
-	states         map[StateID]sa
-	staleStates    []sa // Trellis's, of a shape Apply never makes
-	foreignStates  map[StateID]bool
-	policies       map[PolicyID]policy
-	stalePolicies  []policy // Trellis's, of a shape Apply never makes
-	foreignPolicy  map[PolicyID]bool
-	ownedStates    int
-	ownedPolicies  int
+	states        map[StateID]sa
+	staleStates   []sa // Trellis's, of a shape Apply never makes
+	foreignStates map[StateID]bool
+	policies      map[PolicyID]policy
+	stalePolicies []policy // Trellis's, of a shape Apply never makes
+	foreignPolicy map[PolicyID]bool
+	// foreignObjects counts other owners' states and policies.
 	foreignObjects int
 }
 
@@ -143,25 +142,24 @@ func (m *Manager) readKernel() (*kernelState, error) {
 			ks.foreignObjects++
 		case s.proto != protoESP || s.mark != nil:
 			ks.staleStates = append(ks.staleStates, s)
-			ks.ownedStates++
 		default:
 			ks.states[id] = s
-			ks.ownedStates++
 		}
 	}
 	for _, p := range pols {
 		switch {
 		case !p.owned():
-			if p.plain() {
+			if p.plainID() {
 				ks.foreignPolicy[p.id()] = true
 			}
 			ks.foreignObjects++
-		case !p.plain():
+		case !p.plainID():
+			// Not at a place Apply installs to: only deleting it helps.
+			// (One at such a place but of another shape, two templates
+			// say, is updated in place like any that differs.)
 			ks.stalePolicies = append(ks.stalePolicies, p)
-			ks.ownedPolicies++
 		default:
 			ks.policies[p.id()] = p
-			ks.ownedPolicies++
 		}
 	}
 	return ks, nil
@@ -305,7 +303,7 @@ func (m *Manager) apply(ctx context.Context, d Desired) error {
 		// the refusal names only the first missing piece it met (the
 		// algorithm before the ESP type), the full check names them all.
 		var u *UnsupportedError
-		if !errors.As(m.x.checkKernel(), &u) {
+		if !errors.As(checkKernel(m.x), &u) {
 			u = firstUnsupported
 		}
 		fail(fmt.Errorf("ipsec: %d of %d states not installed (the first: %s): %w", len(unsupported), len(d.States), unsupported[0], u))
@@ -464,6 +462,10 @@ func (m *Manager) Installed(ctx context.Context) (Installed, error) {
 		in.States = append(in.States, st)
 	}
 	for _, p := range ks.policies {
+		if !p.plain() {
+			in.Other++
+			continue
+		}
 		t := p.tmpls[0]
 		if t.proto != protoESP || t.mode != modeTunnel || t.spi != 0 || t.optional != 0 || p.action != policyAllow || p.priority != 0 {
 			in.Other++

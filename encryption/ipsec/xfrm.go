@@ -39,6 +39,19 @@ const (
 	netlinkTimeout = 10
 )
 
+// xfrmKernel is what a Manager and the kernel check need of xfrm: an
+// xfrmSocket, or a fake kernel in unit tests.
+type xfrmKernel interface {
+	listSAs() ([]sa, error)
+	listPolicies() ([]policy, error)
+	addSA(sa) error
+	delSA(sa) error
+	addPolicy(policy) error
+	updatePolicy(policy) error
+	delPolicy(policy) error
+	close()
+}
+
 // xfrmSocket is one NETLINK_XFRM socket in a network namespace.
 type xfrmSocket struct {
 	sh *nl.SocketHandle
@@ -344,11 +357,17 @@ func policyFromPlan(p Policy) policy {
 	}
 }
 
-// plain reports whether the policy has the shape Plan makes: type main,
-// no mark, no interface id, a selector of addresses only, one template.
-func (p policy) plain() bool {
-	return !p.selExtra && p.mark == nil && p.ifID == 0 && p.ptype == policyTypeMain && len(p.tmpls) == 1 && directionOf(p.dir) != 0
+// plainID reports whether the policy's kernel identity is of the kind
+// Trellis's have: type main, no mark, no interface id, a selector of
+// addresses only. Such a policy holds the place of Trellis's policy of the
+// same direction and selector.
+func (p policy) plainID() bool {
+	return !p.selExtra && p.mark == nil && p.ifID == 0 && p.ptype == policyTypeMain && directionOf(p.dir) != 0
 }
+
+// plain reports whether the policy has the shape Plan makes: a plain
+// identity and one template.
+func (p policy) plain() bool { return p.plainID() && len(p.tmpls) == 1 }
 
 // owned reports whether a template carries a reqid of Trellis's range.
 func (p policy) owned() bool {
