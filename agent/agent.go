@@ -100,7 +100,7 @@ type Datapath interface {
 
 // keyPublisher is a datapath with a key for the node to publish.
 type keyPublisher interface {
-	Published() (string, <-chan struct{})
+	Published() (NodeKeys, <-chan struct{})
 }
 
 // encryptingDatapath is a datapath with an encryption step.
@@ -233,7 +233,7 @@ func (a *Agent) newRegistrar() (*registrar, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: --registry-url: %w", err)
 	}
-	var keys func() (string, <-chan struct{})
+	var keys func() (NodeKeys, <-chan struct{})
 	if p, ok := a.datapath.(keyPublisher); ok {
 		keys = p.Published
 	}

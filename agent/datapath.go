@@ -148,11 +148,11 @@ func (d *KernelDatapath) Apply(ctx context.Context, snap *clustermesh.Snapshot) 
 // changed (a peer waiting for its handshake, a drain); 0 when it does not.
 func (d *KernelDatapath) RetryIn() time.Duration { return d.again }
 
-// Published is the WireGuard public key this node publishes ("" none), and
-// a channel that receives when it changes.
-func (d *KernelDatapath) Published() (string, <-chan struct{}) {
+// Published is what this node publishes of its encryption, and a channel
+// that receives when it changes.
+func (d *KernelDatapath) Published() (NodeKeys, <-chan struct{}) {
 	if d.enc == nil {
-		return "", nil
+		return NodeKeys{}, nil
 	}
 	return d.enc.Published()
 }

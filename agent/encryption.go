@@ -99,7 +99,7 @@ type wgPeerStatus struct {
 // strictFilter drops clear pod traffic to and from the given pod CIDRs on
 // the tunnel device (encryption/strict).
 type strictFilter interface {
-	Set(prefixes []netip.Prefix) error
+	Set(ctx context.Context, prefixes []netip.Prefix) error
 	Drops() (ingress, egress uint64, err error)
 	Remove() error
 	Close() error
@@ -117,8 +117,9 @@ type encryptor struct {
 	now     func() time.Time
 
 	mu          sync.Mutex
-	published   string // the public key this node publishes ("" none)
+	published   NodeKeys // what this node publishes
 	publishedCh chan struct{}
+	ipsec       ipsecState
 	up          bool // the device runs under this process
 	established map[string]bool
 	// configured are the peers on the device by node; prune is what they
@@ -172,30 +173,50 @@ type StrictFilterCounter struct {
 	Egress  uint64 `json:"egress"`
 }
 
-func newEncryptor(node nodeRef, port uint16, wg wireGuard, strict func() (strictFilter, error), stateFile string, log *slog.Logger) *encryptor {
+func newEncryptor(node nodeRef, port uint16, wg wireGuard, strict func() (strictFilter, error), stateFile, ipsecKeyFile string, log *slog.Logger) *encryptor {
 	return &encryptor{
 		node: node, port: port, wg: wg, strict: strict, stateFn: stateFile, log: log, now: time.Now,
+		ipsec:       ipsecState{keyFile: ipsecKeyFile},
 		publishedCh: make(chan struct{}, 1), established: make(map[string]bool), configured: make(map[nodeRef]wgPeer),
 	}
 }
 
-// Published returns the public key this node should publish, and a
-// channel that receives when it changes.
-func (e *encryptor) Published() (string, <-chan struct{}) {
+// NodeKeys are what a node publishes about its encryption in its Node
+// entry: zero values when it runs none.
+type NodeKeys struct {
+	WireGuard  string // public key
+	IPsecIndex uint8
+}
+
+// Published returns what this node should publish, and a channel that
+// receives when it changes.
+func (e *encryptor) Published() (NodeKeys, <-chan struct{}) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.published, e.publishedCh
 }
 
-func (e *encryptor) publish(key string) {
-	if e.published == key {
+func (e *encryptor) publish(k NodeKeys) {
+	if e.published == k {
 		return
 	}
-	e.published = key
+	e.published = k
 	select {
 	case e.publishedCh <- struct{}{}:
 	default:
 	}
+}
+
+func (e *encryptor) publishWireGuard(key string) {
+	k := e.published
+	k.WireGuard = key
+	e.publish(k)
+}
+
+func (e *encryptor) publishIPsec(index uint8) {
+	k := e.published
+	k.IPsecIndex = index
+	e.publish(k)
 }
 
 // Status reports the last step's view.
@@ -228,20 +249,26 @@ func (e *encryptor) step(ctx context.Context, snap *clustermesh.Snapshot) (paths
 		}
 		e.status = st
 	}()
-	if setting.Type == v1.EncryptionIPsec {
-		// The IPsec datapath is encryption/ipsec's; the agent does not
-		// run it yet (see docs/design.md).
-		err = errors.New("encryption type ipsec: this agent runs WireGuard only; pods stay in clear (turn it on with `trellis encryption enable --type wireguard`)")
-	}
 	wantWG := setting.Type == v1.EncryptionWireGuard
-	var strictErr error
 	if wantWG {
 		paths, again, err = e.on(ctx, snap, &st)
 	} else {
 		paths, again, err = e.off(ctx, snap, &st)
 	}
-	strictErr = e.stepStrict(snap, setting.Strict && wantWG, &st)
-	return paths, again, errors.Join(err, strictErr)
+	var ipsecErr error
+	if setting.Type == v1.EncryptionIPsec {
+		var index uint8
+		index, ipsecErr = e.ipsecOn(ctx, snap)
+		e.publishIPsec(index)
+		if ipsecErr != nil {
+			again = max(again, time.Second)
+		}
+	} else {
+		e.publishIPsec(0)
+		ipsecErr = e.ipsecOff(ctx)
+	}
+	strictErr := e.stepStrict(ctx, snap, setting.Strict && setting.Type != v1.EncryptionNone, &st)
+	return paths, again, errors.Join(err, ipsecErr, strictErr)
 }
 
 // on is the step while this node has WireGuard on.
@@ -265,7 +292,7 @@ func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *Encr
 			e.log.Warn("cannot record the rotation count; the next start may rotate again", "err", err)
 		}
 	}
-	e.publish(pub)
+	e.publishWireGuard(pub)
 	st.PublicKey = pub
 
 	// Peers are added before the routes move to them, and removed only
@@ -337,7 +364,7 @@ func (e *encryptor) fallbackPaths(snap *clustermesh.Snapshot) map[string]tunnel.
 
 // off is the step while this node has WireGuard off: nothing, or a drain.
 func (e *encryptor) off(ctx context.Context, snap *clustermesh.Snapshot, st *EncryptionStatus) (map[string]tunnel.Path, time.Duration, error) {
-	e.publish("")
+	e.publishWireGuard("")
 	if !e.up {
 		// A device left by an earlier process (it crashed while draining,
 		// or the setting changed while no agent ran) is drained too.
@@ -485,7 +512,7 @@ func (e *encryptor) finish(ctx context.Context) error {
 // stepStrict keeps the strict filter on the tunnel device in step: on
 // with the pod CIDRs of every keyed node while strict is on, removed
 // otherwise.
-func (e *encryptor) stepStrict(snap *clustermesh.Snapshot, on bool, st *EncryptionStatus) error {
+func (e *encryptor) stepStrict(ctx context.Context, snap *clustermesh.Snapshot, on bool, st *EncryptionStatus) error {
 	if !on {
 		if e.filter != nil {
 			err := e.filter.Remove()
@@ -507,10 +534,14 @@ func (e *encryptor) stepStrict(snap *clustermesh.Snapshot, on bool, st *Encrypti
 		e.filter = f
 	}
 	var prefixes []netip.Prefix
-	for ref := range e.keyed(snap) {
-		prefixes = append(prefixes, snap.Nodes[ref.cluster][ref.name].PodCIDRs...)
+	if snap.Encryption.Type == v1.EncryptionIPsec {
+		prefixes = e.ipsecPeers(snap)
+	} else {
+		for ref := range e.keyed(snap) {
+			prefixes = append(prefixes, snap.Nodes[ref.cluster][ref.name].PodCIDRs...)
+		}
 	}
-	if err := e.filter.Set(prefixes); err != nil {
+	if err := e.filter.Set(ctx, prefixes); err != nil {
 		return fmt.Errorf("strict filter: %w", err)
 	}
 	if in, out, err := e.filter.Drops(); err == nil {
@@ -556,7 +587,7 @@ func (e *encryptor) Close() error {
 	if e.filter != nil {
 		errs = append(errs, e.filter.Close())
 	}
-	errs = append(errs, e.wg.Close())
+	errs = append(errs, e.wg.Close(), e.ipsec.close())
 	return errors.Join(errs...)
 }
 

@@ -72,7 +72,7 @@ type fakeFilter struct {
 	removed  bool
 }
 
-func (f *fakeFilter) Set(p []netip.Prefix) error {
+func (f *fakeFilter) Set(_ context.Context, p []netip.Prefix) error {
 	f.prefixes = slices.Clone(p)
 	slices.SortFunc(f.prefixes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	return nil
@@ -97,7 +97,7 @@ func newEncTest(t *testing.T, dir string) *encTest {
 	et.e = newEncryptor(nodeRef{"eu", "n1"}, 51871, et.wg, func() (strictFilter, error) {
 		et.filter = &fakeFilter{}
 		return et.filter, nil
-	}, filepath.Join(dir, "rotation"), slog.New(slog.DiscardHandler))
+	}, filepath.Join(dir, "rotation"), "", slog.New(slog.DiscardHandler))
 	et.e.now = func() time.Time { return et.now }
 	et.snap = &clustermesh.Snapshot{Nodes: map[string]map[string]*v1.Node{
 		"eu": {"n1": node("eu", "n1", 1, "")},
@@ -156,7 +156,7 @@ func TestEncryptionPathWaitsForHandshake(t *testing.T) {
 		et.wg.peers[0].Keepalive == 0 || et.wg.peers[0].AllowedIPs[0].String() != "10.2.0.0/24" {
 		t.Fatalf("peers %+v", et.wg.peers)
 	}
-	if key, _ := et.e.Published(); key != "key-0" {
+	if key, _ := et.e.Published(); key.WireGuard != "key-0" {
 		t.Fatalf("published %q", key)
 	}
 
@@ -247,7 +247,7 @@ func TestEncryptionRotation(t *testing.T) {
 	if n := count(et.wg.calls, "rotate"); n != 1 {
 		t.Fatalf("%d rotations for one count, want 1 (%v)", n, et.wg.calls)
 	}
-	if key, _ := et.e.Published(); key != "key-1" {
+	if key, _ := et.e.Published(); key.WireGuard != "key-1" {
 		t.Fatalf("published %q after the rotation, want key-1", key)
 	}
 
@@ -260,7 +260,7 @@ func TestEncryptionRotation(t *testing.T) {
 	}
 	restarted.e.AskRotate()
 	restarted.step()
-	if key, _ := restarted.e.Published(); key != "key-2" {
+	if key, _ := restarted.e.Published(); key.WireGuard != "key-2" {
 		t.Fatalf("published %q after rotate-key, want key-2", key)
 	}
 }
@@ -288,7 +288,7 @@ func TestEncryptionOffDrains(t *testing.T) {
 
 	et.snap.Encryption = v1.EncryptionConfig{}
 	et.wantPaths(et.step(), map[string]tunnel.Path{"us/n2": tunnel.PathEncrypted})
-	if key, _ := et.e.Published(); key != "" {
+	if key, _ := et.e.Published(); key.WireGuard != "" {
 		t.Fatalf("published %q after off, want none", key)
 	}
 	// The grace passes, but the withdrawal is not visible yet.

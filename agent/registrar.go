@@ -35,10 +35,10 @@ type registrar struct {
 	node     string
 	nodeIP   netip.Addr
 	podCIDRs []netip.Prefix
-	// keys is the WireGuard key the node publishes now and a channel
-	// that receives when it changes; nil: never one.
-	keys    func() (string, <-chan struct{})
-	wgKey   string // the key last registered
+	// keys is what the node publishes of its encryption now and a
+	// channel that receives when it changes; nil: never anything.
+	keys    func() (NodeKeys, <-chan struct{})
+	sent    NodeKeys // what was last registered
 	podsDir string
 	log     *slog.Logger
 
@@ -48,16 +48,17 @@ type registrar struct {
 // registerNode announces this node with its current key; retried by run
 // until it works.
 func (r *registrar) registerNode(ctx context.Context) error {
-	var key string
+	var keys NodeKeys
 	if r.keys != nil {
-		key, _ = r.keys()
+		keys, _ = r.keys()
 	}
-	if err := r.api.PutNode(ctx, v1.NodeRequest{Name: r.node, IPs: []netip.Addr{r.nodeIP}, PodCIDRs: r.podCIDRs, WireGuardPublicKey: key}); err != nil {
+	if err := r.api.PutNode(ctx, v1.NodeRequest{Name: r.node, IPs: []netip.Addr{r.nodeIP}, PodCIDRs: r.podCIDRs,
+		WireGuardPublicKey: keys.WireGuard, IPsecKeyIndex: keys.IPsecIndex}); err != nil {
 		return err
 	}
-	if key != r.wgKey {
-		r.log.Info("published the node's WireGuard key", "publicKey", key)
-		r.wgKey = key
+	if keys != r.sent {
+		r.log.Info("published the node's encryption keys", "wireGuardPublicKey", keys.WireGuard, "ipsecKeyIndex", keys.IPsecIndex)
+		r.sent = keys
 	}
 	return nil
 }
@@ -173,7 +174,7 @@ func (r *registrar) run(ctx context.Context, interval time.Duration) {
 		// A new key (encryption on, off, a rotation) is published at once;
 		// a failure is retried at the next tick.
 		if r.keys != nil {
-			if key, _ := r.keys(); key != r.wgKey {
+			if keys, _ := r.keys(); keys != r.sent {
 				if err := r.registerNode(ctx); err != nil && ctx.Err() == nil {
 					r.log.Warn("cannot publish the node's new key; retrying", "err", err)
 				}
