@@ -95,6 +95,7 @@ either off.`,
 		},
 	}
 	o.addFlags(cmd.Flags(), bpf.CgroupV2Root)
+	cmd.AddCommand(newAgentWireGuardDeviceCmd(g))
 	return cmd
 }
 
