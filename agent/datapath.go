@@ -6,13 +6,19 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/bpf"
 	"github.com/trellis-mesh/trellis/clustermesh"
+	"github.com/trellis-mesh/trellis/encryption/ipsec"
+	"github.com/trellis-mesh/trellis/encryption/strict"
+	"github.com/trellis-mesh/trellis/encryption/wireguard"
 	"github.com/trellis-mesh/trellis/tunnel"
 )
 
@@ -78,6 +84,9 @@ func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
 		if tc.Logger == nil {
 			tc.Logger = cfg.Logger
 		}
+		if cfg.Encryption != nil {
+			tc.EncryptedDevice = cmp.Or(cfg.Encryption.Device, wireguard.DefaultDevice)
+		}
 		tun, err := tunnel.New(tc)
 		if err != nil {
 			d.Close()
@@ -85,7 +94,49 @@ func NewKernelDatapath(cfg DatapathConfig) (*KernelDatapath, error) {
 		}
 		d.tun = tun
 	}
+	if cfg.Encryption != nil {
+		if d.tun == nil {
+			d.Close()
+			return nil, errors.New("datapath: encryption needs the tunnel: the routes to remote pod CIDRs move between the tunnel and the encryption device")
+		}
+		enc, err := newNodeEncryptor(*cfg.Encryption, d.tun.Config(), cfg.Logger)
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("datapath: %w", err)
+		}
+		d.enc = enc
+	}
 	return d, nil
+}
+
+// newNodeEncryptor builds the encryption step over the real device, the
+// strict filter on the tunnel device and IPsec. The device's MTU defaults
+// to the underlay's less WireGuard's worst-case overhead.
+func newNodeEncryptor(cfg EncryptionConfig, tc tunnel.Config, log *slog.Logger) (*encryptor, error) {
+	if cfg.Node == "" || cfg.Cluster == "" || cfg.StateDir == "" {
+		return nil, errors.New("encryption: node, cluster and state dir are required")
+	}
+	cfg.Device = cmp.Or(cfg.Device, wireguard.DefaultDevice)
+	cfg.Port = cmp.Or(cfg.Port, uint16(wireguard.DefaultPort))
+	if cfg.MTU == 0 {
+		under, err := netlink.LinkByName(tc.UnderlayDevice)
+		if err != nil {
+			return nil, fmt.Errorf("encryption: underlay device %s for the WireGuard MTU: %w", tc.UnderlayDevice, err)
+		}
+		cfg.MTU = under.Attrs().MTU - wireguard.Overhead
+	}
+	if cfg.StrictPinDir == "" {
+		cfg.StrictPinDir = filepath.Join(bpf.PinDir(cfg.Node), "strict")
+	}
+	// Clear pod traffic leaves through the tunnel device, or in native
+	// mode straight through the underlay: strict filters there.
+	clearDevice := tc.Device
+	if tc.Mode == tunnel.ModeNative {
+		clearDevice = tc.UnderlayDevice
+	}
+	wg := newNodeWireGuard(wireGuardConfig(cfg, log), filepath.Join(cfg.StateDir, wireGuardKeyFile), log)
+	return newEncryptor(nodeRef{cfg.Cluster, cfg.Node}, cfg.Port, wg, openStrict(clearDevice, cfg.StrictPinDir, log),
+		filepath.Join(cfg.StateDir, wireGuardRotation), cfg.IPsecKeyFile, log), nil
 }
 
 // Apply converges the kernel onto the snapshot.
@@ -213,6 +264,9 @@ func (d *KernelDatapath) Close() error {
 // that are off, and an LB without a pin dir, leave nothing to remove.
 func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 	var errs []error
+	if cfg.Encryption != nil {
+		errs = append(errs, uninstallEncryption(ctx, *cfg.Encryption))
+	}
 	if cfg.LB != nil && cfg.LB.PinDir != "" {
 		if err := bpf.Uninstall(cfg.LB.PinDir); err != nil {
 			errs = append(errs, fmt.Errorf("uninstall socket load balancer: %w", err))
@@ -227,6 +281,33 @@ func Uninstall(ctx context.Context, cfg DatapathConfig) error {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("uninstall tunnel: %w", err))
 		}
+	}
+	return errors.Join(errs...)
+}
+
+// uninstallEncryption removes the WireGuard device (stopping its process),
+// the strict filter and Trellis's IPsec objects. The key stays: it is the
+// node's identity, not datapath state.
+func uninstallEncryption(ctx context.Context, cfg EncryptionConfig) error {
+	var errs []error
+	if cfg.StateDir != "" {
+		if err := wireguard.Remove(ctx, wireGuardConfig(cfg, nil)); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall wireguard: %w", err))
+		}
+	}
+	if cfg.StrictPinDir == "" && cfg.Node != "" {
+		cfg.StrictPinDir = filepath.Join(bpf.PinDir(cfg.Node), "strict")
+	}
+	if cfg.StrictPinDir != "" {
+		if err := strict.Uninstall(cfg.StrictPinDir); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall strict filter: %w", err))
+		}
+	}
+	if m, err := ipsec.Open(ipsec.Config{}); err == nil {
+		if err := m.Cleanup(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("uninstall ipsec: %w", err))
+		}
+		m.Close()
 	}
 	return errors.Join(errs...)
 }

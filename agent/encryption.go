@@ -615,4 +615,8 @@ type EncryptionConfig struct {
 	// StrictPinDir is the bpffs directory of the strict filter's pinned
 	// programs and map, so that strictness outlives the agent too.
 	StrictPinDir string
+	// IPsecKeyFile is the pre-shared key file IPsec derives its keys from
+	// (the same on every node); without it the node cannot run IPsec and
+	// says so in status when its cluster asks for it.
+	IPsecKeyFile string
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -33,6 +35,11 @@ type agentOptions struct {
 	underlayDevice string
 	vni            uint32
 	tunnelPort     uint16
+
+	encryption   bool
+	wgPort       uint16
+	wgMTU        int
+	ipsecKeyFile string
 }
 
 func newAgentCmd(g *globalOptions) *cobra.Command {
@@ -122,6 +129,10 @@ func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string,
 	f.StringVar(&o.underlayDevice, "underlay-device", "", "the device tunnels and native routes use (default: the one holding --node-ip)")
 	f.Uint32Var(&o.vni, "vni", 0, "VXLAN/Geneve network identifier (default 126)")
 	f.Uint16Var(&o.tunnelPort, "tunnel-port", 0, "VXLAN/Geneve UDP port (default 8472 / 6081)")
+	f.BoolVar(&o.encryption, "encryption", true, "let this node encrypt when its cluster's encryption setting says so (trellis encryption enable); false: it stays in clear and says so in status")
+	f.Uint16Var(&o.wgPort, "wireguard-port", 0, "WireGuard UDP port, the same on every node (default 51871)")
+	f.IntVar(&o.wgMTU, "wireguard-mtu", 0, "WireGuard device MTU (default: the underlay's less 80)")
+	f.StringVar(&o.ipsecKeyFile, "ipsec-key-file", "", "IPsec pre-shared key file, the same on every node ('<index> <hex key>' lines); needed only for --type ipsec")
 	f.BoolVar(&o.uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
 }
 
@@ -173,6 +184,22 @@ func (o *agentOptions) datapath(log *slog.Logger) (agent.DatapathConfig, error) 
 		}
 	default:
 		return dp, fmt.Errorf("--tunnel %q: want vxlan, geneve, native or none", o.tunnelMode)
+	}
+	if dp.Tunnel != nil && o.encryption {
+		exe, err := os.Executable()
+		if err != nil {
+			return dp, fmt.Errorf("encryption: find this executable to start the WireGuard device process: %w", err)
+		}
+		strictPins := ""
+		if o.pinDir != "" {
+			strictPins = filepath.Join(o.pinDir, "strict")
+		}
+		dp.Encryption = &agent.EncryptionConfig{
+			Node: o.cfg.NodeName, Cluster: o.cfg.ClusterName, StateDir: o.cfg.StateDir,
+			Port: o.wgPort, MTU: o.wgMTU, StrictPinDir: strictPins, IPsecKeyFile: o.ipsecKeyFile,
+			// The device process outlives this agent: a command of its own.
+			StartCommand: []string{exe, "agent", "wireguard-device"},
+		}
 	}
 	return dp, nil
 }
