@@ -41,10 +41,10 @@ import (
 //     peers are about to see it too) and drainGrace passed; then the routes
 //     move back to the tunnel; the device goes once its peers have sent
 //     nothing for drainQuiet (at most drainMax after the switch).
-//   - A rotation (the setting's count went up, or `trellis agent
-//     rotate-key`) replaces the private key on the device and publishes the
-//     new public key; peers move to it as they see it. Established routes
-//     stay on the device meanwhile.
+//   - A rotation (the setting's count went up, or `trellis encryption
+//     rotate --status-socket` for this node alone) replaces the private
+//     key on the device and publishes the new public key; peers move to it
+//     as they see it. Established routes stay on the device meanwhile.
 
 const (
 	// peerKeepalive makes each side send to the other as soon as it is
