@@ -37,16 +37,17 @@ type ipsecState struct {
 // ipsecOn runs IPsec for snap and returns the key index to publish.
 func (e *encryptor) ipsecOn(ctx context.Context, snap *clustermesh.Snapshot) (uint8, error) {
 	s := &e.ipsec
-	if s.keyFile == "" {
-		return 0, errors.New("ipsec: the agent has no --ipsec-key-file (the pre-shared key file, the same on every node)")
-	}
 	if s.mgr == nil {
 		// New checks the kernel: on one without ESP it names the options.
+		// First, because no key file can make up for the kernel.
 		m, err := ipsec.New(ipsec.Config{Logger: e.log})
 		if err != nil {
 			return 0, fmt.Errorf("ipsec: %w", err)
 		}
 		s.mgr = m
+	}
+	if s.keyFile == "" {
+		return 0, errors.New("ipsec: the agent has no --ipsec-key-file (the pre-shared key file, the same on every node)")
 	}
 	keys, err := ipsec.LoadKeys(s.keyFile, e.log)
 	if err != nil {
