@@ -26,7 +26,9 @@
 //	           <cluster>-<node> (a<i> / n<i>-<j> when a name would pass 15
 //	           characters); ip_forward=1, rp_filter=0, inside the netns only
 //	pod        netns tl-<lab>-<cluster>-<node>-<pod>, eth0 = pod IP/32, MTU
-//	           1450 (room for VXLAN); node side lxc-<pod> (or lxc<hash>)
+//	           1420 (room for WireGuard over IPv6, the worst case, so
+//	           encryption on or off never changes it); node side lxc-<pod>
+//	           (or lxc<hash>)
 //
 // The underlay is 192.168.100.0/24 unless the topology says otherwise; it
 // exists only inside lab namespaces. Pod IPs default to .10, .11, … of the
@@ -116,6 +118,21 @@
 //     and VIP, and joins the new cluster with each existing one pairwise,
 //     so separated pairs stay separated. A failed AddCluster removes what
 //     it built of the new cluster again.
+//
+// # Encryption
+//
+// Agents run their encryption step (the default) and get the lab's IPsec
+// key file, <lab dir>/ipsec.key, written at the first agent start. The
+// verbs in encryption.go change a cluster's setting with `trellis
+// encryption enable|disable|rotate` inside its API server's namespace (or
+// one node's key through its agent's status socket) and return once every
+// agent's status shows the result: SetEncryption waits for "encrypted"
+// between nodes whose clusters both run WireGuard and "tunnel" elsewhere
+// (devices gone after off; for IPsec, the setting reported, or the error
+// the agents report); the rotations wait for new keys and a handshake with
+// each peer after the rotation. Capture (capture.go) counts what crosses
+// the bridge, so a test or the demo can show that pod payload travels only
+// inside WireGuard: see its design notes.
 //
 // # Teardown
 //

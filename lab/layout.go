@@ -21,12 +21,17 @@ const (
 	// DefaultName is the lab's name when none is given.
 	DefaultName = "lab"
 
-	bridgeName   = "br0"
-	nodeDevice   = "eth0" // the node's underlay veth, inside the node namespace
-	podDevice    = "eth0" // the pod's veth, inside the pod namespace
-	apiHTTPPort  = 9870
-	apiEtcdPort  = 2379
-	tunnelMTUGap = 50 // VXLAN over IPv4: what the pods' MTU leaves for encapsulation
+	bridgeName  = "br0"
+	nodeDevice  = "eth0" // the node's underlay veth, inside the node namespace
+	podDevice   = "eth0" // the pod's veth, inside the pod namespace
+	apiHTTPPort = 9870
+	apiEtcdPort = 2379
+	// tunnelMTUGap is what the pods' MTU leaves for encapsulation: the
+	// worst case of every path a node may move a pod's traffic to without
+	// touching the pod, WireGuard over an IPv6 underlay (80 bytes,
+	// encryption/wireguard.Overhead; VXLAN over IPv4 needs 50), so turning
+	// encryption on or off never needs a pod MTU change.
+	tunnelMTUGap = 80
 	underlayMTU  = 1500
 )
 

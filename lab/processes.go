@@ -54,7 +54,7 @@ func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 		"--pod-cidrs", n.PodCIDR,
 	}
 	if datapath {
-		return append(args, agentDatapathArgs(n)...)
+		return append(args, agentDatapathArgs(n, l.ipsecKeyFile())...)
 	}
 	return append(args, agentNoDatapathArgs()...)
 }
@@ -83,13 +83,17 @@ func withCgroupRoot(argv []string) []string {
 
 // agentDatapathArgs are the flags that turn on the agent's datapath: the
 // eBPF socket LB attached to the node's cgroup (pods are child cgroups of
-// it) and pinned per node, and VXLAN over the node's underlay veth.
-func agentDatapathArgs(n *nodeLayout) []string {
+// it) and pinned per node, and VXLAN over the node's underlay veth. The
+// agent's encryption step is on by default (it follows the cluster's
+// setting); ipsecKey is the lab's IPsec key file, which it reads only when
+// its cluster turns IPsec on.
+func agentDatapathArgs(n *nodeLayout, ipsecKey string) []string {
 	return []string{
 		"--cgroup-root", n.cgroup,
 		"--bpf-pin-dir", n.pinDir,
 		"--tunnel", "vxlan",
 		"--underlay-device", nodeDevice,
+		"--ipsec-key-file", ipsecKey,
 	}
 }
 
@@ -112,6 +116,11 @@ func (l *lab) startAPIServer(c *clusterLayout) error {
 
 // startAgent starts n's agent in the node's namespace and cgroup.
 func (l *lab) startAgent(n *nodeLayout) error {
+	if l.state.Datapath {
+		if err := l.ensureIPsecKey(); err != nil {
+			return err
+		}
+	}
 	return l.startDaemon(agentKey(n), procSpec{ns: n.ns, cgroup: n.cgroup, argv: l.agentArgs(n, l.state.Datapath), log: n.log})
 }
 

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"text/tabwriter"
+
+	"github.com/trellis-mesh/trellis/agent"
 )
 
 // Report is a lab as `lab up` and `lab status` show it.
@@ -60,6 +62,45 @@ type NodeReport struct {
 	Ready         bool     `json:"ready"`
 	DatapathError string   `json:"datapathError,omitempty"`
 	Error         string   `json:"error,omitempty"`
+	// Encryption is what the node's agent says of its encryption; nil when
+	// it runs without an encryption step or did not answer.
+	Encryption *NodeEncryption `json:"encryption,omitempty"`
+}
+
+// NodeEncryption is one node's encryption, from its agent's status.
+type NodeEncryption struct {
+	// Type is off, wireguard or ipsec.
+	Type   string `json:"type"`
+	Strict bool   `json:"strict,omitempty"`
+	// Draining: turned off, the WireGuard device goes once peers are quiet.
+	Draining bool `json:"draining,omitempty"`
+	// KeyPrefix is the start of the node's WireGuard public key.
+	KeyPrefix string `json:"keyPrefix,omitempty"`
+	// Paths counts the node's peers by path (tunnel, encrypted, blocked).
+	Paths map[string]int `json:"paths,omitempty"`
+	// StrictDrops counts clear pod packets the strict filter dropped, in
+	// and out.
+	StrictDrops *agent.StrictFilterCounter `json:"strictDrops,omitempty"`
+	Error       string                     `json:"error,omitempty"`
+}
+
+// nodeEncryption summarises an agent's encryption status.
+func nodeEncryption(e *agent.EncryptionStatus) *NodeEncryption {
+	if e == nil {
+		return nil
+	}
+	ne := &NodeEncryption{Type: encryptionWord(e.Type, false), Strict: e.Strict, Draining: e.Draining,
+		StrictDrops: e.Strictly, Error: e.Error}
+	if e.PublicKey != "" {
+		ne.KeyPrefix = keyPrefix(e.PublicKey)
+	}
+	for _, p := range e.Peers {
+		if ne.Paths == nil {
+			ne.Paths = map[string]int{}
+		}
+		ne.Paths[p.Path]++
+	}
+	return ne
 }
 
 // PodReport is one pod.
@@ -162,6 +203,7 @@ func (l *lab) report(ctx context.Context) *Report {
 					}
 				}
 				r.Nodes[i].DatapathError = as.DatapathError
+				r.Nodes[i].Encryption = nodeEncryption(as.Encryption)
 				if err != nil {
 					r.Nodes[i].Error = err.Error()
 				} else {
@@ -200,6 +242,8 @@ func (l *lab) report(ctx context.Context) *Report {
 		}
 		if n.DatapathError != "" {
 			problem("agent of %s/%s: datapath: %s", n.Cluster, n.Name, n.DatapathError)
+		} else if n.Encryption != nil && n.Encryption.Error != "" {
+			problem("agent of %s/%s: encryption: %s", n.Cluster, n.Name, n.Encryption.Error)
 		}
 	}
 	for _, p := range r.Pods {
@@ -247,6 +291,9 @@ func PrintReport(w io.Writer, r *Report) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
+	if PrintEncryption(w, r.Nodes) {
+		fmt.Fprintln(w)
+	}
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "POD\tNODE\tIP\tNAMESPACE\tROLE\tPID\tSTATE")
 	for _, p := range r.Pods {
@@ -281,6 +328,55 @@ func PrintReport(w io.Writer, r *Report) {
 			fmt.Fprintln(w, "  -", p)
 		}
 	}
+}
+
+// PrintEncryption writes the nodes' encryption as a table: type, key,
+// peers by path, strict drops, error. It prints nothing and returns false
+// when no node reports encryption.
+func PrintEncryption(w io.Writer, nodes []NodeReport) bool {
+	reported := false
+	for _, n := range nodes {
+		if n.Encryption != nil {
+			reported = true
+		}
+	}
+	if !reported {
+		return false
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tENCRYPTION\tKEY\tPEERS BY PATH\tSTRICT DROPS IN/OUT\tERROR")
+	for _, n := range nodes {
+		e := n.Encryption
+		if e == nil {
+			fmt.Fprintf(tw, "%s/%s\t-\t-\t-\t-\t-\n", n.Cluster, n.Name)
+			continue
+		}
+		typ := e.Type
+		if e.Strict {
+			typ += ", strict"
+		}
+		if e.Draining {
+			typ += " (draining)"
+		}
+		var paths []string
+		for _, p := range sortedKeys(e.Paths) {
+			paths = append(paths, fmt.Sprintf("%s %d", p, e.Paths[p]))
+		}
+		drops := "-"
+		if e.StrictDrops != nil {
+			drops = fmt.Sprintf("%d/%d", e.StrictDrops.Ingress, e.StrictDrops.Egress)
+		}
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\n", n.Cluster, n.Name, typ, dash(e.KeyPrefix), dash(strings.Join(paths, ", ")), drops, dash(e.Error))
+	}
+	tw.Flush()
+	return true
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func pid(p int, running bool) string {
