@@ -1,13 +1,17 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -383,18 +387,22 @@ func (l *lab) rotate(ctx context.Context, nodes []*nodeLayout, what string, do f
 	if err != nil {
 		return err
 	}
+	// Handshakes are read from each observer's device: the agent's status
+	// shows them as of its last apply, which need not come again once
+	// every peer is established.
 	rotated := func(ref string) bool { _, ok := fresh[ref]; return ok }
 	err = l.waitEncryption(ctx, l.liveNodes(), encryptionTimeout, func(n *nodeLayout, st agent.Status) (error, error) {
 		e := st.Encryption
 		if e == nil || e.Type != v1.EncryptionWireGuard {
 			return nil, nil // it encrypts to nobody
 		}
+		var handshakes map[string]time.Time
 		for _, p := range e.Peers {
 			if !rotated(n.ref()) && !rotated(p.Node) {
 				continue
 			}
-			if rotated(p.Node) && p.PublicKey == old[p.Node] {
-				return fmt.Errorf("%s still has %s's old key %s", n.ref(), p.Node, keyPrefix(old[p.Node])), nil
+			if rotated(p.Node) && p.PublicKey != fresh[p.Node] {
+				return fmt.Errorf("%s shows %s's key %s, not its new %s", n.ref(), p.Node, keyPrefix(p.PublicKey), keyPrefix(fresh[p.Node])), nil
 			}
 			if p.PublicKey == "" {
 				continue // the peer runs no WireGuard: a clear pair
@@ -402,8 +410,14 @@ func (l *lab) rotate(ctx context.Context, nodes []*nodeLayout, what string, do f
 			if p.Path != "encrypted" {
 				return fmt.Errorf("%s shows peer %s on path %s, want encrypted", n.ref(), p.Node, p.Path), nil
 			}
-			if !p.LastHandshake.After(start) {
-				return fmt.Errorf("%s has no handshake with %s since the rotation", n.ref(), p.Node), nil
+			if handshakes == nil {
+				var err error
+				if handshakes, err = deviceHandshakes(ctx, n.wireGuardSocket()); err != nil {
+					return fmt.Errorf("%s: %w", n.ref(), err), nil
+				}
+			}
+			if !handshakes[p.PublicKey].After(start) {
+				return fmt.Errorf("%s's device has no handshake with %s (key %s) since the rotation", n.ref(), p.Node, keyPrefix(p.PublicKey)), nil
 			}
 		}
 		return nil, nil
@@ -418,4 +432,67 @@ func (l *lab) rotate(ctx context.Context, nodes []*nodeLayout, what string, do f
 	fmt.Fprintf(l.opts.Out, "%s rotated its WireGuard keys (%s); every peer handshook with the new ones (%s)\n",
 		what, strings.Join(keys, ", "), time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// wireGuardSocket is the UAPI socket of the node's WireGuard device
+// process (in the agent's state dir).
+func (n *nodeLayout) wireGuardSocket() string { return filepath.Join(n.stateDir, "wireguard.sock") }
+
+// deviceHandshakes asks a WireGuard device for its peers' last handshakes
+// (UAPI get), by base64 public key.
+func deviceHandshakes(ctx context.Context, socket string) (map[string]time.Time, error) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, fmt.Errorf("WireGuard device at %s: %w", socket, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	if _, err := conn.Write([]byte("get=1\n\n")); err != nil {
+		return nil, fmt.Errorf("WireGuard device at %s: %w", socket, err)
+	}
+	return parseHandshakes(bufio.NewReader(conn))
+}
+
+// parseHandshakes reads a UAPI get answer up to its errno line.
+func parseHandshakes(r *bufio.Reader) (map[string]time.Time, error) {
+	out := map[string]time.Time{}
+	peer := ""
+	var sec, nsec int64
+	flush := func() {
+		if peer != "" && (sec != 0 || nsec != 0) {
+			out[peer] = time.Unix(sec, nsec)
+		}
+		sec, nsec = 0, 0
+	}
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return nil, fmt.Errorf("WireGuard device: read: %w", err)
+		}
+		key, value, _ := strings.Cut(strings.TrimSuffix(line, "\n"), "=")
+		switch key {
+		case "public_key":
+			flush()
+			raw, err := hex.DecodeString(value)
+			if err != nil {
+				return nil, fmt.Errorf("WireGuard device: public_key %q: %w", value, err)
+			}
+			peer = base64.StdEncoding.EncodeToString(raw)
+		case "last_handshake_time_sec":
+			sec, _ = strconv.ParseInt(value, 10, 64)
+		case "last_handshake_time_nsec":
+			nsec, _ = strconv.ParseInt(value, 10, 64)
+		case "errno":
+			flush()
+			if value != "0" {
+				return nil, fmt.Errorf("WireGuard device: get: errno %s", value)
+			}
+			return out, nil
+		}
+	}
 }

@@ -366,10 +366,20 @@ func PrintEncryption(w io.Writer, nodes []NodeReport) bool {
 		if e.StrictDrops != nil {
 			drops = fmt.Sprintf("%d/%d", e.StrictDrops.Ingress, e.StrictDrops.Egress)
 		}
-		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\n", n.Cluster, n.Name, typ, dash(e.KeyPrefix), dash(strings.Join(paths, ", ")), drops, dash(e.Error))
+		fmt.Fprintf(tw, "%s/%s\t%s\t%s\t%s\t%s\t%s\n", n.Cluster, n.Name, typ, dash(e.KeyPrefix), dash(strings.Join(paths, ", ")), drops, dash(shorten(e.Error, 72)))
 	}
 	tw.Flush()
 	return true
+}
+
+// shorten cuts s to n runes with an ellipsis (tables; JSON and the
+// problems list keep the whole text).
+func shorten(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	return string(r[:n-1]) + "…"
 }
 
 func dash(s string) string {

@@ -33,6 +33,11 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
   trellis lab restart apiserver us     restart a cluster's mesh API server
   trellis lab disconnect eu us         separate two clusters (connect joins them again)
   trellis lab add-cluster ap --id 3    a third cluster joins the running mesh
+  trellis lab encryption enable        WireGuard between every node (--cluster eu: one cluster;
+                                       --type ipsec; --strict); disable turns it off again
+  trellis lab encryption rotate --cluster eu   new keys (--node eu/n1: one node)
+  trellis lab encryption status        per node: type, key, peers by path, strict drops
+  trellis lab encryption capture --marker SECRET   what the underlay bridge carries
   trellis lab down                     remove everything the lab made`,
 	}
 	cmd.PersistentFlags().StringVar(&name, "name", lab.DefaultName, "the lab's name (1-12 lowercase letters and digits)")
@@ -59,7 +64,7 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
 		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts),
 		newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
-		newLabAddClusterCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
+		newLabAddClusterCmd(opts), newLabEncryptionCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
 	return cmd
 }
 
