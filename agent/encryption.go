@@ -219,12 +219,19 @@ func (e *encryptor) publishIPsec(index uint8) {
 	e.publish(k)
 }
 
-// Status reports the last step's view.
+// Status reports the last step's view, with the strict filter's drop
+// counters read now: drops happen between applies, and an operator
+// looking for them must not wait for the next one.
 func (e *encryptor) Status() EncryptionStatus {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	st := e.status
 	st.Peers = slices.Clone(st.Peers)
+	if e.filter != nil && st.Strictly != nil {
+		if in, out, err := e.filter.Drops(); err == nil {
+			st.Strictly = &StrictFilterCounter{Ingress: in, Egress: out}
+		}
+	}
 	return st
 }
 

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -70,6 +71,7 @@ func (f *fakeWireGuard) Close() error { return nil }
 type fakeFilter struct {
 	prefixes []netip.Prefix
 	removed  bool
+	egress   atomic.Uint64 // drops, counted by the "kernel" between steps
 }
 
 func (f *fakeFilter) Set(_ context.Context, p []netip.Prefix) error {
@@ -77,7 +79,7 @@ func (f *fakeFilter) Set(_ context.Context, p []netip.Prefix) error {
 	slices.SortFunc(f.prefixes, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 	return nil
 }
-func (f *fakeFilter) Drops() (uint64, uint64, error) { return 0, 0, nil }
+func (f *fakeFilter) Drops() (uint64, uint64, error) { return 0, f.egress.Load(), nil }
 func (f *fakeFilter) Remove() error                  { f.removed = true; return nil }
 func (f *fakeFilter) Close() error                   { return nil }
 
@@ -184,6 +186,11 @@ func TestEncryptionStrict(t *testing.T) {
 	}
 	et.wg.handshake["us-key"] = et.now
 	et.wantPaths(et.step(), map[string]tunnel.Path{"us/n2": tunnel.PathEncrypted})
+	// Drops between applies show in status at once.
+	et.filter.egress.Add(20)
+	if got := et.e.Status().Strictly; got == nil || got.Egress != 20 {
+		t.Fatalf("strict drops in status after 20 drops since the last step: %+v", got)
+	}
 
 	et.snap.Encryption.Strict = false
 	et.step()
