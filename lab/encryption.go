@@ -206,6 +206,12 @@ func (l *lab) encryptionAsExpected(n *nodeLayout, st agent.Status, settings map[
 		}
 		return err, nil
 	}
+	switch on := want.Strict && want.Type != v1.EncryptionNone; {
+	case on && e.Strictly == nil:
+		return fmt.Errorf("%s does not report its strict filter yet", n.ref()), nil
+	case !on && e.Strictly != nil:
+		return fmt.Errorf("%s still reports a strict filter", n.ref()), nil
+	}
 	if want.Type != v1.EncryptionWireGuard {
 		if e.Draining {
 			return fmt.Errorf("%s is still draining its WireGuard device", n.ref()), nil
