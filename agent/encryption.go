@@ -40,7 +40,9 @@ import (
 //     the device, until this node's own entry shows the withdrawal (so its
 //     peers are about to see it too) and drainGrace passed; then the routes
 //     move back to the tunnel; the device goes once its peers have sent
-//     nothing for drainQuiet (at most drainMax after the switch).
+//     nothing for drainQuiet (at most drainMax after the switch). Its
+//     peers route to it in clear once they see the withdrawal, but keep
+//     its device entry for peerLinger, to decrypt what it still sends.
 //   - A rotation (the setting's count went up, or `trellis encryption
 //     rotate --status-socket` for this node alone) replaces the private
 //     key on the device and publishes the new public key; peers move to it
@@ -56,6 +58,10 @@ const (
 	drainGrace     = 2 * time.Second
 	drainQuiet     = 5 * time.Second
 	drainMax       = time.Minute
+	// peerLinger is how long a peer that withdrew its key stays on the
+	// device: its drain (drainGrace after it sees its own withdrawal)
+	// with room for the withdrawal to reach it.
+	peerLinger = 10 * time.Second
 	// pendingRetry is how soon an apply runs again while a peer waits for
 	// its handshake or a drain is in progress.
 	pendingRetry = 500 * time.Millisecond
@@ -126,6 +132,7 @@ type encryptor struct {
 	// become once the tunnel moved the routes (nil: nothing to prune).
 	configured  map[nodeRef]wgPeer
 	prune       map[nodeRef]wgPeer
+	lingering   map[nodeRef]lingeringPeer
 	rotateAsked bool
 	filter      strictFilter
 	draining    *drainState
@@ -178,6 +185,7 @@ func newEncryptor(node nodeRef, port uint16, wg wireGuard, strict func() (strict
 		node: node, port: port, wg: wg, strict: strict, stateFn: stateFile, log: log, now: time.Now,
 		ipsec:       ipsecState{keyFile: ipsecKeyFile},
 		publishedCh: make(chan struct{}, 1), established: make(map[string]bool), configured: make(map[nodeRef]wgPeer),
+		lingering: make(map[nodeRef]lingeringPeer),
 	}
 }
 
@@ -230,6 +238,21 @@ func (e *encryptor) Status() EncryptionStatus {
 	if e.filter != nil && st.Strictly != nil {
 		if in, out, err := e.filter.Drops(); err == nil {
 			st.Strictly = &StrictFilterCounter{Ingress: in, Egress: out}
+		}
+	}
+	// Handshakes and byte counts too: once every peer is established no
+	// apply runs until the mesh changes, and a rotation's new handshake
+	// would not show for minutes.
+	if e.up && len(st.Peers) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		have, err := e.wg.Peers(ctx)
+		cancel()
+		if err == nil {
+			for i, p := range st.Peers {
+				if ps, ok := have[p.PublicKey]; ok && p.PublicKey != "" {
+					st.Peers[i].LastHandshake, st.Peers[i].RxBytes, st.Peers[i].TxBytes = ps.LastHandshake, ps.RxBytes, ps.TxBytes
+				}
+			}
 		}
 	}
 	return st
@@ -305,6 +328,10 @@ func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *Encr
 	// Peers are added before the routes move to them, and removed only
 	// after the routes moved away (finish): until then the union.
 	want, refs := e.peersOf(snap)
+	lingerAgain := e.linger(want)
+	for ref, l := range e.lingering {
+		want[ref] = l.peer
+	}
 	union := maps.Clone(want)
 	for ref, p := range e.configured {
 		if _, ok := union[ref]; !ok {
@@ -320,7 +347,7 @@ func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *Encr
 		return e.fallbackPaths(snap), time.Second, fmt.Errorf("wireguard: read peers: %w", err)
 	}
 	paths := make(map[string]tunnel.Path)
-	var again time.Duration
+	again := lingerAgain
 	now := e.now()
 	for ref, key := range refs {
 		name := ref.String()
@@ -335,9 +362,9 @@ func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *Encr
 			path = tunnel.PathEncrypted
 		case snap.Encryption.Strict:
 			path = tunnel.PathBlocked
-			again = pendingRetry
+			again = minRetry(again, pendingRetry)
 		default:
-			again = pendingRetry
+			again = minRetry(again, pendingRetry)
 		}
 		paths[name] = path
 		st.Peers = append(st.Peers, PeerEncryption{Node: name, Path: path.String(), PublicKey: key,
@@ -351,6 +378,56 @@ func (e *encryptor) on(ctx context.Context, snap *clustermesh.Snapshot, st *Encr
 	}
 	e.addClearPeers(snap, st)
 	return paths, again, nil
+}
+
+// linger keeps, for peerLinger, the device entry of a peer that withdrew
+// its key or left: a node turning encryption off keeps sending encrypted
+// until it sees its own withdrawal published and drainGrace passed, and
+// those packets must still be decrypted here, or its connections stall
+// until it switches. No route of ours points at a lingering peer. A peer
+// whose pod CIDRs another wanted peer now holds goes at once (WireGuard
+// gives an address to one peer only). It returns when to run again for
+// the next expiry (0: none pending).
+func (e *encryptor) linger(want map[nodeRef]wgPeer) time.Duration {
+	now := e.now()
+	held := make(map[netip.Prefix]bool)
+	for _, p := range want {
+		for _, c := range p.AllowedIPs {
+			held[c] = true
+		}
+	}
+	for ref, p := range e.configured {
+		if _, ok := want[ref]; ok {
+			continue
+		}
+		if _, ok := e.lingering[ref]; !ok {
+			e.lingering[ref] = lingeringPeer{peer: p, until: now.Add(peerLinger)}
+		}
+	}
+	var again time.Duration
+	for ref, l := range e.lingering {
+		_, back := want[ref]
+		taken := slices.ContainsFunc(l.peer.AllowedIPs, func(c netip.Prefix) bool { return held[c] })
+		if back || taken || !now.Before(l.until) {
+			delete(e.lingering, ref)
+			continue
+		}
+		again = minRetry(again, l.until.Sub(now))
+	}
+	return again
+}
+
+type lingeringPeer struct {
+	peer  wgPeer
+	until time.Time
+}
+
+// minRetry is the sooner of two retry delays, 0 meaning none.
+func minRetry(a, b time.Duration) time.Duration {
+	if a == 0 || (b != 0 && b < a) {
+		return b
+	}
+	return a
 }
 
 // fallbackPaths are the paths when the device cannot be configured: an
@@ -432,6 +509,7 @@ func (e *encryptor) off(ctx context.Context, snap *clustermesh.Snapshot, st *Enc
 	e.up, e.draining = false, nil
 	e.established = make(map[string]bool)
 	e.configured, e.prune = make(map[nodeRef]wgPeer), nil
+	clear(e.lingering)
 	st.Draining = false
 	e.addClearPeers(snap, st)
 	return nil, 0, nil

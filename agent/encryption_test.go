@@ -173,6 +173,12 @@ func TestEncryptionPathWaitsForHandshake(t *testing.T) {
 	if len(st.Peers) != 2 || st.Peers[0].Node != "us/n2" || st.Peers[0].Path != "encrypted" || st.Peers[1].Node != "us/n3" || st.Peers[1].Path != "tunnel" {
 		t.Fatalf("status peers %+v", st.Peers)
 	}
+	// Status reads handshakes and counters from the device, not from the
+	// last step: no step runs while the mesh is quiet.
+	et.wg.handshake["us-key"], et.wg.rx["us-key"] = et.now, 4096
+	if st := et.e.Status(); !st.Peers[0].LastHandshake.Equal(et.now) || st.Peers[0].RxBytes != 4096 {
+		t.Fatalf("status of us/n2 after a handshake since the last step: %+v", st.Peers[0])
+	}
 }
 
 // Strict: before the handshake the peer is blocked, never in clear; the
@@ -199,8 +205,9 @@ func TestEncryptionStrict(t *testing.T) {
 	}
 }
 
-// A peer that withdraws its key moves back to the tunnel, and leaves the
-// device only after (finish, once the tunnel moved the route).
+// A peer that withdraws its key moves back to the tunnel at once, and
+// stays on the device for peerLinger, while it drains (it sends
+// encrypted until it sees its own withdrawal): then it goes.
 func TestEncryptionPeerLeavesAfterRoute(t *testing.T) {
 	et := newEncTest(t, t.TempDir())
 	et.snap.Encryption = v1.EncryptionConfig{Type: v1.EncryptionWireGuard}
@@ -208,19 +215,29 @@ func TestEncryptionPeerLeavesAfterRoute(t *testing.T) {
 	et.wantPaths(et.step(), map[string]tunnel.Path{"us/n2": tunnel.PathEncrypted})
 
 	et.snap.Nodes["us"]["n2"] = node("us", "n2", 2, "")
-	paths, _, err := et.e.step(context.Background(), et.snap)
+	paths, again, err := et.e.step(context.Background(), et.snap)
 	if err != nil {
 		t.Fatal(err)
 	}
 	et.wantPaths(paths, map[string]tunnel.Path{})
-	if len(et.wg.peers) != 1 {
-		t.Fatalf("the peer left the device before its route moved: %+v", et.wg.peers)
+	if again != peerLinger {
+		t.Errorf("step asks to run again in %s; want %s, when the lingering peer goes", again, peerLinger)
 	}
 	if err := et.e.finish(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	if len(et.wg.peers) != 1 {
+		t.Fatalf("the peer left the device while it may still be draining: %+v", et.wg.peers)
+	}
+	et.now = et.now.Add(peerLinger / 2)
+	et.wantPaths(et.step(), map[string]tunnel.Path{})
+	if len(et.wg.peers) != 1 {
+		t.Fatalf("the peer left the device halfway through its linger: %+v", et.wg.peers)
+	}
+	et.now = et.now.Add(peerLinger / 2)
+	et.wantPaths(et.step(), map[string]tunnel.Path{})
 	if len(et.wg.peers) != 0 {
-		t.Fatalf("the peer is still on the device after its route moved: %+v", et.wg.peers)
+		t.Fatalf("the peer is still on the device after its linger: %+v", et.wg.peers)
 	}
 
 	// It comes back with a new key: a handshake again before the route.

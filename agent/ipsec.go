@@ -42,7 +42,7 @@ func (e *encryptor) ipsecOn(ctx context.Context, snap *clustermesh.Snapshot) (ui
 		// First, because no key file can make up for the kernel.
 		m, err := ipsec.New(ipsec.Config{Logger: e.log})
 		if err != nil {
-			return 0, fmt.Errorf("ipsec: %w", err)
+			return 0, err
 		}
 		s.mgr = m
 	}
@@ -51,7 +51,7 @@ func (e *encryptor) ipsecOn(ctx context.Context, snap *clustermesh.Snapshot) (ui
 	}
 	keys, err := ipsec.LoadKeys(s.keyFile, e.log)
 	if err != nil {
-		return s.index, fmt.Errorf("ipsec: %w", err)
+		return s.index, err
 	}
 	now := e.now()
 	if cur := keys.Current(); cur != s.index {
@@ -95,7 +95,7 @@ func (e *encryptor) ipsecOn(ctx context.Context, snap *clustermesh.Snapshot) (ui
 	}
 	s.used = true
 	if err := s.mgr.Apply(ctx, desired); err != nil {
-		return s.index, fmt.Errorf("ipsec: %w", err)
+		return s.index, err
 	}
 	return s.index, nil
 }
@@ -111,7 +111,7 @@ func (e *encryptor) ipsecOff(ctx context.Context) error {
 	if m == nil {
 		var err error
 		if m, err = ipsec.Open(ipsec.Config{Logger: e.log}); err != nil {
-			return fmt.Errorf("ipsec: %w", err)
+			return err
 		}
 		defer m.Close()
 	}
