@@ -54,7 +54,7 @@ func (d *demo) encryption(ctx context.Context) error {
 	if err := Annotate(ctx, d.opts, "eu", "default/echo", []string{"trellis.io/affinity-"}); err != nil {
 		return err
 	}
-	stream, err := startPodStream(ctx, from, to, demoStreamPort)
+	stream, err := startPodStream(ctx, from, to, demoStreamPort, nil)
 	if err != nil {
 		return err
 	}

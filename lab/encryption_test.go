@@ -56,7 +56,7 @@ func TestLabEncryption(t *testing.T) {
 		return n
 	}
 	marker := []byte("TRELLIS-PLAINTEXT-" + r.name)
-	streams := []*tcpStream{
+	streams := []testStream{
 		startStream(t, pod("eu/client"), pod("us/echo-n2"), 9101, marker), // across clusters
 		startStream(t, pod("us/client"), pod("eu/echo-n1"), 9102, marker), // and back
 		startStream(t, pod("eu/client"), pod("eu/echo-n2"), 9103, marker), // within eu, node to node
@@ -318,7 +318,7 @@ func TestLabEncryption(t *testing.T) {
 	})
 
 	for _, s := range streams {
-		if _, err := s.progress(); err != nil {
+		if err := s.err(); err != nil {
 			t.Errorf("TCP stream %s: %v", s.name, err)
 		}
 	}

@@ -21,6 +21,7 @@ import (
 // the bytes travel the pods' paths (veth, node, tunnel or WireGuard).
 type podStream struct {
 	name   string
+	marker []byte
 	ln     net.Listener
 	conn   net.Conn
 	cancel context.CancelFunc
@@ -33,6 +34,7 @@ type podStream struct {
 	started  time.Time
 	lastEcho time.Time
 	maxStall time.Duration
+	stallEnd time.Time // when the longest pause ended
 }
 
 // streamStats is what a podStream did so far.
@@ -41,6 +43,7 @@ type streamStats struct {
 	Errors       int
 	Err          error
 	MaxStall     time.Duration
+	StallEnd     time.Time // when the longest pause ended
 	Took         time.Duration
 }
 
@@ -50,13 +53,23 @@ const (
 	podStreamTimeout  = 30 * time.Second // a write or an echo that waits longer fails the stream
 )
 
-// podStreamByte is byte i of a stream.
-func podStreamByte(i int64) byte { return byte(i*7 + i/podStreamChunk) }
+// podStreamByte is byte i of a stream: the marker at the start of every
+// chunk (for a capture to look for), then a pattern of the offset.
+func podStreamByte(marker []byte, i int64) byte {
+	if off := i % podStreamChunk; off < int64(len(marker)) {
+		return marker[off]
+	}
+	return byte(i*7 + i/podStreamChunk)
+}
 
 // startPodStream connects pod src to a listener it opens in pod dst on
-// port, and keeps them talking until stop or ctx ends.
-func startPodStream(ctx context.Context, src, dst *podLayout, port uint16) (*podStream, error) {
-	s := &podStream{name: src.ref() + " → " + dst.ref()}
+// port, and keeps them talking until stop or ctx ends. Every chunk starts
+// with marker (at most a chunk; may be empty).
+func startPodStream(ctx context.Context, src, dst *podLayout, port uint16, marker []byte) (*podStream, error) {
+	if len(marker) > podStreamChunk {
+		return nil, fmt.Errorf("lab: stream marker of %d bytes, want at most %d", len(marker), podStreamChunk)
+	}
+	s := &podStream{name: src.ref() + " → " + dst.ref(), marker: marker}
 	addr := netip.AddrPortFrom(dst.ip, port).String()
 	err := inNetNS(dst.ns, func() error {
 		var err error
@@ -124,7 +137,7 @@ func startPodStream(ctx context.Context, src, dst *podLayout, port uint16) (*pod
 			case <-tick.C:
 			}
 			for i := range buf {
-				buf[i] = podStreamByte(off + int64(i))
+				buf[i] = podStreamByte(s.marker, off+int64(i))
 			}
 			s.conn.SetWriteDeadline(time.Now().Add(podStreamTimeout))
 			n, err := s.conn.Write(buf)
@@ -147,15 +160,17 @@ func startPodStream(ctx context.Context, src, dst *podLayout, port uint16) (*pod
 			n, err := s.conn.Read(buf)
 			now := time.Now()
 			for i := range n {
-				if buf[i] != podStreamByte(off+int64(i)) {
-					s.fail(ctx, fmt.Errorf("byte %d came back as %#x, want %#x", off+int64(i), buf[i], podStreamByte(off+int64(i))))
+				if want := podStreamByte(s.marker, off+int64(i)); buf[i] != want {
+					s.fail(ctx, fmt.Errorf("byte %d came back as %#x, want %#x", off+int64(i), buf[i], want))
 					return
 				}
 			}
 			off += int64(n)
 			s.mu.Lock()
 			if n > 0 {
-				s.maxStall = max(s.maxStall, now.Sub(s.lastEcho))
+				if d := now.Sub(s.lastEcho); d > s.maxStall {
+					s.maxStall, s.stallEnd = d, now
+				}
 				s.lastEcho, s.echoed = now, off
 			}
 			s.mu.Unlock()
@@ -183,7 +198,7 @@ func (s *podStream) fail(ctx context.Context, err error) {
 func (s *podStream) stats() streamStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := streamStats{Sent: s.sent, Echoed: s.echoed, Err: s.err, MaxStall: s.maxStall, Took: time.Since(s.started)}
+	st := streamStats{Sent: s.sent, Echoed: s.echoed, Err: s.err, MaxStall: s.maxStall, StallEnd: s.stallEnd, Took: time.Since(s.started)}
 	if s.err != nil {
 		st.Errors = 1
 	}
