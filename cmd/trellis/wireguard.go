@@ -28,5 +28,6 @@ func newAgentWireGuardDeviceCmd(g *globalOptions) *cobra.Command {
 	cmd.Flags().StringVar(&cfg.Name, "name", wireguard.DefaultDevice, "the TUN link's name")
 	cmd.Flags().IntVar(&cfg.MTU, "mtu", wireguard.DefaultMTU, "the link's MTU")
 	cmd.Flags().StringVar(&cfg.SocketPath, "socket", "", "unix socket to serve the UAPI on (default "+wireguard.DefaultSocketDir+"/<name>.sock)")
+	cmd.Flags().IntVar(&cfg.MaxProcs, "max-procs", wireguard.DefaultDeviceMaxProcs(), "CPUs to run Go code on at once (GOMAXPROCS); 0: Go's default")
 	return cmd
 }

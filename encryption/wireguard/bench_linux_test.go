@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -200,10 +201,13 @@ func stats(ss []throughputSample, f func(throughputSample) float64) [3]float64 {
 // 10.96.N.1.
 func debianVariant(b *testing.B, ctx context.Context, a, c *node) *throughputVariant {
 	b.Helper()
-	name := privtest.UniqueShortName("twgd")
+	base := privtest.UniqueShortName("twgd")
 	v := &throughputVariant{name: "debian-wireguard-go", dst: netip.AddrFrom4([4]byte{10, 96, 2, 1})}
 	nodes := []*node{a, c}
 	for i, n := range nodes {
+		// One name per node: the UAPI socket /var/run/wireguard/<name>.sock
+		// is in the mount namespace both processes share.
+		name := base + strconv.Itoa(i)
 		cmd := exec.Command(debianWireGuardGo, "-f", name)
 		cmd.Env = append(os.Environ(), "LOG_LEVEL=error")
 		must(b, "start "+debianWireGuardGo, privtest.StartInNetNSAndCgroup(b, cmd, n.ns, ""))

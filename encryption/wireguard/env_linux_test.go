@@ -53,6 +53,7 @@ func deviceHelper(args []string, _ io.Reader, _ io.Writer) int {
 	fs.StringVar(&cfg.Name, "name", "", "")
 	fs.IntVar(&cfg.MTU, "mtu", 0, "")
 	fs.StringVar(&cfg.SocketPath, "socket", "", "")
+	cfg.MaxProcs = DefaultDeviceMaxProcs()
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
