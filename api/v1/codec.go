@@ -74,6 +74,7 @@ func (s *Service) normalize() {
 	s.FrontendIPs = nilIfEmpty(s.FrontendIPs)
 	s.Backends = normalizeBackends(s.Backends)
 	s.BackendShards = nilIfEmpty(s.BackendShards)
+	s.FailoverRegions = nilIfEmpty(s.FailoverRegions)
 }
 func (sh *BackendShard) normalize() { sh.Backends = normalizeBackends(sh.Backends) }
 

@@ -84,6 +84,8 @@ func TestWireFormat(t *testing.T) {
 			Backends:    []Backend{{IP: netip.MustParseAddr("10.0.1.5"), Ports: []BackendPort{{Port: 8080}}, State: BackendActive, Node: "n1", Zone: "a"}},
 			Global:      true, Shared: true, Affinity: AffinityLocal},
 			`{"v":1,"cluster":"c","namespace":"default","name":"web","ports":[{"protocol":"TCP","port":80,"targetPort":8080}],"frontendIPs":["10.96.0.10"],"backends":[{"ip":"10.0.1.5","ports":[{"port":8080}],"state":"active","node":"n1","zone":"a"}],"global":true,"shared":true,"affinity":"local"}`},
+		{Service{Cluster: "c", Namespace: "default", Name: "web", Global: true, Affinity: AffinityLocal, FailoverRegions: []string{"ap", "us"}},
+			`{"v":1,"cluster":"c","namespace":"default","name":"web","global":true,"affinity":"local","failoverRegions":["ap","us"]}`},
 		{Service{Cluster: "c", Namespace: "default", Name: "web", Ports: []ServicePort{{Protocol: ProtocolTCP, Port: 80, TargetPort: 8080}},
 			BackendShards: []uint64{0, 3, 3}, Global: true, Shared: true},
 			`{"v":1,"cluster":"c","namespace":"default","name":"web","ports":[{"protocol":"TCP","port":80,"targetPort":8080}],"backendShards":[0,3,3],"global":true,"shared":true}`},

@@ -107,8 +107,20 @@ func FuzzDecodeService(f *testing.F) {
 	s := sampleService()
 	s.Ports = []ServicePort{{Protocol: ProtocolUDP, Port: 53}}
 	s.Backends = []Backend{{IP: netip.MustParseAddr("10.7.0.10"), Ports: []BackendPort{{Port: 53}}, State: BackendActive}}
-	s.Global, s.Shared, s.Affinity = false, false, ""
+	s.Global, s.Shared, s.Affinity, s.FailoverRegions = false, false, "", nil
 	addSeeds(f, sampleService(), s)
+	for _, s := range []string{
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":["ap","us"]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":[]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":null}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":[""]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":["us","us"]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":"us"}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":[1]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","failoverRegions":["us"]}`,
+	} {
+		f.Add([]byte(s))
+	}
 	f.Fuzz(func(t *testing.T, data []byte) { fuzzDecode(t, data, DecodeService) })
 }
 

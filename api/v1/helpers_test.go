@@ -95,9 +95,10 @@ func sampleService() Service {
 			{IP: netip.MustParseAddr("10.7.13.17"), Ports: []BackendPort{{"http", 8080}, {"grpc", 9090}}, State: BackendTerminating, Node: "ip-172-20-34-7.eu-west-1.compute.internal", Zone: "eu-west-1b"},
 			{IP: netip.MustParseAddr("fd00:7:0:c::11"), Ports: []BackendPort{{"http", 8080}}, State: BackendUnready},
 		},
-		Global:   true,
-		Shared:   true,
-		Affinity: AffinityLocal,
+		Global:          true,
+		Shared:          true,
+		Affinity:        AffinityLocal,
+		FailoverRegions: []string{"us-east-1", "ap-southeast-1"},
 	}
 }
 

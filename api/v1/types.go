@@ -220,7 +220,18 @@ type Service struct {
 	// Affinity picks which clusters' backends to prefer; requires Global
 	// unless it is none.
 	Affinity Affinity `json:"affinity,omitempty"`
+	// FailoverRegions orders the regions whose clusters' backends a
+	// reader turns to when it does not use its own cluster's (affinity
+	// remote, or no active local backend): clusters of the reader's own
+	// region first, then these regions in turn (the first with an active
+	// backend wins), then all the rest. Region names as in
+	// [ClusterConfig.Region], not empty, each once, at most
+	// [MaxFailoverRegions]; requires Global.
+	FailoverRegions []string `json:"failoverRegions,omitempty"`
 }
+
+// MaxFailoverRegions bounds Service.FailoverRegions.
+const MaxFailoverRegions = 16
 
 // Shard limits. A writer fills a shard up to MaxShardBackends backends and
 // [ShardFillBytes] of JSON; readers enforce neither (a later writer may

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -289,6 +290,21 @@ func (s *Service) check() *ValidationError {
 		}
 	default:
 		return bad("affinity", string(s.Affinity), `want "", "none", "local" or "remote"`)
+	}
+	if len(s.FailoverRegions) > 0 && !s.Global {
+		return bad("failoverRegions", strings.Join(s.FailoverRegions, ","), "want none unless global is true")
+	}
+	if len(s.FailoverRegions) > MaxFailoverRegions {
+		return bad("failoverRegions", strconv.Itoa(len(s.FailoverRegions))+" regions", "want at most "+strconv.Itoa(MaxFailoverRegions))
+	}
+	for i, r := range s.FailoverRegions {
+		field := "failoverRegions[" + strconv.Itoa(i) + "]"
+		if !isLabelName(r) {
+			return bad(field, r, "want a region name: 1-63 characters A-Z, a-z, 0-9, '-', '_' and '.', starting and ending with a letter or digit")
+		}
+		if j := slices.Index(s.FailoverRegions[:i], r); j >= 0 {
+			return bad(field, r, "duplicate of failoverRegions["+strconv.Itoa(j)+"]; want each region once")
+		}
 	}
 	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -265,11 +266,21 @@ func TestServiceValidate(t *testing.T) {
 		{"backend zone bad", func(s *Service) { s.Backends[1].Zone = "zone a" }, "backends[1].zone"},
 		{"shared not global", func(s *Service) { s.Global = false; s.Affinity = "" }, "shared"},
 		{"global not shared ok", func(s *Service) { s.Shared = false }, ""},
-		{"local service ok", func(s *Service) { s.Global, s.Shared, s.Affinity = false, false, "" }, ""},
+		{"local service ok", func(s *Service) { s.Global, s.Shared, s.Affinity, s.FailoverRegions = false, false, "", nil }, ""},
 		{"affinity not global", func(s *Service) { s.Global, s.Shared = false, false }, "affinity"},
-		{"affinity none not global ok", func(s *Service) { s.Global, s.Shared, s.Affinity = false, false, AffinityNone }, ""},
+		{"affinity none not global ok", func(s *Service) { s.Global, s.Shared, s.Affinity, s.FailoverRegions = false, false, AffinityNone, nil }, ""},
 		{"affinity remote", func(s *Service) { s.Affinity = AffinityRemote }, ""},
 		{"affinity unknown", func(s *Service) { s.Affinity = "nearest" }, "affinity"},
+		{"no failover regions ok", func(s *Service) { s.FailoverRegions = nil }, ""},
+		{"failover regions not global", func(s *Service) { s.Global, s.Shared, s.Affinity = false, false, "" }, "failoverRegions"},
+		{"failover region empty", func(s *Service) { s.FailoverRegions[1] = "" }, "failoverRegions[1]"},
+		{"failover region bad", func(s *Service) { s.FailoverRegions[0] = "us east" }, "failoverRegions[0]"},
+		{"failover region too long", func(s *Service) { s.FailoverRegions[0] = strings.Repeat("a", 64) }, "failoverRegions[0]"},
+		{"failover region longest ok", func(s *Service) { s.FailoverRegions[0] = strings.Repeat("a", 63) }, ""},
+		{"failover region mixed case ok", func(s *Service) { s.FailoverRegions[0] = "US_East.1" }, ""},
+		{"failover region twice", func(s *Service) { s.FailoverRegions = append(s.FailoverRegions, "us-east-1") }, "failoverRegions[2]"},
+		{"most failover regions ok", func(s *Service) { s.FailoverRegions = manyRegions(MaxFailoverRegions) }, ""},
+		{"too many failover regions", func(s *Service) { s.FailoverRegions = manyRegions(MaxFailoverRegions + 1) }, "failoverRegions"},
 		{"backend shards ok", func(s *Service) { s.Backends, s.BackendShards = nil, []uint64{0, 0, 7} }, ""},
 		{"backend shards and backends", func(s *Service) { s.BackendShards = []uint64{0} }, "backends"},
 		{"too many backend shards", func(s *Service) { s.Backends, s.BackendShards = nil, make([]uint64, MaxBackendShards+1) }, "backendShards"},
@@ -423,4 +434,13 @@ func TestCheckReachable(t *testing.T) {
 			t.Errorf("CheckReachable(%s) = %v: want an ErrInvalid naming the address", a, err)
 		}
 	}
+}
+
+// manyRegions returns n distinct region names.
+func manyRegions(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = "region-" + strconv.Itoa(i)
+	}
+	return out
 }
