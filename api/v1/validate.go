@@ -294,15 +294,29 @@ func (s *Service) check() *ValidationError {
 	if len(s.FailoverRegions) > 0 && !s.Global {
 		return bad("failoverRegions", strings.Join(s.FailoverRegions, ","), "want none unless global is true")
 	}
-	if len(s.FailoverRegions) > MaxFailoverRegions {
-		return bad("failoverRegions", strconv.Itoa(len(s.FailoverRegions))+" regions", "want at most "+strconv.Itoa(MaxFailoverRegions))
+	return checkFailoverRegions(s.FailoverRegions)
+}
+
+// ValidateFailoverRegions checks a list of failover regions as
+// [Service.FailoverRegions] holds them: region names, not empty, each
+// once, at most [MaxFailoverRegions]. Errors match [ErrInvalid].
+func ValidateFailoverRegions(regions []string) error {
+	if e := checkFailoverRegions(regions); e != nil {
+		return e.in("failover regions", strings.Join(regions, ","))
 	}
-	for i, r := range s.FailoverRegions {
+	return nil
+}
+
+func checkFailoverRegions(regions []string) *ValidationError {
+	if len(regions) > MaxFailoverRegions {
+		return bad("failoverRegions", strconv.Itoa(len(regions))+" regions", "want at most "+strconv.Itoa(MaxFailoverRegions))
+	}
+	for i, r := range regions {
 		field := "failoverRegions[" + strconv.Itoa(i) + "]"
 		if !isLabelName(r) {
 			return bad(field, r, "want a region name: 1-63 characters A-Z, a-z, 0-9, '-', '_' and '.', starting and ending with a letter or digit")
 		}
-		if j := slices.Index(s.FailoverRegions[:i], r); j >= 0 {
+		if j := slices.Index(regions[:i], r); j >= 0 {
 			return bad(field, r, "duplicate of failoverRegions["+strconv.Itoa(j)+"]; want each region once")
 		}
 	}

@@ -28,6 +28,7 @@
 //	global    trellis.io/global    service.cilium.io/global    io.cilium/global-service
 //	shared    trellis.io/shared    service.cilium.io/shared    io.cilium/shared-service
 //	affinity  trellis.io/affinity  service.cilium.io/affinity  io.cilium/service-affinity
+//	failover  trellis.io/failover-regions  (no Cilium spelling)
 //
 // global and shared take "true" or "false" (any case, surrounding space
 // ignored). shared defaults to true for a global service and is always false
@@ -36,7 +37,12 @@
 // name and counted once ([ProblemMalformedAnnotation]); a malformed global
 // means "not global" (the service is not published), a malformed shared
 // means "not shared" (backends are not offered to other clusters while we
-// are unsure), a malformed affinity means "none".
+// are unsure), a malformed affinity means "none". failover-regions is a
+// comma-separated list of regions ("ap, us"), the order in which the
+// agents of other clusters turn to regions when they do not use their own
+// cluster's backends (see [v1.Service.FailoverRegions]); a malformed list
+// (an empty entry, a bad region name, a region twice, more than 16)
+// means no list.
 //
 // # Service mapping
 //

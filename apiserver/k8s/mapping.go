@@ -158,9 +158,11 @@ func serviceFromK8s(cluster string, opts source.ServiceOptions, svc *corev1.Serv
 		Global:    opts.Global,
 		Shared:    opts.Shared && opts.Global,
 		Affinity:  opts.Affinity,
+
+		FailoverRegions: opts.FailoverRegions,
 	}
 	if !opts.Global {
-		out.Affinity = v1.AffinityNone
+		out.Affinity, out.FailoverRegions = v1.AffinityNone, nil
 	}
 
 	// Slices in name order, so two runs build byte-identical values.

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/trellis-mesh/trellis/apiserver/source"
@@ -57,10 +59,30 @@ func TestParseAnnotations(t *testing.T) {
 			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.CiliumAnnotationAffinity}},
 		{"empty global", map[string]string{source.AnnotationGlobal: ""},
 			source.ServiceOptions{Affinity: none}, []string{source.AnnotationGlobal}},
+		{"failover regions in order, spaces trimmed", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: " ap , us-east-1,eu"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none, FailoverRegions: []string{"ap", "us-east-1", "eu"}}, nil},
+		{"failover regions keep their case", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "US_East.1"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none, FailoverRegions: []string{"US_East.1"}}, nil},
+		{"empty failover regions", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: " "},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, nil},
+		{"failover regions without global are ignored", map[string]string{source.AnnotationFailoverRegions: "ap"},
+			source.ServiceOptions{Affinity: none}, nil},
+		{"failover regions with an empty entry", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "ap,,us"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.AnnotationFailoverRegions}},
+		{"failover regions with a trailing comma", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "ap,"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.AnnotationFailoverRegions}},
+		{"failover region twice", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "ap,us,ap"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.AnnotationFailoverRegions}},
+		{"failover region not a label value", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "ap;us"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.AnnotationFailoverRegions}},
+		{"too many failover regions", map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "r0,r1,r2,r3,r4,r5,r6,r7,r8,r9,r10,r11,r12,r13,r14,r15,r16"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: none}, []string{source.AnnotationFailoverRegions}},
+		{"malformed failover regions leave the rest", map[string]string{source.AnnotationGlobal: "true", source.AnnotationAffinity: "local", source.AnnotationFailoverRegions: "ap us"},
+			source.ServiceOptions{Global: true, Shared: true, Affinity: v1.AffinityLocal}, []string{source.AnnotationFailoverRegions}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, errs := source.ParseAnnotations(tc.ann)
-			if got != tc.want {
+			if !reflect.DeepEqual(got, tc.want) {
 				t.Errorf("options = %+v; want %+v", got, tc.want)
 			}
 			var keys []string
@@ -97,7 +119,7 @@ func TestBackendState(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := backendState(discoveryv1.EndpointConditions{Ready: tc.ready, Serving: tc.serving, Terminating: tc.terminating})
-			if got != tc.want {
+			if !reflect.DeepEqual(got, tc.want) {
 				t.Errorf("state = %s; want %s", got, tc.want)
 			}
 		})
@@ -189,6 +211,41 @@ func TestServiceFromK8s(t *testing.T) {
 	}
 	if err := got.Validate(); err != nil {
 		t.Errorf("mapped service does not validate: %v", err)
+	}
+}
+
+// A malformed failover list is reported naming the annotation, the value
+// and the entry at fault.
+func TestParseAnnotationsFailoverRegionsError(t *testing.T) {
+	_, errs := source.ParseAnnotations(map[string]string{source.AnnotationGlobal: "true", source.AnnotationFailoverRegions: "ap, us ,ap"})
+	if len(errs) != 1 {
+		t.Fatalf("errors %v; want one", errs)
+	}
+	msg := errs[0].Error()
+	for _, want := range []string{source.AnnotationFailoverRegions, `"ap, us ,ap"`, `failoverRegions[2] "ap"`, "duplicate", "using no failover regions"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not mention %s", msg, want)
+		}
+	}
+}
+
+// The failover regions travel to the published service, and only for a
+// global one.
+func TestServiceFromK8sFailoverRegions(t *testing.T) {
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "cart"},
+		Spec:       corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}},
+	}
+	got, _ := serviceFromK8s("east", source.ServiceOptions{Global: true, Shared: true, Affinity: v1.AffinityLocal, FailoverRegions: []string{"ap", "us"}}, svc, nil)
+	if !slices.Equal(got.FailoverRegions, []string{"ap", "us"}) {
+		t.Errorf("failover regions %v; want [ap us]", got.FailoverRegions)
+	}
+	if err := got.Validate(); err != nil {
+		t.Errorf("mapped service does not validate: %v", err)
+	}
+	got, _ = serviceFromK8s("east", source.ServiceOptions{FailoverRegions: []string{"ap"}}, svc, nil)
+	if got.FailoverRegions != nil || got.Validate() != nil {
+		t.Errorf("a service that is not global carries failover regions %v (%v)", got.FailoverRegions, got.Validate())
 	}
 }
 

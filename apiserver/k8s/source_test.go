@@ -590,3 +590,45 @@ func TestRunTwice(t *testing.T) {
 }
 
 var _ kubernetes.Interface = (*fake.Clientset)(nil)
+
+// The failover regions annotation reaches the published service; a
+// malformed one is reported once as a malformed annotation and the
+// service stays published without the list (the rest of its settings
+// kept), until the annotation is fixed.
+func TestSourceFailoverRegions(t *testing.T) {
+	ctx := context.Background()
+	ann := func(regions string) map[string]string {
+		return map[string]string{source.AnnotationGlobal: "true", source.AnnotationAffinity: "local", source.AnnotationFailoverRegions: regions}
+	}
+	cs, waitWatches := newFakeClient(t, k8sService("shop", "cart", ann(" ap , us")))
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
+	s := runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
+	waitWatches()
+	await := func(what string, want []string) {
+		t.Helper()
+		sink.waitFor(t, waitTimeout, what, func() error {
+			svc, ok := sink.service("shop", "cart")
+			if !ok || !slices.Equal(svc.FailoverRegions, want) || svc.Affinity != v1.AffinityLocal {
+				return fmt.Errorf("service %+v (published %v)", svc, ok)
+			}
+			return nil
+		})
+	}
+	await("failover regions ap, us", []string{"ap", "us"})
+
+	if _, err := cs.CoreV1().Services("shop").Update(ctx, k8sService("shop", "cart", ann("ap,us,ap")), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("a malformed list dropped", nil)
+	if n := s.Stats().Problems[ProblemMalformedAnnotation]; n != 1 {
+		t.Errorf("%d malformed annotations reported; want 1", n)
+	}
+
+	if _, err := cs.CoreV1().Services("shop").Update(ctx, k8sService("shop", "cart", ann("us")), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("failover regions us", []string{"us"})
+	if n := s.Stats().Problems[ProblemMalformedAnnotation]; n != 1 {
+		t.Errorf("%d malformed annotations reported after the fix; want still 1", n)
+	}
+}

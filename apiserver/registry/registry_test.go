@@ -461,3 +461,50 @@ func TestUnpublishableIsReported(t *testing.T) {
 		t.Errorf("published %v after the refused PUT, want the old version", got)
 	}
 }
+
+// The failover regions annotation is published in the service; a
+// malformed one is refused at the door, naming the annotation and the
+// value, and the published service stays as it was.
+func TestServiceFailoverRegions(t *testing.T) {
+	e := startEtcd(t)
+	r, sink, _ := newRegistry(t, e)
+	ctx := context.Background()
+	svc := func(regions string) v1.ServiceRequest {
+		return v1.ServiceRequest{Namespace: "default", Name: "web", Ports: []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: 8080}},
+			Selector:    map[string]string{"app": "web"},
+			Annotations: map[string]string{"trellis.io/global": "true", "trellis.io/affinity": "local", "trellis.io/failover-regions": regions}}
+	}
+	published := func() []string {
+		t.Helper()
+		sink.mu.Lock()
+		defer sink.mu.Unlock()
+		s, ok := sink.services["default/web"]
+		if !ok {
+			t.Fatal("service default/web not published")
+		}
+		return s.FailoverRegions
+	}
+	if err := r.PutService(ctx, svc("ap, us")); err != nil {
+		t.Fatal(err)
+	}
+	if got := published(); !slices.Equal(got, []string{"ap", "us"}) {
+		t.Errorf("failover regions %v; want [ap us]", got)
+	}
+	for _, bad := range []string{"ap,,us", "ap,us,ap", "ap us", "ap,"} {
+		err := r.PutService(ctx, svc(bad))
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "trellis.io/failover-regions") || !strings.Contains(err.Error(), fmt.Sprintf("%q", bad)) {
+			t.Errorf("failover regions %q: err %v; want ErrInvalid naming the annotation and the value", bad, err)
+		}
+	}
+	if got := published(); !slices.Equal(got, []string{"ap", "us"}) {
+		t.Errorf("failover regions after refused changes %v; want [ap us]", got)
+	}
+	s := svc("")
+	delete(s.Annotations, "trellis.io/failover-regions")
+	if err := r.PutService(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	if got := published(); got != nil {
+		t.Errorf("failover regions after the annotation was removed %v; want none", got)
+	}
+}

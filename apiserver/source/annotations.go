@@ -1,7 +1,9 @@
 package source
 
 import (
+	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -24,6 +26,10 @@ const (
 	AnnotationGlobal   = "trellis.io/global"
 	AnnotationShared   = "trellis.io/shared"
 	AnnotationAffinity = "trellis.io/affinity"
+	// AnnotationFailoverRegions orders the regions to fail over to:
+	// "ap,us" (see [v1.Service.FailoverRegions]). Cilium has no such
+	// annotation, so there is no alias.
+	AnnotationFailoverRegions = "trellis.io/failover-regions"
 
 	// Cilium's spellings, accepted so users can migrate.
 	CiliumAnnotationGlobal   = "service.cilium.io/global"
@@ -46,6 +52,9 @@ type ServiceOptions struct {
 	// Affinity: which clusters' backends to prefer. AffinityNone unless
 	// Global.
 	Affinity v1.Affinity
+	// FailoverRegions: the regions to turn to, in order, when the local
+	// cluster's backends are not used. Nil unless Global.
+	FailoverRegions []string
 }
 
 // AnnotationError is one malformed mesh annotation.
@@ -67,7 +76,7 @@ func (e *AnnotationError) Error() string {
 // ParseAnnotations reads a Service's mesh settings from its annotations. It
 // always returns usable options; malformed values are reported as
 // *AnnotationError values and replaced by the safe choice (not global, not
-// shared, affinity none).
+// shared, affinity none, no failover regions).
 func ParseAnnotations(annotations map[string]string) (ServiceOptions, []error) {
 	var errs []error
 	opts := ServiceOptions{Affinity: v1.AffinityNone}
@@ -100,7 +109,40 @@ func ParseAnnotations(annotations map[string]string) (ServiceOptions, []error) {
 			errs = append(errs, &AnnotationError{Key: key, Value: val, Allowed: `"none", "local" or "remote"`, Using: "none"})
 		}
 	}
+
+	if val, ok := annotations[AnnotationFailoverRegions]; ok {
+		regions, err := ParseFailoverRegions(val)
+		if err != nil {
+			why := err.Error()
+			if ve, ok := errors.AsType[*v1.ValidationError](err); ok {
+				why = fmt.Sprintf("%s %q: %s", ve.Field, ve.Value, ve.Allowed)
+			}
+			errs = append(errs, &AnnotationError{Key: AnnotationFailoverRegions, Value: val,
+				Allowed: "comma-separated region names, each once, at most " + strconv.Itoa(v1.MaxFailoverRegions) + " (" + why + ")",
+				Using:   "no failover regions"})
+		}
+		opts.FailoverRegions = regions
+	}
 	return opts, errs
+}
+
+// ParseFailoverRegions reads the value of [AnnotationFailoverRegions]: region
+// names separated by commas, spaces around each ignored ("ap, us"). An
+// empty value is an empty list. A malformed list (an empty entry, a bad
+// name, a region twice, too many) is an error and nil: half a list would
+// send traffic in an order nobody asked for.
+func ParseFailoverRegions(val string) ([]string, error) {
+	if strings.TrimSpace(val) == "" {
+		return nil, nil
+	}
+	regions := strings.Split(val, ",")
+	for i := range regions {
+		regions[i] = strings.TrimSpace(regions[i])
+	}
+	if err := v1.ValidateFailoverRegions(regions); err != nil {
+		return nil, err
+	}
+	return regions, nil
 }
 
 // first returns the first of keys present in m.
