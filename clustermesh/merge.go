@@ -25,8 +25,17 @@ type clusterInfo struct {
 //   - affinity (from the local service): local → local backends while any
 //     exist, else remote; remote → remote while any exist, else local;
 //     none → all;
-//   - whenever the chosen set is remote only, clusters in the local
-//     cluster's region are preferred while any of them has backends.
+//   - whenever the chosen set is remote only, it is the backends of one
+//     group of clusters, the first of these that has any: the clusters of
+//     the local cluster's region; then those of each region the
+//     service's FailoverRegions lists, in turn; then all the remote
+//     clusters. With no list this is "same region, else all".
+//
+// Whose FailoverRegions: the local cluster's copy of the service, as for
+// affinity: the order is the choice of the cluster whose traffic fails
+// over, and the remotes' lists are ignored. A service that does not exist
+// locally takes the list of the first remote cluster by name, the one its
+// ports come from, so that the choice does not flap.
 func mergeService(name ServiceName, local string, services map[string]map[ServiceName]published, clusters map[string]clusterInfo) *MergedService {
 	localPub := services[local][name]
 	localSvc, haveLocal := localPub.head, localPub.hasHead
@@ -54,11 +63,14 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 		return nil
 	}
 	slices.Sort(remoteNames)
-	if !haveLocal {
+	if haveLocal {
+		m.FailoverRegions = localSvc.FailoverRegions
+	} else {
 		m.Global = true
-		// Ports come from a remote: the first cluster by name, so the
-		// choice does not flap.
-		m.Ports = services[remoteNames[0]][name].head.Ports
+		// Ports and the failover order come from a remote: the first
+		// cluster by name, so the choice does not flap.
+		first := services[remoteNames[0]][name].head
+		m.Ports, m.FailoverRegions = first.Ports, first.FailoverRegions
 	}
 
 	// Backends are resolved against the ports chosen above, whichever
@@ -77,7 +89,7 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 	}
 
 	remotes := func() []Backend {
-		return preferRegion(remoteActive, clusters[local].region, clusters)
+		return preferRegions(remoteActive, clusters[local].region, m.FailoverRegions, clusters)
 	}
 	switch m.Affinity {
 	case v1.AffinityLocal:
@@ -169,27 +181,42 @@ func countActive(backends []v1.Backend) int {
 	return n
 }
 
-// preferRegion returns the backends of clusters in region when any has
-// some, otherwise all of them, ordered by cluster name.
-func preferRegion(byCluster map[string][]Backend, region string, clusters map[string]clusterInfo) []Backend {
+// preferRegions returns the backends of the clusters of the first region
+// that has any: local (the local cluster's region, when it has one), then
+// failover in turn; otherwise those of all clusters. They are ordered by
+// cluster name.
+func preferRegions(byCluster map[string][]Backend, local string, failover []string, clusters map[string]clusterInfo) []Backend {
 	names := make([]string, 0, len(byCluster))
 	for c := range byCluster {
 		names = append(names, c)
 	}
 	slices.SortFunc(names, cmp.Compare[string])
 	// Sized exactly: merged snapshots hold these for every service.
-	var nSame, nAll int
-	for _, c := range names {
-		nAll += len(byCluster[c])
-		if region != "" && clusters[c].region == region {
-			nSame += len(byCluster[c])
+	count := func(region string) int {
+		n := 0
+		for _, c := range names {
+			if clusters[c].region == region {
+				n += len(byCluster[c])
+			}
 		}
+		return n
 	}
-	want := func(c string) bool { return true }
-	n := nAll
-	if nSame > 0 {
-		want = func(c string) bool { return clusters[c].region == region }
-		n = nSame
+	region, n := "", 0
+	if local != "" {
+		region, n = local, count(local)
+	}
+	for _, r := range failover {
+		if n > 0 {
+			break
+		}
+		region, n = r, count(r)
+	}
+	want := func(c string) bool { return clusters[c].region == region }
+	if n == 0 {
+		want = func(string) bool { return true }
+		for _, c := range names {
+			n += len(byCluster[c])
+		}
 	}
 	if n == 0 {
 		return nil

@@ -263,3 +263,151 @@ func TestStateClusterIDReachesBackends(t *testing.T) {
 		t.Fatalf("after us's ID change: cluster IDs %v, want eu 1, us 5", got)
 	}
 }
+
+// failover returns s with the failover regions given.
+func failover(s v1.Service, regions ...string) v1.Service {
+	s.FailoverRegions = regions
+	return s
+}
+
+// When the local cluster's backends are not used, the remote backends are
+// those of the first group that has any: the local region's clusters, the
+// listed regions in turn, all the rest.
+func TestMergeServiceFailoverRegions(t *testing.T) {
+	const (
+		A = v1.BackendActive
+		U = v1.BackendUnready
+	)
+	clusters := map[string]clusterInfo{
+		"eu": {region: "eu"}, "eu2": {region: "eu"},
+		"us": {region: "us"}, "us2": {region: "us"},
+		"ap": {region: "ap"}, "sa": {region: "sa"},
+		"nowhere": {}, // a cluster without a region
+	}
+	local, remote, none := v1.AffinityLocal, v1.AffinityRemote, v1.AffinityNone
+	name := ServiceName{"default", "echo"}
+	for _, tc := range []struct {
+		name     string
+		services map[string]v1.Service
+		want     []string // clusters carrying traffic, in order
+		wantList []string // the failover regions in force
+	}{
+		{"no list: all remotes, as before", map[string]v1.Service{
+			"eu":  svc("eu", true, true, local, backends(U)),
+			"eu2": svc("eu2", true, true, "", backends(U)),
+			"us":  svc("us", true, true, "", backends(A)),
+			"ap":  svc("ap", true, true, "", backends(A)),
+		}, []string{"ap", "us"}, nil},
+		{"the first listed region", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, backends(U)), "ap", "us"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"ap"}, []string{"ap", "us"}},
+		{"the list's order, not the names'", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, backends(U)), "us", "ap"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"us"}, []string{"us", "ap"}},
+		{"the local region before the list", map[string]v1.Service{
+			"eu":  failover(svc("eu", true, true, local, backends(U)), "ap"),
+			"eu2": svc("eu2", true, true, "", backends(A)),
+			"ap":  svc("ap", true, true, "", backends(A)),
+		}, []string{"eu2"}, []string{"ap"}},
+		{"a listed region without active backends is skipped", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, nil), "sa", "us"),
+			"sa": svc("sa", true, true, "", backends(U, U)),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"us"}, []string{"sa", "us"}},
+		{"a listed region without clusters is skipped", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, nil), "mars", "ap"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"ap"}, []string{"mars", "ap"}},
+		{"a listed region of several clusters takes them all", map[string]v1.Service{
+			"eu":  failover(svc("eu", true, true, local, nil), "us"),
+			"us":  svc("us", true, true, "", backends(A)),
+			"us2": svc("us2", true, true, "", backends(A, A)),
+			"ap":  svc("ap", true, true, "", backends(A)),
+		}, []string{"us", "us2"}, []string{"us"}},
+		{"no listed region has backends: all the rest", map[string]v1.Service{
+			"eu":      failover(svc("eu", true, true, local, nil), "sa"),
+			"eu2":     svc("eu2", true, true, "", backends(U)),
+			"sa":      svc("sa", true, true, "", backends(U)),
+			"us":      svc("us", true, true, "", backends(A)),
+			"ap":      svc("ap", true, true, "", backends(A)),
+			"nowhere": svc("nowhere", true, true, "", backends(A)),
+		}, []string{"ap", "nowhere", "us"}, []string{"sa"}},
+		{"a listed region's unshared backends do not count", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, nil), "ap", "us"),
+			"ap": svc("ap", true, false, "", backends(A)),
+			"us": svc("us", true, true, "", backends(A)),
+		}, []string{"us"}, []string{"ap", "us"}},
+		{"affinity local with local backends ignores the list", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, local, backends(A)), "ap"),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"eu"}, []string{"ap"}},
+		{"affinity remote follows the list", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, remote, backends(A)), "ap", "us"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"ap"}, []string{"ap", "us"}},
+		{"affinity remote: the local region first", map[string]v1.Service{
+			"eu":  failover(svc("eu", true, true, remote, backends(A)), "ap"),
+			"eu2": svc("eu2", true, true, "", backends(A)),
+			"ap":  svc("ap", true, true, "", backends(A)),
+		}, []string{"eu2"}, []string{"ap"}},
+		{"affinity remote falls back to local", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, remote, backends(A)), "ap"),
+			"ap": svc("ap", true, true, "", backends(U)),
+		}, []string{"eu"}, []string{"ap"}},
+		{"affinity none with local backends: the union", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, none, backends(A)), "ap"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"eu", "ap", "us"}, []string{"ap"}},
+		{"affinity none without local backends follows the list", map[string]v1.Service{
+			"eu": failover(svc("eu", true, true, none, backends(U)), "us"),
+			"us": svc("us", true, true, "", backends(A)),
+			"ap": svc("ap", true, true, "", backends(A)),
+		}, []string{"us"}, []string{"us"}},
+		{"the remotes' lists do not count", map[string]v1.Service{
+			"eu": svc("eu", true, true, local, nil),
+			"ap": failover(svc("ap", true, true, "", backends(A)), "us"),
+			"us": failover(svc("us", true, true, "", backends(A)), "us"),
+		}, []string{"ap", "us"}, nil},
+		{"absent locally: the first remote's list", map[string]v1.Service{
+			"ap": failover(svc("ap", true, true, "", backends(A)), "sa"),
+			"sa": failover(svc("sa", true, true, "", backends(A)), "us"),
+			"us": svc("us", true, true, "", backends(A)),
+		}, []string{"sa"}, []string{"sa"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			services := make(map[string]map[ServiceName]v1.Service)
+			for c, s := range tc.services {
+				services[c] = map[ServiceName]v1.Service{name: s}
+			}
+			m := mergeService(name, "eu", publishedOf(services), clusters)
+			if m == nil {
+				t.Fatal("no merged service")
+			}
+			if got := clustersOf(m); !slices.Equal(got, tc.want) {
+				t.Errorf("traffic to %v, want %v", got, tc.want)
+			}
+			if !slices.Equal(m.FailoverRegions, tc.wantList) {
+				t.Errorf("failover regions in force %v, want %v", m.FailoverRegions, tc.wantList)
+			}
+			n := 0
+			for _, c := range tc.want {
+				for _, b := range tc.services[c].Backends {
+					if b.State == A {
+						n++
+					}
+				}
+			}
+			if len(m.Backends) != n || cap(m.Backends) != n {
+				t.Errorf("%d backends (capacity %d), want the %d active ones of %v", len(m.Backends), cap(m.Backends), n, tc.want)
+			}
+		})
+	}
+}

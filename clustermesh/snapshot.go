@@ -52,6 +52,10 @@ type MergedService struct {
 	FrontendIPs []netip.Addr
 	Global      bool
 	Affinity    v1.Affinity
+	// FailoverRegions is the region order in force (see mergeService):
+	// the local service's, or, when the service does not exist locally,
+	// the first remote's by cluster name.
+	FailoverRegions []string
 	// Backends are the active backends traffic goes to.
 	Backends []Backend
 	// Offered counts, per cluster, the active backends it offers to this
