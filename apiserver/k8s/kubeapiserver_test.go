@@ -318,6 +318,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "cart", Annotations: map[string]string{
 			source.AnnotationGlobal: "true", source.AnnotationAffinity: "local", source.CiliumAnnotationShared: "false",
+			source.AnnotationFailoverRegions: "ap, us",
 		}},
 		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
 			{Name: "http", Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromString("web")},
@@ -391,7 +392,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 			{IP: netip.MustParseAddr("10.1.0.5"), Ports: []v1.BackendPort{{Name: "http", Port: 8080}}, State: v1.BackendActive, Node: "node-a", Zone: "eu-1a"},
 			{IP: netip.MustParseAddr("10.1.0.6"), Ports: []v1.BackendPort{{Name: "http", Port: 8080}}, State: v1.BackendTerminating, Node: "node-a", Zone: "eu-1a"},
 		},
-		Global: true, Shared: false, Affinity: v1.AffinityLocal,
+		Global: true, Shared: false, Affinity: v1.AffinityLocal, FailoverRegions: []string{"ap", "us"},
 	}
 	if len(frontends) == 0 || fmt.Sprint(gotSvc) != fmt.Sprint(wantSvc) {
 		t.Errorf("service =\n%+v\nwant\n%+v", gotSvc, wantSvc)
