@@ -26,6 +26,7 @@ type recordingSink struct {
 	services  map[string]v1.Service
 	endpoints map[netip.Addr]v1.Endpoint
 	synced    []v1.Kind
+	upserts   int // UpsertService calls
 }
 
 func newSink() *recordingSink {
@@ -48,6 +49,7 @@ func (s *recordingSink) UpsertService(svc v1.Service) error {
 		return fmt.Errorf("service %s/%s: %d backends, limit %d", svc.Namespace, svc.Name, len(svc.Backends), s.limit)
 	}
 	s.services[svc.Namespace+"/"+svc.Name] = svc
+	s.upserts++
 	return nil
 }
 func (s *recordingSink) UpsertEndpoint(ep v1.Endpoint) error {
@@ -409,6 +411,74 @@ func TestConcurrentWritersOneRecord(t *testing.T) {
 			t.Fatalf("round %d: served writer %s ready %v, stored writer %s ready %v, published ready %v",
 				round, served.Labels["writer"], *served.Ready, rec.Value.Labels["writer"], *rec.Value.Ready, pub.Ready)
 		}
+	}
+}
+
+// Concurrent endpoint writes to one selector service are coalesced into
+// fewer republications, and still none returns before the service as
+// published holds its change.
+func TestEndpointWritesCoalesce(t *testing.T) {
+	e := startEtcd(t)
+	r, sink, _ := newRegistry(t, e)
+	ctx := context.Background()
+	putNode1(t, r)
+	web := map[string]string{"app": "web"}
+	if err := r.PutService(ctx, v1.ServiceRequest{Namespace: "default", Name: "web", Selector: web,
+		Ports: []v1.ServicePort{{Name: "http", Port: 80, Protocol: "TCP", TargetPort: 8080}}}); err != nil {
+		t.Fatal(err)
+	}
+	// An endpoint of another app republishes nothing.
+	sink.mu.Lock()
+	before := sink.upserts
+	sink.mu.Unlock()
+	if err := r.PutEndpoint(ctx, endpoint("10.1.1.200", "default", true, map[string]string{"app": "db"})); err != nil {
+		t.Fatal(err)
+	}
+	sink.mu.Lock()
+	if sink.upserts != before {
+		t.Errorf("an endpoint no selector selects republished %d services", sink.upserts-before)
+	}
+	before = sink.upserts
+	sink.mu.Unlock()
+
+	const writers, writes = 16, 20
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			ip := fmt.Sprintf("10.1.1.%d", 10+w)
+			for i := range writes {
+				ready := i%2 == 0
+				if err := r.PutEndpoint(ctx, endpoint(ip, "default", ready, web)); err != nil {
+					t.Errorf("writer %d: %v", w, err)
+					return
+				}
+				// Published before the write returned.
+				want := v1.BackendActive
+				if !ready {
+					want = v1.BackendUnready
+				}
+				sink.mu.Lock()
+				var got v1.BackendState
+				for _, b := range sink.services["default/web"].Backends {
+					if b.IP.String() == ip {
+						got = b.State
+					}
+				}
+				sink.mu.Unlock()
+				if got != want {
+					t.Errorf("writer %d write %d returned, and the published service has %s as %q, want %q", w, i, ip, got, want)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	sink.mu.Lock()
+	n := sink.upserts - before
+	sink.mu.Unlock()
+	t.Logf("%d endpoint writes republished the service %d times", writers*writes, n)
+	if n >= writers*writes {
+		t.Errorf("%d republications for %d concurrent writes: not coalesced", n, writers*writes)
 	}
 }
 
