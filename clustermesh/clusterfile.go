@@ -44,6 +44,48 @@ type ClusterFile struct {
 	// whose CN is the remote's read-only etcd user.
 	Cert string `json:"cert"`
 	Key  string `json:"key"`
+	// GossipKey is the mesh-wide gossip key (AES-256, 32 bytes; base64
+	// in the file): one per mesh, the same in every cluster file of every
+	// cluster, handed out by `trellis connect`. Empty in files written
+	// before gossip, or by hand: such a mesh has no gossip.
+	GossipKey []byte `json:"gossipKey,omitempty"`
+}
+
+// GossipKeySize is the size of the mesh's gossip key.
+const GossipKeySize = 32
+
+// MeshGossipKey returns the gossip key the files agree on: nil when none
+// carries one, an error naming the files when they carry different keys
+// (the mesh was connected in pieces; run trellis connect --mesh over all
+// of its clusters). Files without a key are not a disagreement.
+func MeshGossipKey(files []ClusterFile) ([]byte, error) {
+	var key []byte
+	var holders, others []string
+	for _, f := range files {
+		switch {
+		case len(f.GossipKey) == 0:
+		case key == nil:
+			key, holders = f.GossipKey, append(holders, f.Name)
+		case string(f.GossipKey) == string(key):
+			holders = append(holders, f.Name)
+		default:
+			others = append(others, fmt.Sprintf("%s (key %s)", f.Name, KeyFingerprint(f.GossipKey)))
+		}
+	}
+	if len(others) > 0 {
+		slices.Sort(holders)
+		slices.Sort(others)
+		return nil, fmt.Errorf("cluster files disagree on the gossip key: %s carry key %s, %s another: connect every cluster of the mesh at once (trellis connect --mesh ...)",
+			strings.Join(holders, ", "), KeyFingerprint(key), strings.Join(others, ", "))
+	}
+	return key, nil
+}
+
+// KeyFingerprint names a key in messages without revealing it: the first
+// 8 hex digits of its SHA-256.
+func KeyFingerprint(key []byte) string {
+	sum := sha256.Sum256(key)
+	return fmt.Sprintf("%x", sum[:4])
 }
 
 // Validate checks the file without contacting anyone.
@@ -65,6 +107,9 @@ func (f *ClusterFile) Validate() error {
 	}
 	if _, err := f.TLSConfig(); err != nil {
 		errs = append(errs, err)
+	}
+	if n := len(f.GossipKey); n != 0 && n != GossipKeySize {
+		errs = append(errs, fmt.Errorf("gossipKey: %d bytes, want %d (AES-256)", n, GossipKeySize))
 	}
 	return errors.Join(errs...)
 }

@@ -2,12 +2,15 @@ package clustermesh
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"net/url"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/trellis-mesh/trellis/api/client"
@@ -79,11 +82,15 @@ func ConnectMesh(ctx context.Context, peers []Peer, opts ConnectOptions) error {
 			return fmt.Errorf("connect: %w", err)
 		}
 	}
+	key, err := meshKey(ctx, peers, infos)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
 	for i, reader := range peers {
 		for j, target := range peers {
 			// j == i too: a cluster's agents read their own cluster through
 			// the same read-only path.
-			if err := link(ctx, reader, infos[i], target, infos[j]); err != nil {
+			if err := link(ctx, reader, infos[i], target, infos[j], key); err != nil {
 				return err
 			}
 		}
@@ -98,12 +105,57 @@ func ConnectSelf(ctx context.Context, p Peer) error {
 	if err != nil {
 		return fmt.Errorf("connect: cluster at %s is unreachable: %w (is its mesh API server running?)", p.Describe(), err)
 	}
-	return link(ctx, p, info, p, info)
+	key, err := meshKey(ctx, []Peer{p}, []v1.ClusterInfo{info})
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	return link(ctx, p, info, p, info, key)
+}
+
+// meshKey picks the gossip key of the mesh being connected: the one the
+// peers' cluster files already carry (a cluster joining a mesh takes the
+// mesh's key), or a new one when none does. Peers whose files carry
+// different keys are two meshes: they are merged under a new key only when
+// every file of every peer is about to be written again (every cluster
+// they read is being connected), as otherwise some cluster would keep
+// the old key; else the connect is refused.
+func meshKey(ctx context.Context, peers []Peer, infos []v1.ClusterInfo) ([]byte, error) {
+	connecting := make(map[string]bool, len(infos))
+	for _, info := range infos {
+		connecting[info.Name] = true
+	}
+	var all []ClusterFile
+	var outside []string
+	for i, p := range peers {
+		files, err := p.ClusterFiles(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("read the cluster files of %s: %w", p.Describe(), err)
+		}
+		for _, f := range files {
+			all = append(all, f)
+			if !connecting[f.Name] && len(f.GossipKey) != 0 {
+				outside = append(outside, fmt.Sprintf("%s (read by %s)", f.Name, infos[i].Name))
+			}
+		}
+	}
+	key, err := MeshGossipKey(all)
+	switch {
+	case err == nil && key != nil:
+		return key, nil
+	case err != nil && len(outside) > 0:
+		slices.Sort(outside)
+		return nil, fmt.Errorf("%w; not being connected now: %s", err, strings.Join(slices.Compact(outside), ", "))
+	}
+	key = make([]byte, GossipKeySize)
+	if _, err := rand.Read(key); err != nil {
+		return nil, fmt.Errorf("generate the mesh gossip key: %w", err)
+	}
+	return key, nil
 }
 
 // link makes reader's agents connect to target, pinning what target said
 // of itself.
-func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Peer, targetInfo v1.ClusterInfo) error {
+func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Peer, targetInfo v1.ClusterInfo, gossipKey []byte) error {
 	creds, err := target.Issue(ctx, readerInfo.Name)
 	if err != nil {
 		return fmt.Errorf("connect: %s issuing credentials for %s: %w", targetInfo.Name, readerInfo.Name, err)
@@ -115,6 +167,7 @@ func link(ctx context.Context, reader Peer, readerInfo v1.ClusterInfo, target Pe
 	f := ClusterFile{
 		Name: targetInfo.Name, ID: targetInfo.ID, PodCIDRs: targetInfo.PodCIDRs,
 		Endpoints: creds.Endpoints, CA: creds.CAPEM, Cert: creds.CertPEM, Key: creds.KeyPEM,
+		GossipKey: gossipKey,
 	}
 	if err := reader.WriteClusterFile(ctx, f); err != nil {
 		return fmt.Errorf("connect: writing %s's cluster file for %s: %w", targetInfo.Name, readerInfo.Name, err)

@@ -54,6 +54,13 @@ func TestConnectRefusesWhatCannotWork(t *testing.T) {
 	if err != nil || len(files) != 2 {
 		t.Fatalf("eu's cluster files: %+v, %v", files, err)
 	}
+	usFiles, err := peer(us).ClusterFiles(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if key, err := MeshGossipKey(append(files, usFiles...)); err != nil || len(key) != GossipKeySize || len(files[0].GossipKey) == 0 || len(usFiles[0].GossipKey) == 0 {
+		t.Errorf("the mesh's gossip key in every file: %x, %v", key, err)
+	}
 	for _, f := range files {
 		want := map[string]string{"eu": "1 [10.1.0.0/16]", "us": "2 [10.2.0.0/16]"}[f.Name]
 		if got := fmt.Sprintf("%d %v", f.ID, f.PodCIDRs); got != want {
