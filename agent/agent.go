@@ -56,7 +56,10 @@ type Config struct {
 	// InitialSyncTimeout bounds how long a starting agent waits for every
 	// cluster to sync before it first programs the datapath; default 60s.
 	InitialSyncTimeout time.Duration
-	Logger             *slog.Logger
+	// Health probes the node's pods (those under <StateDir>/pods/); the
+	// zero value probes nothing.
+	Health HealthConfig
+	Logger *slog.Logger
 }
 
 // Validate names each missing or inconsistent setting.
@@ -73,6 +76,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StateDir == "" {
 		errs = append(errs, errors.New("--state-dir is required"))
+	}
+	if err := c.Health.Validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.RegistryURL != "" {
 		if c.RegistryTokenFile == "" {
@@ -125,8 +131,14 @@ type Agent struct {
 	// store operations and rejections, and the process.
 	metrics *prometheus.Registry
 
-	// kick asks the reconcile loop for an apply now (a key rotation).
+	// kick asks the reconcile loop for an apply now (a key rotation, a
+	// change of local health).
 	kick chan struct{}
+	// health probes the node's endpoints; nil when off.
+	health *healthChecker
+	// registered receives after an apply that took in a change of local
+	// health: the registrar then tells the registry.
+	registered chan struct{}
 
 	mu          sync.Mutex
 	applied     uint64
@@ -165,7 +177,21 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
 	metrics.MustRegister(mesh.Collector())
-	return &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics, kick: make(chan struct{}, 1)}, nil
+	a := &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics,
+		kick: make(chan struct{}, 1), registered: make(chan struct{}, 1)}
+	if cfg.Health.Interval > 0 {
+		a.health = newHealthChecker(cfg.Health, filepath.Join(cfg.StateDir, "pods"), mesh.Snapshot,
+			func() { notify(a.kick) }, log)
+	}
+	return a, nil
+}
+
+// notify sends on a channel of capacity one without blocking.
+func notify(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
 }
 
 // Mesh exposes the agent's view of the mesh.
@@ -209,6 +235,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		goRun(func() { reg.run(ctx, 500*time.Millisecond) })
 	}
+	if a.health != nil {
+		goRun(func() { a.health.run(ctx) })
+	}
 	goRun(func() { a.reconcile(ctx) })
 	a.log.Info("agent running", "cluster", a.cfg.ClusterName, "status", a.cfg.StatusSocket)
 	<-ctx.Done()
@@ -241,7 +270,8 @@ func (a *Agent) newRegistrar() (*registrar, error) {
 		api: api, keys: keys,
 		node: a.cfg.NodeName, nodeIP: a.cfg.NodeIP, podCIDRs: a.cfg.PodCIDRs,
 		podsDir: filepath.Join(a.cfg.StateDir, "pods"), log: a.log,
-		registered: make(map[string]PodFile),
+		registered: make(map[string]PodFile), kick: a.registered,
+		down: a.health.isDown,
 	}, nil
 }
 
@@ -255,6 +285,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 	}
 	retry := time.NewTimer(time.Hour)
 	defer retry.Stop()
+	var healthGen uint64
 	for {
 		select {
 		case <-ctx.Done():
@@ -264,9 +295,16 @@ func (a *Agent) reconcile(ctx context.Context) {
 		case <-a.kick:
 		}
 		snap := a.mesh.Snapshot()
+		// Endpoints local health probes down leave the datapath at once,
+		// before the registry hears of them (see health.go).
+		down, gen := a.health.down()
 		var err error
 		if a.datapath != nil {
-			err = a.datapath.Apply(ctx, snap)
+			err = a.datapath.Apply(ctx, withoutDown(snap, down))
+		}
+		if gen != healthGen {
+			healthGen = gen
+			notify(a.registered)
 		}
 		a.mu.Lock()
 		if err != nil {
@@ -341,6 +379,9 @@ type Status struct {
 	// Encryption is the node's encryption and each peer's path; nil when
 	// the agent runs without an encryption step.
 	Encryption *EncryptionStatus `json:"encryption,omitempty"`
+	// Health is local health: the node's endpoints the agent probes; nil
+	// when probing is off.
+	Health *HealthStatus `json:"health,omitempty"`
 }
 
 // Status reports the agent's view.
@@ -355,6 +396,7 @@ func (a *Agent) Status() Status {
 	if e, ok := a.datapath.(encryptingDatapath); ok {
 		st.Encryption = e.EncryptionStatus()
 	}
+	st.Health = a.health.status()
 	return st
 }
 
@@ -368,10 +410,7 @@ func (a *Agent) RotateKey() error {
 	if err := e.RotateKey(); err != nil {
 		return err
 	}
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
+	notify(a.kick)
 	return nil
 }
 

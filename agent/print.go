@@ -73,6 +73,7 @@ func PrintStatus(w io.Writer, st Status) {
 	}
 	tw.Flush()
 	printEncryption(w, st.Encryption)
+	printHealth(w, st.Health)
 	if len(st.Services) == 0 {
 		return
 	}
@@ -144,6 +145,63 @@ func printEncryption(w io.Writer, e *EncryptionStatus) {
 			key = p.PublicKey[:min(8, len(p.PublicKey))] + "…"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\n", p.Node, p.Path, key, hs, p.RxBytes, p.TxBytes)
+	}
+	tw.Flush()
+}
+
+// printHealth shows local health: the node's probed endpoints, the down
+// ones first.
+func printHealth(w io.Writer, h *HealthStatus) {
+	if h == nil {
+		return
+	}
+	fmt.Fprintln(w)
+	down := 0
+	for _, e := range h.Endpoints {
+		if e.Down {
+			down++
+		}
+	}
+	fmt.Fprintf(w, "Local health: %d endpoints probed every %s (timeout %s; down after %d failures, up after %d successes), %d down\n",
+		len(h.Endpoints), h.Interval, h.Timeout, h.FailureThreshold, h.SuccessThreshold, down)
+	if len(h.Endpoints) == 0 {
+		return
+	}
+	eps := slices.Clone(h.Endpoints)
+	slices.SortStableFunc(eps, func(a, b EndpointHealth) int {
+		if a.Down != b.Down {
+			if a.Down {
+				return -1
+			}
+			return 1
+		}
+		return 0
+	})
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ENDPOINT\tIP\tPORTS\tSTATE\tSINCE\tLAST ERROR")
+	for _, e := range eps {
+		var ports []string
+		for _, p := range e.Ports {
+			ports = append(ports, fmt.Sprint(p))
+		}
+		state := "up"
+		switch {
+		case e.Down:
+			state = "down"
+		case len(e.Ports) == 0:
+			state = "not probed (no service port)"
+		case e.Failures > 0:
+			state = fmt.Sprintf("up, %d failed", e.Failures)
+		}
+		since := "-"
+		if !e.Since.IsZero() {
+			since = fmt.Sprintf("%s (%s ago)", e.Since.Format(time.TimeOnly), time.Since(e.Since).Round(100*time.Millisecond))
+		}
+		lastErr := "-"
+		if e.LastError != "" && (e.Down || e.Failures > 0) {
+			lastErr = e.LastError
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Pod, e.IP, orDash(strings.Join(ports, ",")), state, since, lastErr)
 	}
 	tw.Flush()
 }

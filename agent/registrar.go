@@ -40,7 +40,13 @@ type registrar struct {
 	keys    func() (NodeKeys, <-chan struct{})
 	sent    NodeKeys // what was last registered
 	podsDir string
-	log     *slog.Logger
+	// down says whether local health probes a pod IP down (nil: no
+	// probing); such a pod is registered not ready.
+	down func(netip.Addr) bool
+	// kick asks for a sync now (local health changed and the datapath
+	// has it).
+	kick chan struct{}
+	log  *slog.Logger
 
 	registered map[string]PodFile // file name → what was registered
 }
@@ -72,24 +78,24 @@ func (r *registrar) withdraw(ctx context.Context, ip netip.Addr) error {
 	return nil
 }
 
-// syncPods makes the registry's endpoints of this node match the pods
-// directory.
-func (r *registrar) syncPods(ctx context.Context) error {
-	if r.podsDir == "" {
-		return nil
+// readPods reads the pod files of a pods dir, by file name; files it
+// cannot read are left out and named in the error.
+func readPods(dir string) (map[string]PodFile, error) {
+	pods := make(map[string]PodFile)
+	if dir == "" {
+		return pods, nil
 	}
-	entries, err := os.ReadDir(r.podsDir)
+	entries, err := os.ReadDir(dir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("pods dir %s: %w", r.podsDir, err)
+		return pods, fmt.Errorf("pods dir %s: %w", dir, err)
 	}
-	seen := make(map[string]bool)
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
 		if e.IsDir() || strings.HasPrefix(name, ".") || !strings.HasSuffix(name, ".json") {
 			continue
 		}
-		data, err := os.ReadFile(filepath.Join(r.podsDir, name))
+		data, err := os.ReadFile(filepath.Join(dir, name))
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -99,7 +105,30 @@ func (r *registrar) syncPods(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("pod file %s: %w", name, err))
 			continue
 		}
+		pods[name] = pod
+	}
+	return pods, errors.Join(errs...)
+}
+
+// syncPods makes the registry's endpoints of this node match the pods
+// directory, and their readiness the pod files' and local health's: a
+// pod whose probes fail is registered not ready.
+func (r *registrar) syncPods(ctx context.Context) error {
+	if r.podsDir == "" {
+		return nil
+	}
+	pods, err := readPods(r.podsDir)
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
+	}
+	seen := make(map[string]bool)
+	for name, pod := range pods {
 		seen[name] = true
+		unhealthy := pod.Ready && r.down != nil && r.down(pod.IP)
+		if unhealthy {
+			pod.Ready = false
+		}
 		if old, ok := r.registered[name]; ok && samePod(old, pod) {
 			continue
 		}
@@ -118,7 +147,11 @@ func (r *registrar) syncPods(ctx context.Context) error {
 			continue
 		}
 		r.registered[name] = pod
-		r.log.Info("registered pod", "pod", pod.Namespace+"/"+pod.Name, "ip", pod.IP, "ready", pod.Ready)
+		if unhealthy {
+			r.log.Info("registered pod not ready: its probes fail", "pod", pod.Namespace+"/"+pod.Name, "ip", pod.IP)
+		} else {
+			r.log.Info("registered pod", "pod", pod.Namespace+"/"+pod.Name, "ip", pod.IP, "ready", pod.Ready)
+		}
 	}
 	for name, pod := range r.registered {
 		if seen[name] {
@@ -193,6 +226,7 @@ func (r *registrar) run(ctx context.Context, interval time.Duration) {
 			return
 		case <-t.C:
 		case <-keyChanged:
+		case <-r.kick:
 		}
 	}
 }

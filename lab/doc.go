@@ -37,7 +37,9 @@
 // Pods are wired as a CNI plugin would (Calico's style): the pod routes
 // every pod CIDR and service VIP of the lab via 169.254.1.1, a link-local
 // gateway no interface holds, resolved by a permanent neighbour entry to
-// the node-side veth's MAC; the node routes the pod IP/32 to its veth
+// the node-side veth's MAC; also its own node's underlay address, so that
+// the agent's health probes from the node namespace are answered; the
+// node routes the pod IP/32 to its veth
 // with a permanent neighbour entry for the pod's MAC. No ARP, no proxy
 // ARP, and no namespace has a default route: nothing leaves the lab.
 // Traffic between nodes is the agents' business (VXLAN over eth0).
@@ -91,7 +93,10 @@
 //
 // # Changing a running lab
 //
-// Besides annotate, pod stop/start and node down/up, the mesh verbs
+// Besides annotate, pod stop/start and node down/up (and pod crash: a
+// SIGKILL of the echo server that tells no one, the pod file and the
+// registry untouched, so only the node's agent probing its pods notices;
+// pod start brings it back), the mesh verbs
 // (mesh.go, addcluster.go) each hold the lab's lock and return only once
 // the agents agree:
 //

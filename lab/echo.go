@@ -79,6 +79,8 @@ type Probe struct {
 	From    Identity `json:"from,omitzero"` // who answered
 	Error   string   `json:"error,omitempty"`
 	Latency string   `json:"latency"`
+	// At is when the request started.
+	At time.Time `json:"at,omitzero"`
 }
 
 // HTTPGet sends count requests to each target and writes one Probe per
@@ -93,7 +95,7 @@ func HTTPGet(ctx context.Context, out io.Writer, targets []string, count int, ti
 	for _, t := range targets {
 		for range count {
 			start := time.Now()
-			p := Probe{Target: t}
+			p := Probe{Target: t, At: start}
 			id, err := probeOnce(ctx, client, t, timeout)
 			p.Latency = time.Since(start).Round(time.Microsecond).String()
 			if err != nil {

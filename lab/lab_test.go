@@ -28,7 +28,7 @@ import (
 // failed test tears down too.
 
 type labRun struct {
-	t    *testing.T
+	t    testing.TB
 	bin  string
 	name string
 }
@@ -47,7 +47,7 @@ func (r *labRun) run(ctx context.Context, args ...string) (string, error) {
 	return stdout.String(), err
 }
 
-func newLabRun(t *testing.T) *labRun {
+func newLabRun(t testing.TB) *labRun {
 	// Lab names are at most 12 lowercase letters and digits.
 	r := &labRun{t: t, bin: testutil.BuildTrellis(t), name: privtest.UniqueShortName("t")}
 	t.Cleanup(func() {

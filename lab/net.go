@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -19,7 +20,9 @@ import (
 //	            /32 route and a permanent neighbour entry for the pod
 //	pod ns:     eth0 <pod IP>/32, 169.254.1.1 scope link with a permanent
 //	            neighbour entry (the node-side veth's MAC), and routes to
-//	            every pod CIDR and service VIP of the lab via 169.254.1.1
+//	            every pod CIDR and service VIP of the lab, and to its own
+//	            node's underlay address (the agent's health probes come
+//	            from it), via 169.254.1.1
 //
 // No namespace has a default route, so nothing can leave the lab.
 
@@ -234,6 +237,14 @@ func (l *lab) setupPod(p *podLayout) error {
 	for _, dst := range l.lay.podRoutes {
 		if err := ph.RouteReplace(podRoute(p, podLink, dst)); err != nil {
 			return fmt.Errorf("lab: pod %s: route %s: %w", p.ref(), dst, err)
+		}
+	}
+	// And to its own node's address, as a pod's default route would
+	// carry: the node's agent probes its pods from the node's namespace,
+	// from that address, and the answers must find their way back.
+	if nodeIP := netip.PrefixFrom(p.node.ip, 32); !slices.Contains(l.lay.podRoutes, nodeIP) {
+		if err := ph.RouteReplace(podRoute(p, podLink, nodeIP)); err != nil {
+			return fmt.Errorf("lab: pod %s: route to its node %s: %w", p.ref(), nodeIP, err)
 		}
 	}
 	// Node side: a host route and a static neighbour for the pod.

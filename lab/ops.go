@@ -9,6 +9,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 )
@@ -100,7 +102,38 @@ func PodStop(ctx context.Context, opts Options, pod string) error {
 	})
 }
 
-// PodStart restarts a stopped pod's echo server and marks it ready.
+// crashTimeLayout is how PodCrash says when it killed.
+const crashTimeLayout = "15:04:05.000000"
+
+// PodCrash kills a pod's echo server with SIGKILL and tells no one: its
+// pod file still says ready and the registry is not touched, as when a
+// pod's process crashes. Only the node's agent, probing its pods, can
+// notice. PodStart brings it back.
+func PodCrash(ctx context.Context, opts Options, pod string) error {
+	return withPod(opts, pod, func(l *lab, p *podLayout) error {
+		key := echoKey(p)
+		proc := l.state.Procs[key]
+		if !proc.Alive() {
+			return fmt.Errorf("lab: pod %s runs no echo server (stopped, crashed, or not an echo pod)", p.ref())
+		}
+		killed := time.Now()
+		if err := unix.Kill(proc.PID, unix.SIGKILL); err != nil {
+			return fmt.Errorf("lab: kill -9 the echo server of %s (pid %d): %w", p.ref(), proc.PID, err)
+		}
+		for deadline := time.Now().Add(5 * time.Second); proc.Alive(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("lab: the echo server of %s (pid %d) survives SIGKILL", p.ref(), proc.PID)
+			}
+		}
+		delete(l.state.Procs, key)
+		fmt.Fprintf(l.opts.Out, "pod %s crashed at %s: its echo server (pid %d) killed with SIGKILL, nobody told\n",
+			p.ref(), killed.Format(crashTimeLayout), proc.PID)
+		return l.save()
+	})
+}
+
+// PodStart restarts a stopped or crashed pod's echo server and marks it
+// ready.
 func PodStart(ctx context.Context, opts Options, pod string) error {
 	return withPod(opts, pod, func(l *lab, p *podLayout) error {
 		if l.state.DownNodes[p.node.ref()] {

@@ -265,7 +265,7 @@ func TestLabScenarios(t *testing.T) {
 	})
 }
 
-func (r *labRun) state(t *testing.T) *State {
+func (r *labRun) state(t testing.TB) *State {
 	t.Helper()
 	st, err := loadState(filepath.Join(BaseDir, r.name))
 	if err != nil {
@@ -274,7 +274,7 @@ func (r *labRun) state(t *testing.T) *State {
 	return st
 }
 
-func serviceVIP(t *testing.T, st *State, cluster string) string {
+func serviceVIP(t testing.TB, st *State, cluster string) string {
 	t.Helper()
 	c, ok := st.Topology.cluster(cluster)
 	if !ok || len(c.Services) == 0 {
@@ -283,7 +283,7 @@ func serviceVIP(t *testing.T, st *State, cluster string) string {
 	return c.Services[0].VIP
 }
 
-func podIP(t *testing.T, st *State, ref string) string {
+func podIP(t testing.TB, st *State, ref string) string {
 	t.Helper()
 	cluster, pod, _ := strings.Cut(ref, "/")
 	if c, ok := st.Topology.cluster(cluster); ok {
@@ -300,7 +300,7 @@ func podIP(t *testing.T, st *State, ref string) string {
 }
 
 // must runs a lab verb and fails the test when it fails.
-func (r *labRun) must(ctx context.Context, t *testing.T, args ...string) string {
+func (r *labRun) must(ctx context.Context, t testing.TB, args ...string) string {
 	t.Helper()
 	start := time.Now()
 	out, err := r.run(ctx, args...)
@@ -323,7 +323,7 @@ func (r *labRun) exec(ctx context.Context, pod string, argv ...string) (string, 
 	return string(out), 0, err
 }
 
-func (r *labRun) annotate(ctx context.Context, t *testing.T, kv string) {
+func (r *labRun) annotate(ctx context.Context, t testing.TB, kv string) {
 	t.Helper()
 	if _, err := r.run(ctx, "annotate", "eu", "default/echo", kv); err != nil {
 		t.Fatal(err)
@@ -363,7 +363,7 @@ func (r *labRun) curl(ctx context.Context, n int) (CurlResult, error) {
 
 // awaitCurl polls `lab curl eu/client default/echo -n 20` until a round
 // has no failed request and satisfies ok, for at most 30 s.
-func (r *labRun) awaitCurl(ctx context.Context, t *testing.T, what string, ok func(CurlResult) bool) {
+func (r *labRun) awaitCurl(ctx context.Context, t testing.TB, what string, ok func(CurlResult) bool) {
 	t.Helper()
 	start := time.Now()
 	rounds := 0
@@ -391,7 +391,7 @@ func (r *labRun) awaitCurl(ctx context.Context, t *testing.T, what string, ok fu
 
 // awaitClusters waits until eu/client's requests are answered by exactly
 // the clusters want (sorted).
-func (r *labRun) awaitClusters(ctx context.Context, t *testing.T, what string, want []string) {
+func (r *labRun) awaitClusters(ctx context.Context, t testing.TB, what string, want []string) {
 	t.Helper()
 	r.awaitCurl(ctx, t, what, func(cr CurlResult) bool {
 		return slices.Equal(slices.Sorted(maps.Keys(cr.PerCluster)), want)
@@ -401,7 +401,7 @@ func (r *labRun) awaitClusters(ctx context.Context, t *testing.T, what string, w
 // awaitPods waits until eu/client's requests are answered by exactly the
 // pods want ("cluster/pod"). 20 requests over 4 backends miss one with a
 // probability of 0.3%, and it is polled.
-func (r *labRun) awaitPods(ctx context.Context, t *testing.T, what string, want []string) {
+func (r *labRun) awaitPods(ctx context.Context, t testing.TB, what string, want []string) {
 	t.Helper()
 	slices.Sort(want)
 	r.awaitCurl(ctx, t, what, func(cr CurlResult) bool {
@@ -432,7 +432,7 @@ type batch struct {
 
 const loopBatch = 200
 
-func (r *labRun) startLoop(ctx context.Context, t *testing.T, pod, target string) *requestLoop {
+func (r *labRun) startLoop(ctx context.Context, t testing.TB, pod, target string) *requestLoop {
 	l := &requestLoop{r: r, stop: make(chan struct{}), done: make(chan struct{}), notify: make(chan struct{}, 1), start: time.Now()}
 	go func() {
 		defer close(l.done)
@@ -495,7 +495,7 @@ func (l *requestLoop) mark(what string) {
 }
 
 // await waits until n more batches have completed since the call.
-func (l *requestLoop) await(t *testing.T, n int) {
+func (l *requestLoop) await(t testing.TB, n int) {
 	t.Helper()
 	l.mu.Lock()
 	want := len(l.batches) + n

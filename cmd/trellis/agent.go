@@ -54,7 +54,9 @@ it into one desired state and serves its status on --status-socket for
 
 In standalone mode (--registry-url) it also registers this node, and the
 pods its CNI step records under <state-dir>/pods/, with the local cluster's
-registry.
+registry, and probes them (--health-interval): a pod whose probes fail
+leaves this node's datapath at once and is marked not ready in the
+registry, and comes back when they pass.
 
 It programs the node's kernel: eBPF socket load balancing for every
 process under --cgroup-root (by default the cgroup2 mount, the machine's
@@ -133,6 +135,10 @@ func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string,
 	f.Uint16Var(&o.wgPort, "wireguard-port", 0, "WireGuard UDP port, the same on every node (default 51871)")
 	f.IntVar(&o.wgMTU, "wireguard-mtu", 0, "WireGuard device MTU (default: the underlay's less 80)")
 	f.StringVar(&o.ipsecKeyFile, "ipsec-key-file", "", "IPsec pre-shared key file, the same on every node ('<index> <hex key>' lines); needed only for --type ipsec")
+	f.DurationVar(&o.cfg.Health.Interval, "health-interval", agent.DefaultHealthInterval, "how often the agent probes each pod of its node on its services' TCP target ports (±10% jitter); 0 turns local health probing off")
+	f.DurationVar(&o.cfg.Health.Timeout, "health-timeout", agent.DefaultHealthTimeout, "timeout of one local health probe")
+	f.IntVar(&o.cfg.Health.FailureThreshold, "health-failure-threshold", agent.DefaultHealthFailureThreshold, "failed probes in a row that take a pod out of the datapath and mark it not ready")
+	f.IntVar(&o.cfg.Health.SuccessThreshold, "health-success-threshold", agent.DefaultHealthSuccessThreshold, "passed probes in a row that bring a pod probed down back")
 	f.BoolVar(&o.uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
 }
 

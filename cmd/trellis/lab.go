@@ -28,6 +28,7 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
   trellis lab curl eu/client echo      which cluster answers the global service
   trellis lab annotate eu echo trellis.io/affinity=local
   trellis lab pod stop eu/echo-n1      take a backend out (pod start brings it back)
+  trellis lab pod crash eu/echo-n1     kill -9 its echo server, telling no one
   trellis lab node down us/n2          take a node out (node up brings it back)
   trellis lab restart agent eu/n1      restart a node's agent; its pods keep running
   trellis lab restart apiserver us     restart a cluster's mesh API server
@@ -269,15 +270,20 @@ registry, set each KEY=VALUE (KEY- removes KEY) and write it back, e.g.
 }
 
 func newLabPodCmd(opts labOpts) *cobra.Command {
-	cmd := &cobra.Command{Use: "pod", Short: "Stop or start a pod's echo server (and its readiness)"}
+	cmd := &cobra.Command{Use: "pod", Short: "Stop, crash or start a pod's echo server (and its readiness)"}
 	cmd.AddCommand(&cobra.Command{
 		Use:   "stop CLUSTER/POD",
 		Short: "Kill the pod's echo server and mark the pod not ready",
 		Args:  cobra.ExactArgs(1),
 		RunE:  opts.run1(lab.PodStop),
 	}, &cobra.Command{
+		Use:   "crash CLUSTER/POD",
+		Short: "Kill -9 the pod's echo server and tell no one (the pod stays registered ready; only its node's probes notice)",
+		Args:  cobra.ExactArgs(1),
+		RunE:  opts.run1(lab.PodCrash),
+	}, &cobra.Command{
 		Use:   "start CLUSTER/POD",
-		Short: "Restart the pod's echo server and mark the pod ready",
+		Short: "Restart the pod's stopped or crashed echo server and mark the pod ready",
 		Args:  cobra.ExactArgs(1),
 		RunE:  opts.run1(lab.PodStart),
 	})
