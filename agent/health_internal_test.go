@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -171,5 +172,31 @@ func TestTCPProbe(t *testing.T) {
 	ln.Close()
 	if err := tcpProbe(context.Background(), addr, time.Second); err == nil {
 		t.Error("probe of a closed port passed")
+	}
+}
+
+// `trellis status` shows the probed endpoints, the down ones first with
+// since when and why.
+func TestPrintHealth(t *testing.T) {
+	since := time.Now().Add(-3 * time.Second)
+	var b strings.Builder
+	PrintStatus(&b, Status{Node: "n1", Cluster: "eu", Health: &HealthStatus{
+		Interval: 100 * time.Millisecond, Timeout: 500 * time.Millisecond, FailureThreshold: 3, SuccessThreshold: 2,
+		Endpoints: []EndpointHealth{
+			{Pod: "default/client", IP: netip.MustParseAddr("10.1.1.9")},
+			{Pod: "default/echo-n1", IP: netip.MustParseAddr("10.1.1.10"), Ports: []uint16{8080}},
+			{Pod: "default/echo-n2", IP: netip.MustParseAddr("10.1.1.11"), Ports: []uint16{8080}, Down: true, Since: since,
+				Failures: 7, LastError: "tcp 10.1.1.11:8080: connection refused"},
+		},
+	}})
+	out := b.String()
+	for _, want := range []string{"Local health: 3 endpoints probed every 100ms", "1 down",
+		"default/echo-n2  10.1.1.11  8080   down", since.Format(time.TimeOnly), "connection refused", "not probed"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Index(out, "echo-n2") > strings.Index(out, "echo-n1") {
+		t.Errorf("the down endpoint is not listed first:\n%s", out)
 	}
 }
