@@ -59,6 +59,9 @@ type Config struct {
 	// Health probes the node's pods (those under <StateDir>/pods/); the
 	// zero value probes nothing.
 	Health HealthConfig
+	// Gossip is the mesh-wide gossip (on by default, when the cluster
+	// files carry a mesh key).
+	Gossip GossipConfig
 	Logger *slog.Logger
 }
 
@@ -78,6 +81,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("--state-dir is required"))
 	}
 	if err := c.Health.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Gossip.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if c.RegistryURL != "" {
@@ -139,8 +145,13 @@ type Agent struct {
 	// registered receives after an apply that took in a change of local
 	// health: the registrar then tells the registry.
 	registered chan struct{}
+	// gossip is this node's member of the mesh-wide gossip; nil when off.
+	gossip *gossipMember
 
-	mu          sync.Mutex
+	mu sync.Mutex
+	// exclusion is what the last apply left out for the gossip's dead set.
+	excluding   []string
+	exclusion   clustermesh.Exclusion
 	applied     uint64
 	applyErr    error
 	applyErrAt  time.Time
@@ -182,6 +193,9 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 	if cfg.Health.Interval > 0 {
 		a.health = newHealthChecker(cfg.Health, filepath.Join(cfg.StateDir, "pods"), mesh.Snapshot,
 			func() { notify(a.kick) }, log)
+	}
+	if !cfg.Gossip.Disabled {
+		a.gossip = newGossipMember(cfg, mesh, func() { notify(a.kick) }, log)
 	}
 	return a, nil
 }
@@ -237,6 +251,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.health != nil {
 		goRun(func() { a.health.run(ctx) })
+	}
+	if a.gossip != nil {
+		goRun(func() { a.gossip.run(ctx) })
 	}
 	goRun(func() { a.reconcile(ctx) })
 	a.log.Info("agent running", "cluster", a.cfg.ClusterName, "status", a.cfg.StatusSocket)
@@ -382,6 +399,9 @@ type Status struct {
 	// Health is local health: the node's endpoints the agent probes; nil
 	// when probing is off.
 	Health *HealthStatus `json:"health,omitempty"`
+	// Gossip is the mesh-wide gossip as this node sees it; nil when
+	// disabled (--gossip=false).
+	Gossip *GossipStatus `json:"gossip,omitempty"`
 }
 
 // Status reports the agent's view.
@@ -397,6 +417,12 @@ func (a *Agent) Status() Status {
 		st.Encryption = e.EncryptionStatus()
 	}
 	st.Health = a.health.status()
+	if st.Gossip = a.gossip.statusOf(); st.Gossip != nil {
+		st.Gossip.Excluding = a.excluding
+		for _, n := range a.exclusion.Kept {
+			st.Gossip.Kept = append(st.Gossip.Kept, n.String())
+		}
+	}
 	return st
 }
 

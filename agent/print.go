@@ -74,6 +74,7 @@ func PrintStatus(w io.Writer, st Status) {
 	tw.Flush()
 	printEncryption(w, st.Encryption)
 	printHealth(w, st.Health)
+	printGossip(w, st.Gossip)
 	if len(st.Services) == 0 {
 		return
 	}
@@ -204,4 +205,32 @@ func printHealth(w io.Writer, h *HealthStatus) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Pod, e.IP, orDash(strings.Join(ports, ",")), state, since, lastErr)
 	}
 	tw.Flush()
+}
+
+// printGossip shows the gossip: member counts, the dead ones, and whether
+// the dead set is trusted.
+func printGossip(w io.Writer, g *GossipStatus) {
+	if g == nil {
+		return
+	}
+	fmt.Fprintln(w)
+	if g.Off != "" {
+		fmt.Fprintf(w, "Gossip: off: %s\n", g.Off)
+		return
+	}
+	trust := "trusted"
+	if !g.Trusted {
+		trust = "ignored: " + g.Distrust
+	}
+	fmt.Fprintf(w, "Gossip: %s on %s, members %d alive, %d suspect, %d dead, %d left (health score %d); dead set %s\n",
+		g.Member, g.Address, g.Alive, g.Suspect, g.Dead, g.Left, g.HealthScore, trust)
+	for _, d := range g.DeadMembers {
+		fmt.Fprintf(w, "  dead: %s since %s (%s ago)\n", d.Member, d.Since.Format(time.TimeOnly), time.Since(d.Since).Round(100*time.Millisecond))
+	}
+	if len(g.Excluding) > 0 {
+		fmt.Fprintf(w, "  backends left out on: %s\n", strings.Join(g.Excluding, ", "))
+	}
+	if len(g.Kept) > 0 {
+		fmt.Fprintf(w, "  kept (nothing else left): %s\n", strings.Join(g.Kept, ", "))
+	}
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/trellis-mesh/trellis/agent"
 	"github.com/trellis-mesh/trellis/bpf"
+	"github.com/trellis-mesh/trellis/gossip"
 	"github.com/trellis-mesh/trellis/tunnel"
 )
 
@@ -26,6 +27,7 @@ type agentOptions struct {
 	nodeIP    string
 	podCIDRs  []string
 	uninstall bool
+	gossip    bool
 
 	cgroupRoot string
 	// cgroupRootErr is why --cgroup-root has no default (no cgroup2 mount).
@@ -139,6 +141,8 @@ func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string,
 	f.DurationVar(&o.cfg.Health.Timeout, "health-timeout", agent.DefaultHealthTimeout, "timeout of one local health probe")
 	f.IntVar(&o.cfg.Health.FailureThreshold, "health-failure-threshold", agent.DefaultHealthFailureThreshold, "failed probes in a row that take a pod out of the datapath and mark it not ready")
 	f.IntVar(&o.cfg.Health.SuccessThreshold, "health-success-threshold", agent.DefaultHealthSuccessThreshold, "passed probes in a row that bring a pod probed down back")
+	f.BoolVar(&o.gossip, "gossip", true, "join the mesh-wide gossip when the cluster files carry a mesh key: nodes it says are dead lose their backends at once (never a service's last ones)")
+	f.IntVar(&o.cfg.Gossip.Port, "gossip-port", gossip.DefaultPort, "gossip UDP and TCP port, the same on every node")
 	f.BoolVar(&o.uninstall, "uninstall", false, "remove the datapath state (pinned eBPF maps and links, tunnel device and routes) and exit")
 }
 
@@ -151,6 +155,7 @@ func (o *agentOptions) complete(log *slog.Logger) error {
 		}
 		o.cfg.NodeIP = ip
 	}
+	o.cfg.Gossip.Disabled = !o.gossip
 	o.cfg.PodCIDRs = nil
 	for _, s := range o.podCIDRs {
 		p, err := netip.ParsePrefix(s)
