@@ -311,7 +311,11 @@ func (a *Agent) reconcile(ctx context.Context) {
 		case <-retry.C:
 		case <-a.kick:
 		}
-		snap := a.mesh.Snapshot()
+		// The nodes the gossip says are dead (and that it trusts) leave
+		// every service before the merge's choice of group; no service is
+		// emptied (see gossip.go).
+		dead, _ := a.gossip.deadNodes()
+		snap, exclusion := a.mesh.SnapshotExcluding(dead)
 		// Endpoints local health probes down leave the datapath at once,
 		// before the registry hears of them (see health.go).
 		down, gen := a.health.down()
@@ -332,6 +336,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 			retry.Reset(time.Second)
 		} else {
 			a.applied, a.lastApplied, a.applyErr = snap.Version, time.Now(), nil
+			a.excluding, a.exclusion = nodeNames(dead), exclusion
 		}
 		if r, ok := a.datapath.(retryingDatapath); ok {
 			if d := r.RetryIn(); d > 0 && (err == nil || d < time.Second) {
