@@ -30,6 +30,9 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
   trellis lab pod stop eu/echo-n1      take a backend out (pod start brings it back)
   trellis lab pod crash eu/echo-n1     kill -9 its echo server, telling no one
   trellis lab node down us/n2          take a node out (node up brings it back)
+  trellis lab node crash eu/n1         kill -9 its agent and pods, link down, telling no one
+  trellis lab partition gossip eu us   drop the gossip (port 51872) between two clusters' nodes
+  trellis lab heal gossip eu us        let it through again
   trellis lab restart agent eu/n1      restart a node's agent; its pods keep running
   trellis lab restart apiserver us     restart a cluster's mesh API server
   trellis lab disconnect eu us         separate two clusters (connect joins them again)
@@ -64,7 +67,7 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 	})
 	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
 		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts),
-		newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
+		newLabPartitionCmd(opts, true), newLabPartitionCmd(opts, false), newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
 		newLabAddClusterCmd(opts), newLabEncryptionCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
 	return cmd
 }
@@ -302,6 +305,35 @@ func newLabNodeCmd(opts labOpts) *cobra.Command {
 		Short: "Bring a node back: veth up, pods and agent restarted; waits for the agent",
 		Args:  cobra.ExactArgs(1),
 		RunE:  opts.run1(lab.NodeUp),
+	}, &cobra.Command{
+		Use:   "crash CLUSTER/NODE",
+		Short: "Kill -9 the node's agent and pods and set its underlay link down, telling no one (only the gossip notices); node up brings it back",
+		Args:  cobra.ExactArgs(1),
+		RunE:  opts.run1(lab.NodeCrash),
+	})
+	return cmd
+}
+
+// newLabPartitionCmd is `lab partition gossip A B` (or heal).
+func newLabPartitionCmd(opts labOpts, partition bool) *cobra.Command {
+	use, short, verb := "partition", "Cut something between two clusters", lab.PartitionGossip
+	gossipShort := "Drop the gossip (UDP and TCP 51872) between the two clusters' node IPs, leaving data traffic alone"
+	if !partition {
+		use, short, verb = "heal", "Undo a partition", lab.HealGossip
+		gossipShort = "Let the gossip between the two clusters' nodes through again"
+	}
+	cmd := &cobra.Command{Use: use, Short: short}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "gossip CLUSTER CLUSTER",
+		Short: gossipShort,
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return verb(cmd.Context(), o, args[0], args[1])
+		},
 	})
 	return cmd
 }
