@@ -39,3 +39,28 @@ func TestGossipDistrust(t *testing.T) {
 		}
 	}
 }
+
+// printGossip shows the counts, the dead members and the trust.
+func TestPrintGossip(t *testing.T) {
+	since := time.Now().Add(-2 * time.Second)
+	for _, tc := range []struct {
+		g    *GossipStatus
+		want []string
+	}{
+		{&GossipStatus{Off: "no mesh key in the cluster files (trellis connect writes one)"}, []string{"Gossip: off: no mesh key"}},
+		{&GossipStatus{Member: "us/n1", Address: "192.168.0.3:51872", Alive: 3, Dead: 1, Trusted: true,
+			DeadMembers: []GossipDead{{Member: "eu/n1", Since: since}}, Excluding: []string{"eu/n1"}},
+			[]string{"us/n1 on 192.168.0.3:51872, members 3 alive, 0 suspect, 1 dead, 0 left", "dead set trusted",
+				"dead: eu/n1 since " + since.Format(time.TimeOnly), "backends left out on: eu/n1"}},
+		{&GossipStatus{Member: "us/n1", Alive: 2, Dead: 2, Distrust: "2 of 4 members went dead within 5s"},
+			[]string{"dead set ignored: 2 of 4 members went dead within 5s"}},
+	} {
+		var b strings.Builder
+		PrintStatus(&b, Status{Node: "n1", Cluster: "us", Gossip: tc.g})
+		for _, want := range tc.want {
+			if !strings.Contains(b.String(), want) {
+				t.Errorf("status lacks %q:\n%s", want, b.String())
+			}
+		}
+	}
+}
