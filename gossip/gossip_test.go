@@ -47,7 +47,7 @@ func startMember(t testing.TB, key []byte, cluster, node string, port int, seeds
 	}
 	g, err := Start(context.Background(), Config{
 		Cluster: cluster, Node: node, Region: "r1", BindAddr: loopback, Port: port,
-		Key: key, Seeds: seeds, Logger: testLogger(),
+		Key: key, Seeds: seeds, Logger: testLogger(), tune: benchTuning(),
 	})
 	if err != nil {
 		t.Fatal(err)
