@@ -15,10 +15,12 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/privtest"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 var (
@@ -308,5 +310,84 @@ func BenchmarkFalsePositivesProcesses(b *testing.B) {
 			b.ReportMetric(medianF(deadRate[tune]), tune+"-dead/member-h")
 			b.ReportMetric(medianF(suspectRate[tune]), tune+"-suspect/member-h")
 		}
+	}
+}
+
+// TestKilledProcessIsDead: a member in a process of its own gets SIGKILL
+// (no leave, the kernel closes its sockets); the others declare it dead.
+func TestKilledProcessIsDead(t *testing.T) {
+	key := newKey(t)
+	pool := startPool(t, key, 3)
+	child := startProcMember(t, key, "us", "child", *benchTune, pool[0].LocalAddr())
+	testutil.EventuallyNoError(t, 10*time.Second, "the child joined", func() error {
+		for _, g := range pool {
+			if m, ok := stateOf(g, "us/child"); !ok || m.State != Alive {
+				return fmt.Errorf("%s sees us/child as %+v", g.Name(), m)
+			}
+		}
+		return nil
+	})
+	killed := time.Now()
+	if err := child.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	child.cmd.Wait()
+	testutil.EventuallyNoError(t, 10*time.Second, "us/child dead everywhere", func() error {
+		for _, g := range pool {
+			if _, ok := g.Dead()["us/child"]; !ok {
+				return fmt.Errorf("%s: Dead() = %v", g.Name(), g.Dead())
+			}
+		}
+		return nil
+	})
+	for _, g := range pool {
+		t.Logf("%s saw us/child dead after %s", g.Name(), g.Dead()["us/child"].Sub(killed).Round(time.Millisecond))
+	}
+}
+
+// BenchmarkDetectionKill is BenchmarkDetection with the victim a member
+// process killed with SIGKILL. Run with -benchtime 1x.
+func BenchmarkDetectionKill(b *testing.B) {
+	for range b.N {
+		var first, last []time.Duration
+		for run := range *benchRuns {
+			key := newKey(b)
+			pool := startPool(b, key, *benchMembers-1)
+			child := startProcMember(b, key, "us", "child", *benchTune, pool[0].LocalAddr())
+			waitAllSee(b, pool, pool, 10*time.Second, func(string) (State, bool) { return Alive, true })
+			testutil.EventuallyNoError(b, 10*time.Second, "the child joined", func() error {
+				for _, g := range pool {
+					if m, ok := stateOf(g, "us/child"); !ok || m.State != Alive {
+						return fmt.Errorf("%s sees us/child as %+v", g.Name(), m)
+					}
+				}
+				return nil
+			})
+			time.Sleep(time.Second)
+			killed := time.Now()
+			child.cmd.Process.Signal(syscall.SIGKILL)
+			child.cmd.Wait()
+			testutil.EventuallyNoError(b, 15*time.Second, "us/child dead everywhere", func() error {
+				for _, g := range pool {
+					if _, ok := g.Dead()["us/child"]; !ok {
+						return fmt.Errorf("%s: Dead() = %v", g.Name(), g.Dead())
+					}
+				}
+				return nil
+			})
+			f, l := time.Hour, time.Duration(0)
+			for _, g := range pool {
+				d := g.Dead()["us/child"].Sub(killed)
+				f, l = min(f, d), max(l, d)
+			}
+			for _, g := range pool {
+				g.Close()
+			}
+			b.Logf("run %d: first observer %s, last %s", run, f.Round(time.Millisecond), l.Round(time.Millisecond))
+			first, last = append(first, f), append(last, l)
+		}
+		b.ReportMetric(float64(median(first).Milliseconds()), "ms-first-median")
+		b.ReportMetric(float64(median(last).Milliseconds()), "ms-all-median")
+		b.ReportMetric(float64(slices.Max(last).Milliseconds()), "ms-all-max")
 	}
 }

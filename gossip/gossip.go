@@ -67,7 +67,7 @@ const label = "trellis-mesh-v1"
 // suspicion timeout to refute.
 //
 // Measured (README, Benchmarks, gossip): 0.75 s to every observer on the
-// development VM, 1.0 s with its CPUs saturated; no false death among
+// development VM, 0.87 s with its CPUs saturated (medians); no false death among
 // member processes under that load. The benchmarks' "steady" tuning
 // (200/100 ms, suspicion ×4: ≈1.2 s) is the fallback for nodes whose
 // agents stall for hundreds of milliseconds together: with five members
