@@ -221,15 +221,16 @@ func (m *gossipMember) waitKey(ctx context.Context) []byte {
 	}
 }
 
-// waitRegion returns the local cluster's region once its config arrived,
-// or "" after a few seconds without one.
+// waitRegion returns the local cluster's region once its config arrived
+// (a cluster may have none), or "" after a few seconds without it.
 func (m *gossipMember) waitRegion(ctx context.Context) string {
 	deadline := time.Now().Add(gossipRegionWait)
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
 	for time.Now().Before(deadline) {
 		for _, c := range m.mesh.Status().Clusters {
-			if c.Name == m.cluster && c.Region != "" {
+			// A cluster ID: its config arrived, region or none.
+			if c.Name == m.cluster && (c.Region != "" || c.ClusterID != 0) {
 				return c.Region
 			}
 		}
