@@ -37,6 +37,9 @@ type Config struct {
 	StateDir string
 	// StatusSocket is the unix socket `trellis status` talks to.
 	StatusSocket string
+	// MetricsListen, when set, serves /metrics over TCP for Prometheus
+	// (the status socket serves it too, to root only).
+	MetricsListen string
 
 	// RegistryURL is the local mesh API server's HTTP address; empty
 	// skips registration (a Kubernetes cluster, where the API server's
@@ -133,9 +136,11 @@ type Agent struct {
 	log      *slog.Logger
 	mesh     *clustermesh.Mesh
 	datapath Datapath
-	// metrics are served on the status socket at /metrics: the mesh's
-	// store operations and rejections, and the process.
+	// metrics are served on the status socket at /metrics (and on
+	// MetricsListen): the mesh's store operations and rejections, what
+	// the applies served, local health, gossip, and the process.
 	metrics *prometheus.Registry
+	applies *applyMetrics
 
 	// kick asks the reconcile loop for an apply now (a key rotation, a
 	// change of local health).
@@ -189,7 +194,10 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 	}
 	metrics.MustRegister(mesh.Collector())
 	a := &Agent{cfg: cfg, log: log, mesh: mesh, datapath: datapath, metrics: metrics,
-		kick: make(chan struct{}, 1), registered: make(chan struct{}, 1)}
+		applies: newApplyMetrics(cfg.ClusterName),
+		kick:    make(chan struct{}, 1), registered: make(chan struct{}, 1)}
+	metrics.MustRegister(a.applies.collectors()...)
+	metrics.MustRegister(newStateCollector(a))
 	if cfg.Health.Interval > 0 {
 		a.health = newHealthChecker(cfg.Health, filepath.Join(cfg.StateDir, "pods"), mesh.Snapshot,
 			func() { notify(a.kick) }, log)
@@ -234,11 +242,30 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	goRun(func() { a.mesh.Run(ctx) })
 	goRun(func() { srv.Serve(ln) })
+	servers := []*http.Server{srv}
+	if a.cfg.MetricsListen != "" {
+		mln, err := net.Listen("tcp", a.cfg.MetricsListen)
+		if err != nil {
+			cancel()
+			srv.Close()
+			wg.Wait()
+			return fmt.Errorf("agent: --metrics-listen %s: %w", a.cfg.MetricsListen, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
+		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+			WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10}
+		servers = append(servers, msrv)
+		goRun(func() { msrv.Serve(mln) })
+		a.log.Info("serving metrics", "address", mln.Addr().String())
+	}
 	goRun(func() {
 		<-ctx.Done()
 		shutdown, c := context.WithTimeout(context.Background(), 2*time.Second)
 		defer c()
-		srv.Shutdown(shutdown)
+		for _, s := range servers {
+			s.Shutdown(shutdown)
+		}
 	})
 	if a.cfg.RegistryURL != "" {
 		reg, err := a.newRegistrar()
@@ -320,8 +347,12 @@ func (a *Agent) reconcile(ctx context.Context) {
 		// before the registry hears of them (see health.go).
 		down, gen := a.health.down()
 		var err error
+		applied := withoutDown(snap, down)
 		if a.datapath != nil {
-			err = a.datapath.Apply(ctx, withoutDown(snap, down))
+			err = a.datapath.Apply(ctx, applied)
+		}
+		if err == nil {
+			a.applies.observe(applied)
 		}
 		if gen != healthGen {
 			healthGen = gen

@@ -118,6 +118,7 @@ func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string,
 	f.StringVar(&o.cfg.ConfigDir, "config-dir", "", "directory with one <cluster>.yaml per cluster (written by 'trellis connect')")
 	f.StringVar(&o.cfg.StateDir, "state-dir", "", "the agent's state directory")
 	f.StringVar(&o.cfg.StatusSocket, "status-socket", "", "unix socket for 'trellis status' ")
+	f.StringVar(&o.cfg.MetricsListen, "metrics-listen", "", "TCP address to serve Prometheus /metrics on (e.g. :9962); the status socket serves them too")
 	f.StringVar(&o.cfg.RegistryURL, "registry-url", "", "local mesh API server's HTTP address, to register this node and its pods (standalone mode)")
 	f.StringVar(&o.cfg.RegistryCAFile, "registry-ca-file", "", "the local API server's server CA (its <state-dir>/pki/ca.crt), to verify it")
 	f.StringVar(&o.cfg.RegistryTokenFile, "registry-token-file", "", "file with this node's registry credential (trellis apiserver issue-node-credential)")
