@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -17,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/trellis-mesh/trellis/gossip"
 )
 
 // The lab's wire, as an eavesdropper on the underlay sees it: an AF_PACKET
@@ -57,10 +60,25 @@ const (
 // HTTP, the echo pods. Otherwise the lower port names it.
 func wellKnownPort(p uint16) bool {
 	switch p {
-	case wireGuardPort, 8472, 6081, apiEtcdPort, apiHTTPPort, EchoPort:
+	case wireGuardPort, 8472, 6081, apiEtcdPort, apiHTTPPort, EchoPort, gossip.DefaultPort:
 		return true
 	}
 	return false
+}
+
+// gossipKinds are the node↔node frames of the agents' gossip (its own
+// channel, encrypted and authenticated with the mesh key), which carry no
+// pod traffic.
+var gossipKinds = []string{fmt.Sprintf("udp/%d", gossip.DefaultPort), fmt.Sprintf("tcp/%d", gossip.DefaultPort)}
+
+// PodTraffic is NodeToNode without the gossip's frames: what carries the
+// pods' packets between nodes.
+func (r *CaptureReport) PodTraffic() map[string]int {
+	out := maps.Clone(r.NodeToNode)
+	for _, k := range gossipKinds {
+		delete(out, k)
+	}
+	return out
 }
 
 // CaptureReport is what a capture saw on the lab's bridge.
