@@ -433,6 +433,13 @@ type batch struct {
 const loopBatch = 200
 
 func (r *labRun) startLoop(ctx context.Context, t testing.TB, pod, target string) *requestLoop {
+	return r.startLoopN(ctx, t, pod, target, loopBatch, 2*time.Second)
+}
+
+// startLoopN is startLoop with n requests a batch, each with timeout:
+// fewer and shorter where many time out, so that a batch ends soon after
+// the window it watches and a sequential client notices a failover soon.
+func (r *labRun) startLoopN(ctx context.Context, t testing.TB, pod, target string, n int, timeout time.Duration) *requestLoop {
 	l := &requestLoop{r: r, stop: make(chan struct{}), done: make(chan struct{}), notify: make(chan struct{}, 1), start: time.Now()}
 	go func() {
 		defer close(l.done)
@@ -445,7 +452,7 @@ func (r *labRun) startLoop(ctx context.Context, t testing.TB, pod, target string
 			default:
 			}
 			b := batch{start: time.Now()}
-			out, code, err := r.exec(ctx, pod, r.bin, "lab", "http-get", "-n", strconv.Itoa(loopBatch), "--timeout", "2s", target)
+			out, code, err := r.exec(ctx, pod, r.bin, "lab", "http-get", "-n", strconv.Itoa(n), "--timeout", timeout.String(), target)
 			b.end = time.Now()
 			sc := bufio.NewScanner(strings.NewReader(out))
 			for sc.Scan() {
@@ -456,8 +463,8 @@ func (r *labRun) startLoop(ctx context.Context, t testing.TB, pod, target string
 				}
 				b.probes = append(b.probes, p)
 			}
-			if err == nil && len(b.probes) != loopBatch {
-				err = fmt.Errorf("http-get in %s exited %d after %d of %d requests", pod, code, len(b.probes), loopBatch)
+			if err == nil && len(b.probes) != n {
+				err = fmt.Errorf("http-get in %s exited %d after %d of %d requests", pod, code, len(b.probes), n)
 			}
 			l.mu.Lock()
 			l.batches = append(l.batches, b)
