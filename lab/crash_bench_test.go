@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -83,10 +84,23 @@ func BenchmarkLabPodCrashFailover(b *testing.B) {
 	var out strings.Builder
 	fmt.Fprintf(&out, "\nPod crash (kill -9 of eu/echo-n2, nobody told), eu/client → eu's VIP, affinity none; %d rounds, %s watched after each crash; medians (min–max)\n",
 		*crashRounds, *crashWindow)
-	tw := tabwriter.NewWriter(&out, 0, 0, 2, ' ', 0)
+	names := make([]string, len(variants))
+	for i, v := range variants {
+		names[i] = v.name
+	}
+	writeCrashTable(&out, names, results)
+	fmt.Fprint(os.Stdout, out.String())
+	b.Log(out.String())
+}
+
+// writeCrashTable writes one line per variant: time from the crash to
+// the last failed request, failed requests, requests, and the rounds
+// still failing when the watch ended; medians (min–max).
+func writeCrashTable(w io.Writer, variants []string, results map[string][]crashOutcome) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "VARIANT\tCRASH → LAST FAILED REQUEST\tFAILED REQUESTS\tOF\tSTILL FAILING AT THE END")
-	for _, v := range variants {
-		runs := results[v.name]
+	for _, name := range variants {
+		runs := results[name]
 		var last, failed, total []float64
 		still := 0
 		for _, o := range runs {
@@ -97,12 +111,10 @@ func BenchmarkLabPodCrashFailover(b *testing.B) {
 				still++
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d of %d\n", v.name, medianRange(last, "%.2f s"), medianRange(failed, "%.0f"),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d of %d\n", name, medianRange(last, "%.2f s"), medianRange(failed, "%.0f"),
 			medianRange(total, "%.0f"), still, len(runs))
 	}
 	tw.Flush()
-	fmt.Fprint(os.Stdout, out.String())
-	b.Log(out.String())
 }
 
 // medianRange formats the median of xs and their range.

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"text/tabwriter"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/privtest"
@@ -96,24 +95,11 @@ func BenchmarkLabNodeCrashFailover(b *testing.B) {
 	var out strings.Builder
 	fmt.Fprintf(&out, "\nNode crash (eu/n1: kill -9 of its agent and eu/echo-n1, link down, nobody told), us/client → us's VIP, affinity none; %d rounds, %s watched after each crash; medians (min–max)\n",
 		*nodeCrashRounds, *nodeCrashWindow)
-	tw := tabwriter.NewWriter(&out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "VARIANT\tCRASH → LAST FAILED REQUEST\tFAILED REQUESTS\tOF\tSTILL FAILING AT THE END")
-	for _, v := range variants {
-		runs := results[v.name]
-		var last, failed, total []float64
-		still := 0
-		for _, o := range runs {
-			last = append(last, o.lastFailure.Seconds())
-			failed = append(failed, float64(o.failed))
-			total = append(total, float64(o.total))
-			if o.lastFailure > o.observed-time.Second {
-				still++
-			}
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d of %d\n", v.name, medianRange(last, "%.2f s"), medianRange(failed, "%.0f"),
-			medianRange(total, "%.0f"), still, len(runs))
+	names := make([]string, len(variants))
+	for i, v := range variants {
+		names[i] = v.name
 	}
-	tw.Flush()
+	writeCrashTable(&out, names, results)
 	fmt.Fprint(os.Stdout, out.String())
 	b.Log(out.String())
 }
