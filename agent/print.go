@@ -80,7 +80,7 @@ func PrintStatus(w io.Writer, st Status) {
 	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE\tGLOBAL\tAFFINITY\tFRONTENDS\tACTIVE BACKENDS BY CLUSTER")
+	fmt.Fprintln(tw, "SERVICE\tGLOBAL\tAFFINITY\tFAILOVER REGIONS\tFRONTENDS\tACTIVE BACKENDS BY CLUSTER")
 	for _, s := range st.Services {
 		var by []string
 		for cluster, ips := range s.Active {
@@ -91,7 +91,8 @@ func PrintStatus(w io.Writer, st Status) {
 		if active == "" {
 			active = "none"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.Service, yesNo(s.Global), s.Affinity, orDash(strings.Join(s.Frontend, ",")), active)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", s.Service, yesNo(s.Global), s.Affinity, orDash(strings.Join(s.FailoverRegions, ",")),
+			orDash(strings.Join(s.Frontend, ",")), active)
 	}
 	tw.Flush()
 }

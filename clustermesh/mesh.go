@@ -316,12 +316,14 @@ type ClusterStatus struct {
 
 // ServiceStatus is one merged service as `trellis status` shows it.
 type ServiceStatus struct {
-	Service  string              `json:"service"`
-	Global   bool                `json:"global"`
-	Affinity v1.Affinity         `json:"affinity"`
-	Frontend []string            `json:"frontends,omitempty"`
-	Active   map[string][]string `json:"activeBackends"` // cluster → backend IPs carrying traffic
-	Offered  map[string]int      `json:"offered"`        // cluster → active backends offered
+	Service  string      `json:"service"`
+	Global   bool        `json:"global"`
+	Affinity v1.Affinity `json:"affinity"`
+	// FailoverRegions is the region order in force (trellis.io/failover-regions).
+	FailoverRegions []string            `json:"failoverRegions,omitempty"`
+	Frontend        []string            `json:"frontends,omitempty"`
+	Active          map[string][]string `json:"activeBackends"` // cluster → backend IPs carrying traffic
+	Offered         map[string]int      `json:"offered"`        // cluster → active backends offered
 }
 
 // Status is the whole view.
@@ -373,7 +375,8 @@ func (m *Mesh) Status() Status {
 	snap := m.Snapshot()
 	st.SnapshotVersion = snap.Version
 	for _, svc := range snap.Services {
-		ss := ServiceStatus{Service: svc.ServiceName.String(), Global: svc.Global, Affinity: svc.Affinity, Active: map[string][]string{}, Offered: svc.Offered}
+		ss := ServiceStatus{Service: svc.ServiceName.String(), Global: svc.Global, Affinity: svc.Affinity,
+			FailoverRegions: slices.Clone(svc.FailoverRegions), Active: map[string][]string{}, Offered: svc.Offered}
 		for _, ip := range svc.FrontendIPs {
 			ss.Frontend = append(ss.Frontend, ip.String())
 		}
