@@ -1,7 +1,6 @@
 package apiserver_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +9,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,24 +23,6 @@ import (
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
-// syncBuffer is a log destination safe for the server's goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // The embedded etcd as the API server runs it: bounded by the quota given
 // in its config, its NOSPACE alarm visible on /readyz and in the log, and
 // recovered from by the server's maintenance loop, after which the
@@ -54,7 +34,7 @@ func TestEmbeddedEtcdNoSpace(t *testing.T) {
 	}
 	const quota = 64 << 20
 	stateDir := t.TempDir()
-	logs := &syncBuffer{}
+	logs := &testutil.SyncBuffer{}
 	srv, err := apiserver.New(apiserver.Config{
 		ClusterName: "eu", ClusterID: 1, PodCIDRs: []string{"10.1.0.0/16"}, StateDir: stateDir,
 		EtcdListen: fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), HTTPListen: fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)),

@@ -36,17 +36,9 @@ var (
 //
 //	sudo go test ./lab -run '^$' -bench LabPodCrashFailover -benchtime 1x -v
 func BenchmarkLabPodCrashFailover(b *testing.B) {
-	privtest.RequireRoot(b)
-	r := newLabRun(b)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-	defer cancel()
-	if _, err := r.run(ctx, "up"); err != nil {
-		b.Fatal(err)
-	}
-	st := r.state(b)
+	r, ctx, st := crashBenchLab(b)
 	euVIP := "http://" + serviceVIP(b, st, "eu") + ":80/"
 	all := []string{"eu/echo-n1", "eu/echo-n2", "us/echo-n1", "us/echo-n2"}
-	r.annotate(ctx, b, "trellis.io/affinity=none")
 	r.awaitPods(ctx, b, "affinity none: every backend", all)
 
 	type variant struct {
@@ -91,6 +83,21 @@ func BenchmarkLabPodCrashFailover(b *testing.B) {
 	writeCrashTable(&out, names, results)
 	fmt.Fprint(os.Stdout, out.String())
 	b.Log(out.String())
+}
+
+// crashBenchLab builds the default lab for a crash benchmark, with
+// default/echo at affinity none (both clusters serve), and tears it down
+// when b ends.
+func crashBenchLab(b *testing.B) (*labRun, context.Context, *State) {
+	privtest.RequireRoot(b)
+	r := newLabRun(b)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	b.Cleanup(cancel)
+	if _, err := r.run(ctx, "up"); err != nil {
+		b.Fatal(err)
+	}
+	r.annotate(ctx, b, "trellis.io/affinity=none")
+	return r, ctx, r.state(b)
 }
 
 // writeCrashTable writes one line per variant: time from the crash to

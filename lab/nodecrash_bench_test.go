@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/trellis-mesh/trellis/internal/privtest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -45,18 +44,10 @@ const nodeCrashBatch = 20
 //
 //	sudo go test ./lab -run '^$' -bench LabNodeCrashFailover -benchtime 1x -v
 func BenchmarkLabNodeCrashFailover(b *testing.B) {
-	privtest.RequireRoot(b)
-	r := newLabRun(b)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
-	defer cancel()
-	if _, err := r.run(ctx, "up"); err != nil {
-		b.Fatal(err)
-	}
-	st := r.state(b)
+	r, ctx, st := crashBenchLab(b)
 	usVIP := "http://" + serviceVIP(b, st, "us") + ":80/"
 	nodes := []string{"eu/n1", "eu/n2", "us/n1", "us/n2"}
 	pods := []string{"eu/echo-n1", "eu/echo-n2", "us/echo-n1", "us/echo-n2"}
-	r.annotate(ctx, b, "trellis.io/affinity=none")
 	r.awaitPodsFrom(ctx, b, "us/client", "affinity none: every backend", pods)
 	r.awaitGossip(ctx, b, "every member alive after lab up", nodes, 4, 0)
 

@@ -100,22 +100,24 @@ func FreePort(t testing.TB) int {
 type Process struct {
 	cmd  *exec.Cmd
 	done chan struct{}
-	log  *syncBuffer
+	log  *SyncBuffer
 	err  error
 }
 
-type syncBuffer struct {
+// SyncBuffer is an io.Writer safe for concurrent writers (a process's
+// output, a server's log), read back whole with String.
+type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
 }
 
-func (b *syncBuffer) Write(p []byte) (int, error) {
+func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.Write(p)
 }
 
-func (b *syncBuffer) String() string {
+func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
@@ -125,7 +127,7 @@ func (b *syncBuffer) String() string {
 // cleanup if still running, and its output is printed when the test failed.
 func Start(t testing.TB, bin string, args ...string) *Process {
 	t.Helper()
-	p := &Process{cmd: exec.Command(bin, args...), done: make(chan struct{}), log: &syncBuffer{}}
+	p := &Process{cmd: exec.Command(bin, args...), done: make(chan struct{}), log: &SyncBuffer{}}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := p.cmd.Start(); err != nil {
