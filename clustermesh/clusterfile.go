@@ -177,10 +177,7 @@ func (f *ClusterFile) TLSConfig() (*tls.Config, error) {
 // WriteClusterFile writes f into dir as <name>.yaml atomically (0600: it
 // holds a private key), so a watching agent never reads half a file.
 func WriteClusterFile(dir string, f ClusterFile) error {
-	if err := f.Validate(); err != nil {
-		return fmt.Errorf("cluster file %s: %w", f.Name, err)
-	}
-	data, err := yaml.Marshal(f)
+	data, err := EncodeClusterFile(f)
 	if err != nil {
 		return err
 	}
@@ -203,6 +200,35 @@ func WriteClusterFile(dir string, f ClusterFile) error {
 		return fmt.Errorf("cluster file %s: %w", f.Name, err)
 	}
 	return nil
+}
+
+// EncodeClusterFile checks f and returns the bytes of its file.
+func EncodeClusterFile(f ClusterFile) ([]byte, error) {
+	if err := f.Validate(); err != nil {
+		return nil, fmt.Errorf("cluster file %s: %w", f.Name, err)
+	}
+	data, err := yaml.Marshal(f)
+	if err != nil {
+		return nil, fmt.Errorf("cluster file %s: %w", f.Name, err)
+	}
+	return data, nil
+}
+
+// DecodeClusterFile parses the file of cluster name (the file name less
+// FileSuffix) and checks it: an unknown field, a name other than the
+// file's, or an invalid pin is an error.
+func DecodeClusterFile(name string, data []byte) (ClusterFile, error) {
+	var f ClusterFile
+	if err := yaml.UnmarshalStrict(data, &f); err != nil {
+		return ClusterFile{}, fmt.Errorf("parse %s%s: %w", name, FileSuffix, err)
+	}
+	if f.Name != name {
+		return ClusterFile{}, fmt.Errorf("%s%s names cluster %q; the file of cluster %q must be %s%s", name, FileSuffix, f.Name, f.Name, f.Name, FileSuffix)
+	}
+	if err := f.Validate(); err != nil {
+		return ClusterFile{}, fmt.Errorf("%s%s: %w", name, FileSuffix, err)
+	}
+	return f, nil
 }
 
 // RemoveClusterFile removes the cluster's file; agents drain the cluster.
@@ -245,13 +271,7 @@ func scanDir(dir string) (map[string]loadedFile, error) {
 			continue
 		}
 		lf := loadedFile{hash: sha256.Sum256(data)}
-		if err := yaml.UnmarshalStrict(data, &lf.file); err != nil {
-			lf.err = fmt.Errorf("parse %s: %w", name, err)
-		} else if lf.file.Name != cluster {
-			lf.err = fmt.Errorf("%s names cluster %q; the file of cluster %q must be %s%s", name, lf.file.Name, lf.file.Name, lf.file.Name, FileSuffix)
-		} else if err := lf.file.Validate(); err != nil {
-			lf.err = fmt.Errorf("%s: %w", name, err)
-		}
+		lf.file, lf.err = DecodeClusterFile(cluster, data)
 		out[cluster] = lf
 	}
 	return out, nil
