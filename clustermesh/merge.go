@@ -64,13 +64,13 @@ func mergeService(name ServiceName, local string, services map[string]map[Servic
 	}
 	slices.Sort(remoteNames)
 	if haveLocal {
-		m.FailoverRegions = localSvc.FailoverRegions
+		m.FailoverRegions, m.HealthCheck = localSvc.FailoverRegions, localSvc.HealthCheck
 	} else {
 		m.Global = true
 		// Ports and the failover order come from a remote: the first
 		// cluster by name, so the choice does not flap.
 		first := services[remoteNames[0]][name].head
-		m.Ports, m.FailoverRegions = first.Ports, first.FailoverRegions
+		m.Ports, m.FailoverRegions, m.HealthCheck = first.Ports, first.FailoverRegions, first.HealthCheck
 	}
 
 	// Backends are resolved against the ports chosen above, whichever

@@ -56,6 +56,10 @@ type MergedService struct {
 	// the local service's, or, when the service does not exist locally,
 	// the first remote's by cluster name.
 	FailoverRegions []string
+	// HealthCheck is how the agent probes this service's backends on its
+	// own node: the local service's check (a node probes only its own
+	// cluster's pods), else the first remote's by cluster name.
+	HealthCheck v1.HealthCheck
 	// Backends are the active backends traffic goes to.
 	Backends []Backend
 	// Offered counts, per cluster, the active backends it offers to this

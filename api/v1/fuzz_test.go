@@ -118,6 +118,13 @@ func FuzzDecodeService(f *testing.F) {
 		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":"us"}`,
 		`{"v":1,"cluster":"c","namespace":"n","name":"s","global":true,"failoverRegions":[1]}`,
 		`{"v":1,"cluster":"c","namespace":"n","name":"s","failoverRegions":["us"]}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{"type":"http","path":"/healthz"}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{"type":"tcp"}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{"type":"http"}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{"type":"http","path":"/a\r\nb"}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":{"type":"tcp","path":"/x"}}`,
+		`{"v":1,"cluster":"c","namespace":"n","name":"s","healthCheck":"http:/healthz"}`,
 	} {
 		f.Add([]byte(s))
 	}

@@ -99,6 +99,7 @@ func sampleService() Service {
 		Shared:          true,
 		Affinity:        AffinityLocal,
 		FailoverRegions: []string{"us-east-1", "ap-southeast-1"},
+		HealthCheck:     HealthCheck{Type: HealthCheckHTTP, Path: "/healthz"},
 	}
 }
 

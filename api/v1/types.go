@@ -228,10 +228,53 @@ type Service struct {
 	// [ClusterConfig.Region], not empty, each once, at most
 	// [MaxFailoverRegions]; requires Global.
 	FailoverRegions []string `json:"failoverRegions,omitempty"`
+	// HealthCheck says how the agent of a backend's node probes it (the
+	// trellis.io/health-check annotation); the zero value is a TCP
+	// connect to each target port. Global or not.
+	HealthCheck HealthCheck `json:"healthCheck,omitzero"`
 }
 
 // MaxFailoverRegions bounds Service.FailoverRegions.
 const MaxFailoverRegions = 16
+
+// HealthCheck is how a node's agent probes the service's backends on
+// that node, on each TCP target port.
+type HealthCheck struct {
+	// Type is [HealthCheckTCP] (also the empty string) or
+	// [HealthCheckHTTP].
+	Type HealthCheckType `json:"type,omitempty"`
+	// Path is the path an HTTP check GETs, with its query if any: it
+	// starts with "/", holds printable ASCII without spaces, at most
+	// [MaxHealthCheckPath] bytes. Empty for a TCP check.
+	Path string `json:"path,omitempty"`
+}
+
+// HealthCheckType is the kind of a [HealthCheck].
+type HealthCheckType string
+
+// Health check types. The empty string means HealthCheckTCP.
+const (
+	// HealthCheckTCP passes when a TCP connect to the port succeeds.
+	HealthCheckTCP HealthCheckType = "tcp"
+	// HealthCheckHTTP passes when GET Path on the port answers 2xx or
+	// 3xx (redirects are not followed).
+	HealthCheckHTTP HealthCheckType = "http"
+)
+
+// MaxHealthCheckPath bounds HealthCheck.Path.
+const MaxHealthCheckPath = 256
+
+// IsHTTP reports whether c is an HTTP check.
+func (c HealthCheck) IsHTTP() bool { return c.Type == HealthCheckHTTP }
+
+// String is the check as the trellis.io/health-check annotation spells
+// it: "tcp" or "http:<path>".
+func (c HealthCheck) String() string {
+	if c.IsHTTP() {
+		return "http:" + c.Path
+	}
+	return "tcp"
+}
 
 // Shard limits. A writer fills a shard up to MaxShardBackends backends and
 // [ShardFillBytes] of JSON; readers enforce neither (a later writer may

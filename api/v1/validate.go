@@ -294,7 +294,44 @@ func (s *Service) check() *ValidationError {
 	if len(s.FailoverRegions) > 0 && !s.Global {
 		return bad("failoverRegions", strings.Join(s.FailoverRegions, ","), "want none unless global is true")
 	}
-	return checkFailoverRegions(s.FailoverRegions)
+	if e := checkFailoverRegions(s.FailoverRegions); e != nil {
+		return e
+	}
+	return checkHealthCheck(s.HealthCheck)
+}
+
+// ValidateHealthCheck checks a health check as [Service.HealthCheck]
+// holds it. Errors match [ErrInvalid].
+func ValidateHealthCheck(c HealthCheck) error {
+	if e := checkHealthCheck(c); e != nil {
+		return e.in("health check", c.String())
+	}
+	return nil
+}
+
+func checkHealthCheck(c HealthCheck) *ValidationError {
+	switch c.Type {
+	case "", HealthCheckTCP:
+		if c.Path != "" {
+			return bad("healthCheck.path", c.Path, "want no path for a tcp check; an http check (type http) has one")
+		}
+		return nil
+	case HealthCheckHTTP:
+	default:
+		return bad("healthCheck.type", string(c.Type), `want "tcp" or "http"`)
+	}
+	switch {
+	case c.Path == "" || c.Path[0] != '/':
+		return bad("healthCheck.path", c.Path, `want a path starting with "/", such as /healthz`)
+	case len(c.Path) > MaxHealthCheckPath:
+		return bad("healthCheck.path", strconv.Itoa(len(c.Path))+" bytes", "want at most "+strconv.Itoa(MaxHealthCheckPath))
+	}
+	for i := range len(c.Path) {
+		if b := c.Path[i]; b <= ' ' || b >= 0x7f {
+			return bad("healthCheck.path", c.Path, "byte "+strconv.Itoa(i)+" is a space, a control character or not ASCII; want printable ASCII (percent-encode the rest)")
+		}
+	}
+	return nil
 }
 
 // ValidateFailoverRegions checks a list of failover regions as

@@ -285,6 +285,27 @@ func TestServiceValidate(t *testing.T) {
 		{"backend shards and backends", func(s *Service) { s.BackendShards = []uint64{0} }, "backends"},
 		{"too many backend shards", func(s *Service) { s.Backends, s.BackendShards = nil, make([]uint64, MaxBackendShards+1) }, "backendShards"},
 		{"most backend shards ok", func(s *Service) { s.Backends, s.BackendShards = nil, make([]uint64, MaxBackendShards) }, ""},
+		{"http check ok", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/healthz?full=1"} }, ""},
+		{"tcp check ok", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckTCP} }, ""},
+		{"http check on a local service ok", func(s *Service) {
+			s.Global, s.Shared, s.Affinity, s.FailoverRegions = false, false, "", nil
+			s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/"}
+		}, ""},
+		{"check type unknown", func(s *Service) { s.HealthCheck = HealthCheck{Type: "grpc"} }, "healthCheck.type"},
+		{"tcp check with a path", func(s *Service) { s.HealthCheck = HealthCheck{Path: "/healthz"} }, "healthCheck.path"},
+		{"http check without a path", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckHTTP} }, "healthCheck.path"},
+		{"http check relative path", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "healthz"} }, "healthCheck.path"},
+		{"http check path with a space", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/a b"} }, "healthCheck.path"},
+		{"http check path with a newline", func(s *Service) {
+			s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/healthz\r\nHost: evil"}
+		}, "healthCheck.path"},
+		{"http check path not ASCII", func(s *Service) { s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/santé"} }, "healthCheck.path"},
+		{"http check longest path ok", func(s *Service) {
+			s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/" + strings.Repeat("a", MaxHealthCheckPath-1)}
+		}, ""},
+		{"http check path too long", func(s *Service) {
+			s.HealthCheck = HealthCheck{Type: HealthCheckHTTP, Path: "/" + strings.Repeat("a", MaxHealthCheckPath)}
+		}, "healthCheck.path"},
 	})
 }
 

@@ -29,6 +29,7 @@
 //	shared    trellis.io/shared    service.cilium.io/shared    io.cilium/shared-service
 //	affinity  trellis.io/affinity  service.cilium.io/affinity  io.cilium/service-affinity
 //	failover  trellis.io/failover-regions  (no Cilium spelling)
+//	check     trellis.io/health-check      (no Cilium spelling)
 //
 // global and shared take "true" or "false" (any case, surrounding space
 // ignored). shared defaults to true for a global service and is always false
@@ -42,7 +43,10 @@
 // agents of other clusters turn to regions when they do not use their own
 // cluster's backends (see [v1.Service.FailoverRegions]); a malformed list
 // (an empty entry, a bad region name, a region twice, more than 16)
-// means no list.
+// means no list. health-check ("tcp", the default, or "http:/healthz")
+// says how each node's agent probes the backends on its node (see
+// [v1.HealthCheck]), and is read for every service; a malformed one means
+// tcp.
 //
 // # Service mapping
 //
@@ -64,6 +68,13 @@
 // publishNotReadyAddresses (whose endpoints are always ready) still drains.
 // An address listed by two slices (the controller moving an endpoint) is
 // kept once, with the better state. FQDN slices are ignored.
+//
+// A pod whose status condition trellis.io/healthy is False (its node's
+// agent in Kubernetes mode probes it down: [source.ConditionHealthy]) is
+// published not ready, and every backend at its IPs unready, whatever the
+// EndpointSlices say: the agent marks the pod, and this source, the one
+// every other node and cluster reads, acts on the mark at once, with or
+// without a readiness gate holding the pod's Ready condition.
 //
 // # Identity labels
 //

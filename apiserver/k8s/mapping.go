@@ -160,6 +160,7 @@ func serviceFromK8s(cluster string, opts source.ServiceOptions, svc *corev1.Serv
 		Affinity:  opts.Affinity,
 
 		FailoverRegions: opts.FailoverRegions,
+		HealthCheck:     opts.HealthCheck,
 	}
 	if !opts.Global {
 		out.Affinity, out.FailoverRegions = v1.AffinityNone, nil
@@ -350,6 +351,9 @@ type podInfo struct {
 	ips      []netip.Addr
 	hostIP   netip.Addr
 	ready    bool
+	// unhealthy: its node's agent probes it down (condition
+	// trellis.io/healthy False); ready is false then.
+	unhealthy bool
 }
 
 // podFromK8s decides whether pod gets endpoints, and with which IPs.
@@ -387,9 +391,15 @@ func podFromK8s(pod *corev1.Pod) podInfo {
 	}
 	info.hostIP = hostIP
 	for _, c := range pod.Status.Conditions {
-		if c.Type == corev1.PodReady {
+		switch c.Type {
+		case corev1.PodReady:
 			info.ready = c.Status == corev1.ConditionTrue
+		case source.ConditionHealthy:
+			info.unhealthy = c.Status == corev1.ConditionFalse
 		}
+	}
+	if info.unhealthy {
+		info.ready = false
 	}
 	info.eligible = true
 	return info

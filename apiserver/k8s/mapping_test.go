@@ -229,6 +229,42 @@ func TestParseAnnotationsFailoverRegionsError(t *testing.T) {
 	}
 }
 
+// The health-check annotation: tcp by default, http with a path; a
+// malformed one is reported, says how to write it, and falls back to tcp.
+// It is read for a service that is not global too.
+func TestParseAnnotationsHealthCheck(t *testing.T) {
+	http := func(p string) v1.HealthCheck { return v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: p} }
+	for val, want := range map[string]v1.HealthCheck{
+		"tcp": {}, "": {}, " TCP ": {}, "http:/healthz": http("/healthz"), "http": http("/"),
+		"HTTP:/ready?full=1": http("/ready?full=1"),
+	} {
+		opts, errs := source.ParseAnnotations(map[string]string{source.AnnotationHealthCheck: val})
+		if len(errs) != 0 || opts.HealthCheck != want {
+			t.Errorf("%q: %+v, %v; want %+v", val, opts.HealthCheck, errs, want)
+		}
+	}
+	for val, wantMsg := range map[string]string{
+		"http:healthz":                      `starting with "/"`,
+		"http:/a b":                         "printable ASCII",
+		"http:/" + strings.Repeat("a", 300): "at most 256",
+		"grpc:/x":                           `unknown check "grpc"`,
+		"tcp:/x":                            "takes no path",
+		"http:/x\r\nHost: y":                "printable ASCII",
+	} {
+		opts, errs := source.ParseAnnotations(map[string]string{source.AnnotationGlobal: "true", source.AnnotationHealthCheck: val})
+		if len(errs) != 1 || opts.HealthCheck != (v1.HealthCheck{}) || !opts.Global {
+			t.Errorf("%q: %+v, %v; want one error and a tcp check", val, opts, errs)
+			continue
+		}
+		msg := errs[0].Error()
+		for _, want := range []string{source.AnnotationHealthCheck, wantMsg, `"http:<path>"`, "using tcp"} {
+			if !strings.Contains(msg, want) {
+				t.Errorf("%q: error %q does not mention %s", val, msg, want)
+			}
+		}
+	}
+}
+
 // The failover regions travel to the published service, and only for a
 // global one.
 func TestServiceFromK8sFailoverRegions(t *testing.T) {
@@ -419,6 +455,14 @@ func TestPodFromK8s(t *testing.T) {
 	}))
 	if !info.eligible || info.ready || len(info.ips) != 1 {
 		t.Errorf("legacy podIP, unready: %+v", info)
+	}
+	for status, unhealthy := range map[corev1.ConditionStatus]bool{corev1.ConditionFalse: true, corev1.ConditionTrue: false, corev1.ConditionUnknown: false} {
+		info = podFromK8s(running(func(p *corev1.Pod) {
+			p.Status.Conditions = append(p.Status.Conditions, corev1.PodCondition{Type: source.ConditionHealthy, Status: status})
+		}))
+		if !info.eligible || info.unhealthy != unhealthy || info.ready == unhealthy {
+			t.Errorf("%s %s: %+v", source.ConditionHealthy, status, info)
+		}
 	}
 }
 

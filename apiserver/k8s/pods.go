@@ -74,6 +74,8 @@ func (s *Source) syncPod(ctx context.Context, key objectKey) error {
 		}
 	}
 
+	s.setUnhealthy(key, info)
+
 	s.mu.Lock()
 	st := s.pods[key]
 	if st == nil {
@@ -144,6 +146,56 @@ func (s *Source) syncPod(ctx context.Context, key objectKey) error {
 		}
 	}
 	return nil
+}
+
+// setUnhealthy records which of pod key's IPs its node's agent probes
+// down, and queues the published services that have a backend whose mark
+// changed, so that they are published again (see markUnhealthy).
+func (s *Source) setUnhealthy(key objectKey, info podInfo) {
+	s.mu.Lock()
+	var changed []netip.Addr
+	for ip, owner := range s.unhealthy {
+		if owner == key && (!info.eligible || !info.unhealthy || !slices.Contains(info.ips, ip)) {
+			delete(s.unhealthy, ip)
+			changed = append(changed, ip)
+		}
+	}
+	if info.eligible && info.unhealthy {
+		for _, ip := range info.ips {
+			if owner, ok := s.unhealthy[ip]; !ok || owner != key {
+				s.unhealthy[ip] = key
+				changed = append(changed, ip)
+			}
+		}
+	}
+	var queue []objectKey
+	for svc, pub := range s.services {
+		if slices.ContainsFunc(pub.Backends, func(b v1.Backend) bool { return slices.Contains(changed, b.IP) }) {
+			queue = append(queue, svc)
+		}
+	}
+	s.mu.Unlock()
+	if len(changed) > 0 {
+		s.log.Info("pod health mark changed", "pod", key.String(), "unhealthy", info.unhealthy, "ips", changed)
+	}
+	for _, k := range queue {
+		s.queue.Add(k)
+	}
+}
+
+// markUnhealthy turns the backends of pods probed down unready; mu is
+// not held.
+func (s *Source) markUnhealthy(svc *v1.Service) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.unhealthy) == 0 {
+		return
+	}
+	for i := range svc.Backends {
+		if _, ok := s.unhealthy[svc.Backends[i].IP]; ok {
+			svc.Backends[i].State = v1.BackendUnready
+		}
+	}
 }
 
 // releaseAll drops the identity references st still owes.

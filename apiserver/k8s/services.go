@@ -50,6 +50,7 @@ func (s *Source) syncService(key objectKey) error {
 	}
 	out, skipped := serviceFromK8s(s.cfg.Cluster, opts, svc, eps)
 	s.reportList(obj, ProblemUnparsable, skipped)
+	s.markUnhealthy(&out)
 
 	s.mu.Lock()
 	prev, ok := s.services[key]

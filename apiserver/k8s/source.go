@@ -106,6 +106,10 @@ type Source struct {
 	pods      map[objectKey]*podState
 	endpoints map[netip.Addr]endpointRecord
 	claims    map[netip.Addr][]objectKey
+	// unhealthy are the IPs of pods whose node's agent probes them down
+	// (source.ConditionHealthy False), and the pod each belongs to: their
+	// backends are published unready whatever the EndpointSlices say.
+	unhealthy map[netip.Addr]objectKey
 	// pending holds, per kind, the keys the initial publication still
 	// waits for. A kind is absent once its Synced has been called.
 	pending map[kind]map[objectKey]struct{}
@@ -156,6 +160,7 @@ func New(cfg Config) (*Source, error) {
 		pods:      map[objectKey]*podState{},
 		endpoints: map[netip.Addr]endpointRecord{},
 		claims:    map[netip.Addr][]objectKey{},
+		unhealthy: map[netip.Addr]objectKey{},
 		reported:  map[string]map[Problem]string{},
 		stats:     Stats{Problems: map[Problem]int{}},
 	}, nil

@@ -632,3 +632,55 @@ func TestSourceFailoverRegions(t *testing.T) {
 		t.Errorf("%d malformed annotations reported after the fix; want still 1", n)
 	}
 }
+
+// The health-check annotation travels to the published service, and a
+// pod its node's agent marks trellis.io/healthy=False is published not
+// ready, its backends unready, although its EndpointSlice says ready;
+// True again brings both back.
+func TestSourceHealthCheckAndUnhealthyPods(t *testing.T) {
+	ctx := context.Background()
+	ann := map[string]string{source.AnnotationGlobal: "true", source.AnnotationHealthCheck: "http:/healthz"}
+	cs, waitWatches := newFakeClient(t,
+		k8sNode("node-a", "192.168.1.5", "10.1.0.0/24"),
+		k8sService("shop", "cart", ann),
+		k8sSlice("shop", "cart-1", "cart", endpoint("10.1.0.5", true, true, false, "node-a", "eu-1a"), endpoint("10.1.0.6", true, true, false, "node-a", "eu-1a")),
+		k8sPod("shop", "cart-1", cartLabels, "10.1.0.5", "192.168.1.5", true),
+		k8sPod("shop", "cart-2", cartLabels, "10.1.0.6", "192.168.1.5", true),
+	)
+	sink, alloc := newRecordingSink("10.1.0.0/16"), sourcetest.NewAllocator(testClusterID)
+	runSource(t, Config{Client: cs, Sink: sink, Identities: alloc})
+	waitWatches()
+	states := func(want5 v1.BackendState, ready5 bool) func() error {
+		return func() error {
+			svc, ok := sink.service("shop", "cart")
+			if !ok || svc.HealthCheck != (v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: "/healthz"}) {
+				return fmt.Errorf("service %+v (published %v)", svc, ok)
+			}
+			if len(svc.Backends) != 2 || svc.Backends[0].State != want5 || svc.Backends[1].State != v1.BackendActive {
+				return fmt.Errorf("backends %+v", svc.Backends)
+			}
+			if ep, _ := sink.endpoint("10.1.0.5"); ep.Ready != ready5 {
+				return fmt.Errorf("endpoint %+v", ep)
+			}
+			return nil
+		}
+	}
+	sink.waitFor(t, waitTimeout, "both active, http check", states(v1.BackendActive, true))
+
+	mark := func(status corev1.ConditionStatus) {
+		t.Helper()
+		pod, err := cs.CoreV1().Pods("shop").Get(ctx, "cart-1", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod.Status.Conditions = append(slices.DeleteFunc(pod.Status.Conditions, func(c corev1.PodCondition) bool { return c.Type == source.ConditionHealthy }),
+			corev1.PodCondition{Type: source.ConditionHealthy, Status: status})
+		if _, err := cs.CoreV1().Pods("shop").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mark(corev1.ConditionFalse)
+	sink.waitFor(t, waitTimeout, "cart-1 unready", states(v1.BackendUnready, false))
+	mark(corev1.ConditionTrue)
+	sink.waitFor(t, waitTimeout, "cart-1 active again", states(v1.BackendActive, true))
+}

@@ -125,7 +125,7 @@ func (r *Registry) checkService(s v1.ServiceRequest) error {
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
-		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions,
+		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions, HealthCheck: mesh.HealthCheck,
 	}
 	if err := svc.Validate(); err != nil {
 		return err

@@ -625,7 +625,7 @@ func (r *Registry) buildServiceLocked(s v1.ServiceRequest, mesh source.ServiceOp
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
-		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions,
+		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions, HealthCheck: mesh.HealthCheck,
 	}
 	if s.Selector == nil {
 		return svc

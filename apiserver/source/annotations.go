@@ -20,6 +20,15 @@ const (
 	AnnotationIPsecKeyIndex = "trellis.io/ipsec-key-index"
 )
 
+// ConditionHealthy is the pod status condition a node's agent in
+// Kubernetes mode sets on the pods of its node (as a readiness gate's
+// controller would): "False" while the pod fails the agent's probes,
+// "True" while it passes them. The Kubernetes source publishes a pod
+// whose condition is False, and its backends, as not ready, whatever its
+// EndpointSlices say; list it in a pod's spec.readinessGates to hold the
+// pod's own Ready condition too.
+const ConditionHealthy = "trellis.io/healthy"
+
 // Service annotations read by the source. See the package documentation for
 // their precedence and defaults.
 const (
@@ -30,6 +39,12 @@ const (
 	// "ap,us" (see [v1.Service.FailoverRegions]). Cilium has no such
 	// annotation, so there is no alias.
 	AnnotationFailoverRegions = "trellis.io/failover-regions"
+	// AnnotationHealthCheck says how each node's agent probes the
+	// service's backends on that node: "tcp" (the default: a connect to
+	// each TCP target port) or "http:<path>" (GET <path> on each TCP
+	// target port; 2xx and 3xx pass). See [v1.HealthCheck]. Read for
+	// every service, global or not.
+	AnnotationHealthCheck = "trellis.io/health-check"
 
 	// Cilium's spellings, accepted so users can migrate.
 	CiliumAnnotationGlobal   = "service.cilium.io/global"
@@ -55,6 +70,9 @@ type ServiceOptions struct {
 	// FailoverRegions: the regions to turn to, in order, when the local
 	// cluster's backends are not used. Nil unless Global.
 	FailoverRegions []string
+	// HealthCheck: how agents probe the backends on their node; the zero
+	// value is a TCP connect.
+	HealthCheck v1.HealthCheck
 }
 
 // AnnotationError is one malformed mesh annotation.
@@ -76,10 +94,19 @@ func (e *AnnotationError) Error() string {
 // ParseAnnotations reads a Service's mesh settings from its annotations. It
 // always returns usable options; malformed values are reported as
 // *AnnotationError values and replaced by the safe choice (not global, not
-// shared, affinity none, no failover regions).
+// shared, affinity none, no failover regions, a TCP health check).
 func ParseAnnotations(annotations map[string]string) (ServiceOptions, []error) {
 	var errs []error
 	opts := ServiceOptions{Affinity: v1.AffinityNone}
+
+	if val, ok := annotations[AnnotationHealthCheck]; ok {
+		hc, err := ParseHealthCheck(val)
+		if err != nil {
+			errs = append(errs, &AnnotationError{Key: AnnotationHealthCheck, Value: val,
+				Allowed: `"tcp" or "http:<path>" such as "http:/healthz" (` + err.Error() + ")", Using: "tcp"})
+		}
+		opts.HealthCheck = hc
+	}
 
 	if key, val, ok := first(annotations, AnnotationGlobal, CiliumAnnotationGlobal, LegacyCiliumAnnotationGlobal); ok {
 		b, good := parseBool(val)
@@ -143,6 +170,35 @@ func ParseFailoverRegions(val string) ([]string, error) {
 		return nil, err
 	}
 	return regions, nil
+}
+
+// ParseHealthCheck reads the value of [AnnotationHealthCheck]: "tcp" (or
+// empty), or "http:" followed by the path to GET, which starts with "/"
+// ("http:/healthz"); "http" alone GETs "/". A malformed value is an error
+// and the zero (TCP) check: it says what is wrong and how to write it.
+func ParseHealthCheck(val string) (v1.HealthCheck, error) {
+	v := strings.TrimSpace(val)
+	scheme, path, hasPath := strings.Cut(v, ":")
+	switch strings.ToLower(scheme) {
+	case "", "tcp":
+		if hasPath {
+			return v1.HealthCheck{}, errors.New("a tcp check takes no path")
+		}
+		return v1.HealthCheck{}, nil
+	case "http":
+		if !hasPath {
+			path = "/"
+		}
+		hc := v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: path}
+		if err := v1.ValidateHealthCheck(hc); err != nil {
+			if ve, ok := errors.AsType[*v1.ValidationError](err); ok {
+				return v1.HealthCheck{}, fmt.Errorf("path %q: %s", ve.Value, ve.Allowed)
+			}
+			return v1.HealthCheck{}, err
+		}
+		return hc, nil
+	}
+	return v1.HealthCheck{}, fmt.Errorf("unknown check %q", scheme)
 }
 
 // first returns the first of keys present in m.
