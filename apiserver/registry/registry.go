@@ -93,12 +93,20 @@ type Registry struct {
 	services  map[string]stored[v1.ServiceRequest] // "ns/name"
 	problems  map[string]string                    // "service ns/name" → why it is not published
 
+	// Indexes, kept by setEndpointLocked/setServiceLocked and their
+	// deletes: the endpoints of each namespace, the selector services of
+	// each namespace, and each selector service's backends as last built
+	// (selection), which endpoint writes patch (refreshServicesLocked).
+	nsEndpoints map[string]map[netip.Addr]struct{}
+	nsSelectors map[string]map[string]struct{}
+	selections  map[string]*selection
+
 	// Selector services to republish after endpoint writes, coalesced
 	// (refreshServicesLocked): marked counts the writes that marked some,
 	// flushed the writes whose marks are published; flushing says a
 	// writer is publishing, and flushedCond (on mu) wakes the writers
 	// waiting for it.
-	dirty       map[string]bool
+	dirty       map[string]map[netip.Addr]struct{} // service → endpoints that changed
 	marked      uint64
 	flushed     uint64
 	flushing    bool
@@ -109,6 +117,16 @@ type Registry struct {
 type stored[T any] struct {
 	req T
 	rev int64
+}
+
+// selection is a selector service's backends as resolved from the
+// registered endpoints: sorted by IP, never modified once handed to the
+// Sink (a patch builds a new slice).
+type selection struct {
+	backends []v1.Backend
+	// ports every backend carries (the service ports without a target
+	// port), shared by them.
+	ports []v1.BackendPort
 }
 
 type endpointState struct {
@@ -140,7 +158,11 @@ func New(cfg Config) (*Registry, error) {
 		endpoints: make(map[netip.Addr]endpointState),
 		services:  make(map[string]stored[v1.ServiceRequest]),
 		problems:  make(map[string]string),
-		dirty:     make(map[string]bool),
+		dirty:     make(map[string]map[netip.Addr]struct{}),
+
+		nsEndpoints: make(map[string]map[netip.Addr]struct{}),
+		nsSelectors: make(map[string]map[string]struct{}),
+		selections:  make(map[string]*selection),
 	}
 	r.flushedCond = sync.NewCond(&r.mu)
 	prefix := Prefix(cfg.Cluster.Name)
@@ -201,7 +223,7 @@ func (r *Registry) Load(ctx context.Context) error {
 		err := r.checkService(s)
 		if err == nil {
 			r.mu.Lock()
-			r.services[serviceID(s.Namespace, s.Name)] = stored[v1.ServiceRequest]{s, rec.Revision}
+			r.setServiceLocked(stored[v1.ServiceRequest]{s, rec.Revision})
 			r.publishServiceLocked(s)
 			r.mu.Unlock()
 		} else {
@@ -233,7 +255,7 @@ func (r *Registry) loadEndpoint(ctx context.Context, rec kvstore.Record[v1.Endpo
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.endpoints[e.IP] = endpointState{req: e, rev: rec.Revision, identity: id, labels: labels}
+	r.setEndpointLocked(endpointState{req: e, rev: rec.Revision, identity: id, labels: labels})
 	r.publishLocked("endpoint "+e.IP.String(), r.cfg.Sink.UpsertEndpoint(r.endpointObject(e, id)))
 	return nil
 }
@@ -436,7 +458,7 @@ func (r *Registry) PutEndpoint(ctx context.Context, e v1.EndpointRequest) error 
 	}
 	r.mu.Lock()
 	old, had := r.endpoints[e.IP]
-	r.endpoints[e.IP] = endpointState{req: e, rev: rev, identity: id, labels: labels}
+	r.setEndpointLocked(endpointState{req: e, rev: rev, identity: id, labels: labels})
 	r.publishLocked("endpoint "+e.IP.String(), r.cfg.Sink.UpsertEndpoint(r.endpointObject(e, id)))
 	changed := []endpointState{r.endpoints[e.IP]}
 	if had {
@@ -464,7 +486,7 @@ func (r *Registry) DeleteEndpoint(ctx context.Context, ip netip.Addr) error {
 		return err
 	}
 	r.mu.Lock()
-	delete(r.endpoints, ip)
+	r.deleteEndpointLocked(ip)
 	delete(r.problems, "endpoint "+ip.String())
 	r.publishLocked("endpoint "+ip.String(), r.cfg.Sink.DeleteEndpoint(ip))
 	r.refreshServicesLocked(cur)
@@ -536,7 +558,7 @@ func (r *Registry) PutService(ctx context.Context, s v1.ServiceRequest) error {
 		return err
 	}
 	r.mu.Lock()
-	r.services[id] = stored[v1.ServiceRequest]{s, rev}
+	r.setServiceLocked(stored[v1.ServiceRequest]{s, rev})
 	err = r.publishServiceLocked(s)
 	r.mu.Unlock()
 	if err == nil {
@@ -559,7 +581,7 @@ func (r *Registry) restoreService(ctx context.Context, id string, prev stored[v1
 		}
 		r.mu.Lock()
 		defer r.mu.Unlock()
-		delete(r.services, id)
+		r.deleteServiceLocked(id)
 		delete(r.problems, "service "+id)
 		ns, name, _ := strings.Cut(id, "/")
 		return r.cfg.Sink.DeleteService(ns, name)
@@ -570,7 +592,7 @@ func (r *Registry) restoreService(ctx context.Context, id string, prev stored[v1
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.services[id] = stored[v1.ServiceRequest]{prev.req, back}
+	r.setServiceLocked(stored[v1.ServiceRequest]{prev.req, back})
 	return r.publishServiceLocked(prev.req)
 }
 
@@ -590,7 +612,7 @@ func (r *Registry) DeleteService(ctx context.Context, namespace, name string) er
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	delete(r.services, id)
+	r.deleteServiceLocked(id)
 	delete(r.problems, "service "+id)
 	r.publishLocked("service "+id, r.cfg.Sink.DeleteService(namespace, name))
 	return nil
@@ -610,45 +632,87 @@ func (r *Registry) Services() []v1.ServiceRequest {
 	return out
 }
 
-// publishServiceLocked publishes s as it is now, resolving its selector,
-// and records the outcome.
+// publishServiceLocked publishes s as it is now, resolving its selector
+// against every endpoint of its namespace, and records the outcome.
 func (r *Registry) publishServiceLocked(s v1.ServiceRequest) error {
-	mesh, _ := source.ParseAnnotations(s.Annotations) // checked at the door
-	err := r.cfg.Sink.UpsertService(r.buildServiceLocked(s, mesh))
-	r.publishLocked("service "+serviceID(s.Namespace, s.Name), err)
-	return err
+	id := serviceID(s.Namespace, s.Name)
+	if s.Selector != nil {
+		r.selections[id] = r.selectLocked(s)
+	}
+	return r.sendServiceLocked(s)
 }
 
-// buildServiceLocked turns a registered service into its published form,
-// resolving its selector against the registered endpoints.
-func (r *Registry) buildServiceLocked(s v1.ServiceRequest, mesh source.ServiceOptions) v1.Service {
+// sendServiceLocked hands s to the Sink with its current selection (for
+// a selector service) and records the outcome.
+func (r *Registry) sendServiceLocked(s v1.ServiceRequest) error {
+	mesh, _ := source.ParseAnnotations(s.Annotations) // checked at the door
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
-		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions, HealthCheck: mesh.HealthCheck,
+		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions,
 	}
-	if s.Selector == nil {
-		return svc
+	id := serviceID(s.Namespace, s.Name)
+	if s.Selector != nil {
+		svc.Backends = r.selections[id].backends
 	}
-	svc.Backends = nil
-	for _, e := range r.endpoints {
-		if e.req.Namespace != s.Namespace || !selects(s.Selector, e.req.Labels) {
-			continue
+	err := r.cfg.Sink.UpsertService(svc)
+	r.publishLocked("service "+id, err)
+	return err
+}
+
+// selectLocked resolves a selector service's backends from the endpoints
+// of its namespace.
+func (r *Registry) selectLocked(s v1.ServiceRequest) *selection {
+	sel := &selection{}
+	for _, p := range s.Ports {
+		if p.TargetPort == 0 {
+			sel.ports = append(sel.ports, v1.BackendPort{Name: p.Name, Port: p.Port})
 		}
-		state := v1.BackendActive
-		if e.req.Ready != nil && !*e.req.Ready {
-			state = v1.BackendUnready
+	}
+	for ip := range r.nsEndpoints[s.Namespace] {
+		if e := r.endpoints[ip]; selects(s.Selector, e.req.Labels) {
+			sel.backends = append(sel.backends, sel.backend(e))
 		}
-		b := v1.Backend{IP: e.req.IP, State: state, Node: e.req.Node}
-		for _, p := range s.Ports {
-			if p.TargetPort == 0 {
-				b.Ports = append(b.Ports, v1.BackendPort{Name: p.Name, Port: p.Port})
+	}
+	slices.SortFunc(sel.backends, func(a, b v1.Backend) int { return a.IP.Compare(b.IP) })
+	return sel
+}
+
+// backend is the backend an endpoint the selection selects gives.
+func (sel *selection) backend(e endpointState) v1.Backend {
+	state := v1.BackendActive
+	if e.req.Ready != nil && !*e.req.Ready {
+		state = v1.BackendUnready
+	}
+	return v1.Backend{IP: e.req.IP, State: state, Node: e.req.Node, Ports: sel.ports}
+}
+
+// patchLocked brings a selector service's selection up to date for the
+// endpoints at ips (changed, added or deleted since it was built): each
+// is looked up as it is now, so a patch is right whatever happened to it
+// in between. The result is a new slice: the old one was handed to the
+// Sink, which may keep it. Many changes at once rebuild instead, which is
+// linear where one insert per change would not be.
+func (r *Registry) patchLocked(s v1.ServiceRequest, sel *selection, ips map[netip.Addr]struct{}) *selection {
+	if len(ips) > 16+len(sel.backends)/8 {
+		return r.selectLocked(s)
+	}
+	next := &selection{ports: sel.ports, backends: slices.Clone(sel.backends)}
+	for ip := range ips {
+		i, found := slices.BinarySearchFunc(next.backends, ip, func(b v1.Backend, ip netip.Addr) int { return b.IP.Compare(ip) })
+		e, ok := r.endpoints[ip]
+		switch {
+		case ok && e.req.Namespace == s.Namespace && selects(s.Selector, e.req.Labels):
+			if b := next.backend(e); found {
+				next.backends[i] = b
+			} else {
+				next.backends = slices.Insert(next.backends, i, b)
 			}
+		case found:
+			next.backends = slices.Delete(next.backends, i, i+1)
 		}
-		svc.Backends = append(svc.Backends, b)
 	}
-	slices.SortFunc(svc.Backends, func(a, b v1.Backend) int { return a.IP.Compare(b.IP) })
-	return svc
+	return next
 }
 
 func selects(selector, labels map[string]string) bool {
@@ -660,30 +724,98 @@ func selects(selector, labels map[string]string) bool {
 	return true
 }
 
+// setEndpointLocked stores an endpoint in memory and the indexes.
+func (r *Registry) setEndpointLocked(e endpointState) {
+	if old, ok := r.endpoints[e.req.IP]; ok && old.req.Namespace != e.req.Namespace {
+		r.deleteEndpointLocked(e.req.IP)
+	}
+	r.endpoints[e.req.IP] = e
+	m := r.nsEndpoints[e.req.Namespace]
+	if m == nil {
+		m = make(map[netip.Addr]struct{})
+		r.nsEndpoints[e.req.Namespace] = m
+	}
+	m[e.req.IP] = struct{}{}
+}
+
+func (r *Registry) deleteEndpointLocked(ip netip.Addr) {
+	e, ok := r.endpoints[ip]
+	if !ok {
+		return
+	}
+	delete(r.endpoints, ip)
+	if m := r.nsEndpoints[e.req.Namespace]; m != nil {
+		delete(m, ip)
+		if len(m) == 0 {
+			delete(r.nsEndpoints, e.req.Namespace)
+		}
+	}
+}
+
+// setServiceLocked stores a service in memory and the indexes; its
+// selection is built when it is published.
+func (r *Registry) setServiceLocked(s stored[v1.ServiceRequest]) {
+	id := serviceID(s.req.Namespace, s.req.Name)
+	r.deleteServiceLocked(id)
+	r.services[id] = s
+	if s.req.Selector == nil {
+		return
+	}
+	m := r.nsSelectors[s.req.Namespace]
+	if m == nil {
+		m = make(map[string]struct{})
+		r.nsSelectors[s.req.Namespace] = m
+	}
+	m[id] = struct{}{}
+}
+
+func (r *Registry) deleteServiceLocked(id string) {
+	s, ok := r.services[id]
+	if !ok {
+		return
+	}
+	delete(r.services, id)
+	delete(r.selections, id)
+	delete(r.dirty, id)
+	if m := r.nsSelectors[s.req.Namespace]; m != nil {
+		delete(m, id)
+		if len(m) == 0 {
+			delete(r.nsSelectors, s.req.Namespace)
+		}
+	}
+}
+
 // refreshServicesLocked republishes the selector services that select
 // any of the changed endpoints (as they are now, or were before), and
 // returns once they are published.
 //
-// Writes are coalesced: a service of n endpoints costs O(n) to rebuild
-// and publish, so one rebuild per endpoint write made a burst of writes
-// to one large service quadratic (about 250 writes/s at 1000 endpoints).
-// The first writer to find nobody publishing becomes the flusher: it
-// lets the writers queued on mu in to mark their services too, then
-// publishes everything marked, until nothing is; the others wait on
-// flushedCond until a flush that includes their marks is done. Every
-// publish still happens under mu, in order, and no write returns before
-// its change is published.
+// A republication patches the service's selection with the endpoints
+// that changed (patchLocked) rather than resolving the selector again:
+// one endpoint write costs O(log n) to find and O(n) only in copying the
+// backends' slice, not a pass over every endpoint of the namespace.
+//
+// Writes are coalesced: a service of n endpoints still costs O(n) to
+// publish (the Publisher's encoding), so one publication per endpoint
+// write made a burst of writes to one large service quadratic (about 250
+// writes/s at 1000 endpoints). The first writer to find nobody publishing
+// becomes the flusher: it lets the writers queued on mu in to mark their
+// services too, then publishes everything marked, until nothing is; the
+// others wait on flushedCond until a flush that includes their marks is
+// done. Every publish still happens under mu, in order, and no write
+// returns before its change is published.
 func (r *Registry) refreshServicesLocked(changed ...endpointState) {
 	marked := false
-	for id, s := range r.services {
-		if s.req.Selector == nil {
-			continue
-		}
-		for _, e := range changed {
-			if e.req.Namespace == s.req.Namespace && selects(s.req.Selector, e.req.Labels) {
-				r.dirty[id], marked = true, true
-				break
+	for _, e := range changed {
+		for id := range r.nsSelectors[e.req.Namespace] {
+			if !selects(r.services[id].req.Selector, e.req.Labels) {
+				continue
 			}
+			ips := r.dirty[id]
+			if ips == nil {
+				ips = make(map[netip.Addr]struct{})
+				r.dirty[id] = ips
+			}
+			ips[e.req.IP], marked = struct{}{}, true
 		}
 	}
 	if !marked {
@@ -704,9 +836,16 @@ func (r *Registry) refreshServicesLocked(changed ...endpointState) {
 		runtime.Gosched()
 		r.mu.Lock()
 		upTo, batch := r.marked, r.dirty
-		r.dirty = make(map[string]bool)
-		for id := range batch {
-			if s, ok := r.services[id]; ok && s.req.Selector != nil {
+		r.dirty = make(map[string]map[netip.Addr]struct{})
+		for id, ips := range batch {
+			s, ok := r.services[id]
+			if !ok || s.req.Selector == nil {
+				continue
+			}
+			if sel := r.selections[id]; sel != nil {
+				r.selections[id] = r.patchLocked(s.req, sel, ips)
+				r.sendServiceLocked(s.req)
+			} else {
 				r.publishServiceLocked(s.req)
 			}
 		}
