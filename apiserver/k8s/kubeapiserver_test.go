@@ -3,275 +3,26 @@
 package k8s
 
 import (
-	"bufio"
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"net/netip"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/trellis-mesh/trellis/apiserver/source"
 	"github.com/trellis-mesh/trellis/apiserver/source/sourcetest"
+	"github.com/trellis-mesh/trellis/internal/kubetest"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/kvstore"
 )
-
-// kubeAPIServer is a real kube-apiserver child process for tests.
-type kubeAPIServer struct {
-	Host   string // https://127.0.0.1:<port>
-	Token  string // a system:masters bearer token
-	CAFile string // the self-signed serving chain kube-apiserver wrote
-	Log    string // its stdout and stderr
-}
-
-// Config returns a client config that authenticates with the static token
-// and verifies the server against the certificate it generated.
-func (k *kubeAPIServer) Config() *rest.Config {
-	return &rest.Config{
-		Host:            k.Host,
-		BearerToken:     k.Token,
-		TLSClientConfig: rest.TLSClientConfig{CAFile: k.CAFile},
-	}
-}
-
-// repoRoot walks up from the working directory to the main module's go.mod.
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		data, err := os.ReadFile(filepath.Join(dir, "go.mod"))
-		if err == nil && strings.HasPrefix(string(data), "module github.com/trellis-mesh/trellis\n") {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatalf("no go.mod of github.com/trellis-mesh/trellis above the working directory")
-		}
-		dir = parent
-	}
-}
-
-// kubeAPIServerBinary returns <repo>/bin/kube-apiserver, or skips the test
-// when it has not been built.
-func kubeAPIServerBinary(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(repoRoot(t), "bin", "kube-apiserver")
-	if _, err := os.Stat(bin); err != nil {
-		t.Skipf("%s not found (%v): run `make kube-apiserver` to build it", bin, err)
-	}
-	return bin
-}
-
-// startKubeAPIServer runs the kube-apiserver binary against etcdURL and
-// waits for /readyz. The process (and its process group) is killed when the
-// test ends; on failure the tail of its log is printed.
-func startKubeAPIServer(t *testing.T, bin, etcdURL string) *kubeAPIServer {
-	t.Helper()
-	dir := t.TempDir()
-	certDir := filepath.Join(dir, "certs")
-	if err := os.MkdirAll(certDir, 0o700); err != nil {
-		t.Fatal(err)
-	}
-
-	// Service-account signing key (kube-apiserver refuses to start without one).
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	saKey, saPub := filepath.Join(dir, "sa.key"), filepath.Join(dir, "sa.pub")
-	writePEM(t, saKey, "RSA PRIVATE KEY", x509.MarshalPKCS1PrivateKey(key))
-	writePEM(t, saPub, "PUBLIC KEY", pub)
-
-	// Static token file: token,user,uid,groups.
-	tok := make([]byte, 16)
-	if _, err := rand.Read(tok); err != nil {
-		t.Fatal(err)
-	}
-	token := hex.EncodeToString(tok)
-	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(token+",trellis-test,trellis-test-uid,system:masters\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-
-	port := freePort(t)
-	logPath := filepath.Join(dir, "kube-apiserver.log")
-	logFile, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin,
-		"--etcd-servers="+etcdURL,
-		"--bind-address=127.0.0.1",
-		"--secure-port="+strconv.Itoa(port),
-		"--cert-dir="+certDir,
-		"--service-cluster-ip-range=10.96.0.0/16",
-		"--service-account-issuer=https://kubernetes.default.svc",
-		"--service-account-key-file="+saPub,
-		"--service-account-signing-key-file="+saKey,
-		"--token-auth-file="+tokens,
-		"--authorization-mode=RBAC",
-		"--enable-priority-and-fairness=false",
-		"--profiling=false",
-	)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	// Its own process group, so cleanup can kill everything it starts; and
-	// SIGKILL if this test binary dies without running cleanups.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	start := time.Now()
-	if err := cmd.Start(); err != nil {
-		logFile.Close()
-		t.Fatalf("start %s: %v", bin, err)
-	}
-	exited := make(chan struct{})
-	var waitErr error
-	go func() {
-		waitErr = cmd.Wait()
-		close(exited)
-	}()
-	t.Cleanup(func() {
-		pgid := cmd.Process.Pid
-		// Take the tail before stopping it, so it shows the failure and
-		// not the shutdown.
-		var lastLines string
-		if t.Failed() {
-			lastLines = tail(logPath, 60)
-		}
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
-			<-exited
-		}
-		logFile.Close()
-		if t.Failed() {
-			t.Logf("kube-apiserver (pid %d) log tail, %s:\n%s", pgid, logPath, lastLines)
-		}
-	})
-
-	k := &kubeAPIServer{
-		Host:   "https://127.0.0.1:" + strconv.Itoa(port),
-		Token:  token,
-		CAFile: filepath.Join(certDir, "apiserver.crt"),
-		Log:    logPath,
-	}
-	deadline := time.Now().Add(90 * time.Second)
-	var lastErr error
-	for {
-		select {
-		case <-exited:
-			t.Fatalf("kube-apiserver exited before it was ready (%v); log tail:\n%s", waitErr, tail(logPath, 60))
-		default:
-		}
-		if lastErr = k.ready(); lastErr == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("kube-apiserver not ready after %s: %v", time.Since(start).Round(time.Second), lastErr)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
-	t.Logf("kube-apiserver ready at %s after %s", k.Host, time.Since(start).Round(10*time.Millisecond))
-	return k
-}
-
-// ready asks /readyz with the token, verifying the server certificate
-// against the chain kube-apiserver wrote into its cert dir.
-func (k *kubeAPIServer) ready() error {
-	pemData, err := os.ReadFile(k.CAFile)
-	if err != nil {
-		return fmt.Errorf("serving certificate not written yet: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pemData) {
-		return fmt.Errorf("no certificate in %s", k.CAFile)
-	}
-	client := &http.Client{
-		Timeout:   2 * time.Second,
-		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
-	}
-	defer client.CloseIdleConnections()
-	req, err := http.NewRequest(http.MethodGet, k.Host+"/readyz", nil)
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Authorization", "Bearer "+k.Token)
-	resp, err := client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("/readyz: %s", resp.Status)
-	}
-	return nil
-}
-
-func writePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// tail returns the last n lines of a file.
-func tail(path string, n int) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return err.Error()
-	}
-	defer f.Close()
-	var lines []string
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		lines = append(lines, sc.Text())
-		if len(lines) > n {
-			lines = lines[1:]
-		}
-	}
-	return strings.Join(lines, "\n")
-}
 
 // TestRealKubeAPIServer drives the source with real objects through a real
 // kube-apiserver backed by the project's embedded etcd.
@@ -279,7 +30,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a kube-apiserver; skipped with -short")
 	}
-	bin := kubeAPIServerBinary(t)
+	bin := kubetest.Binary(t)
 	begin := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -289,7 +40,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 		t.Fatalf("start etcd: %v", err)
 	}
 	t.Cleanup(func() { etcd.Close() })
-	kas := startKubeAPIServer(t, bin, etcd.Endpoints()[0])
+	kas := kubetest.Start(t, bin, etcd.Endpoints()[0])
 	cs, err := NewClient(kas.Config())
 	if err != nil {
 		t.Fatal(err)
