@@ -649,7 +649,7 @@ func (r *Registry) sendServiceLocked(s v1.ServiceRequest) error {
 	svc := v1.Service{
 		Cluster: r.cfg.Cluster.Name, Namespace: s.Namespace, Name: s.Name,
 		Ports: s.Ports, FrontendIPs: s.FrontendIPs, Backends: s.Backends,
-		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions,
+		Global: mesh.Global, Shared: mesh.Shared, Affinity: mesh.Affinity, FailoverRegions: mesh.FailoverRegions, HealthCheck: mesh.HealthCheck,
 	}
 	id := serviceID(s.Namespace, s.Name)
 	if s.Selector != nil {
