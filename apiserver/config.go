@@ -68,6 +68,11 @@ type Config struct {
 
 	Source     string `json:"source,omitempty"`
 	Kubeconfig string `json:"kubeconfig,omitempty"`
+	// KubernetesNamespace is the namespace the server runs in, with the
+	// Kubernetes source: where it keeps its cluster info ConfigMap and
+	// answers credential requests (`trellis connect --context`). Default:
+	// the pod's own namespace, else "trellis".
+	KubernetesNamespace string `json:"kubernetesNamespace,omitempty"`
 }
 
 // Defaults for settings that have one.
@@ -160,6 +165,9 @@ func (c *Config) Validate() error {
 	case SourceRegistry:
 		if c.Kubeconfig != "" {
 			bad("--kubeconfig is only used with --source %s (the source is %s)", SourceKubernetes, c.Source)
+		}
+		if c.KubernetesNamespace != "" {
+			bad("--kubernetes-namespace is only used with --source %s (the source is %s)", SourceKubernetes, c.Source)
 		}
 	case SourceKubernetes:
 	default:

@@ -42,6 +42,12 @@ func (s *Server) routes(mux *http.ServeMux) {
 }
 
 func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(s.Info())
+}
+
+// Info is what the server says of its cluster to `trellis connect`.
+func (s *Server) Info() v1.ClusterInfo {
 	cc := s.cfg.ClusterConfig()
 	info := v1.ClusterInfo{
 		Name: cc.Name, ID: cc.ID, PodCIDRs: cc.PodCIDRs, Region: cc.Region,
@@ -50,8 +56,7 @@ func (s *Server) handleInfo(w http.ResponseWriter, _ *http.Request) {
 	if s.ca != nil {
 		info.CAPEM = string(s.ca.CertPEM)
 	}
-	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(info)
+	return info
 }
 
 // errExternalEtcd: remote clusters' credentials are the operator's to

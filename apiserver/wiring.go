@@ -2,12 +2,15 @@ package apiserver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/identity"
 	"github.com/trellis-mesh/trellis/apiserver/k8s"
+	"github.com/trellis-mesh/trellis/apiserver/kubeadmin"
 	"github.com/trellis-mesh/trellis/apiserver/source"
 )
 
@@ -39,7 +42,8 @@ func (s *Server) newAllocator() (allocator, error) {
 }
 
 // kubernetesSource builds the informer source from --kubeconfig (or the
-// in-cluster config).
+// in-cluster config), and beside it the admin exchange through Kubernetes
+// objects (package kubeadmin) in --kubernetes-namespace.
 func (s *Server) kubernetesSource(pub *Publisher, ids allocator) (runner, error) {
 	cs, err := k8s.BuildClient(s.cfg.Kubeconfig)
 	if err != nil {
@@ -53,5 +57,37 @@ func (s *Server) kubernetesSource(pub *Publisher, ids allocator) (runner, error)
 	if err != nil {
 		return nil, fmt.Errorf("apiserver: kubernetes source: %w", err)
 	}
-	return src, nil
+	admin, err := kubeadmin.New(kubeadmin.Config{Client: cs, Namespace: s.kubernetesNamespace(), Admin: s, Logger: s.log})
+	if err != nil {
+		return nil, fmt.Errorf("apiserver: %w", err)
+	}
+	return runFunc(func(ctx context.Context) error {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		adminDone := make(chan error, 1)
+		go func() { adminDone <- admin.Run(ctx) }()
+		err := src.Run(ctx)
+		cancel()
+		if adminErr := <-adminDone; err == nil && adminErr != nil && !errors.Is(adminErr, context.Canceled) {
+			err = adminErr
+		}
+		return err
+	}), nil
+}
+
+// serviceAccountNamespaceFile is where a pod finds its own namespace.
+const serviceAccountNamespaceFile = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+// kubernetesNamespace is --kubernetes-namespace, else the pod's own
+// namespace, else the chart's default.
+func (s *Server) kubernetesNamespace() string {
+	if s.cfg.KubernetesNamespace != "" {
+		return s.cfg.KubernetesNamespace
+	}
+	if data, err := os.ReadFile(serviceAccountNamespaceFile); err == nil {
+		if ns := strings.TrimSpace(string(data)); ns != "" {
+			return ns
+		}
+	}
+	return v1.KubeDefaultNamespace
 }

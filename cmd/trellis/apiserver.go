@@ -72,6 +72,7 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 	f.StringSliceVar(&cfg.ServiceCIDRs, "service-cidrs", []string{apiserver.DefaultServiceCIDR}, "the ranges service VIPs lie in; the registry refuses others")
 	f.StringVar(&cfg.Source, "source", apiserver.SourceRegistry, "source of truth: registry (standalone) or kubernetes")
 	f.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig for --source kubernetes (default: in-cluster)")
+	f.StringVar(&cfg.KubernetesNamespace, "kubernetes-namespace", "", "with --source kubernetes, the namespace where the server keeps its cluster info and answers 'trellis connect --context' (default: its pod's namespace, else trellis)")
 
 	cmd.AddCommand(newIssueRemoteCmd(), newIssueNodeCredentialCmd())
 	return cmd
@@ -102,6 +103,7 @@ func mergeFlags(file, flags apiserver.Config, set *pflag.FlagSet) apiserver.Conf
 		"service-cidrs":            func() { out.ServiceCIDRs = flags.ServiceCIDRs },
 		"source":                   func() { out.Source = flags.Source },
 		"kubeconfig":               func() { out.Kubeconfig = flags.Kubeconfig },
+		"kubernetes-namespace":     func() { out.KubernetesNamespace = flags.KubernetesNamespace },
 	}
 	set.Visit(func(f *pflag.Flag) {
 		if fn, ok := apply[f.Name]; ok {
