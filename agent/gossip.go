@@ -20,14 +20,26 @@ package agent
 //     third of the known members went Dead within one 5 s window, this
 //     member sees fewer than half of the members it saw alive at most in
 //     the last minute, or its Lifeguard health score is 4 or more. A
-//     member Alive again leaves the set at once (rule 5). Rule 2's
-//     corroboration (by the node's own cluster) is not built.
+//     member Alive again leaves the set at once (rule 5).
+//   - Corroboration (rule 2): a dead member whose own cluster's control
+//     plane does not answer this agent either (clustermesh.ProbeCluster:
+//     a read of its heartbeat over a new connection, 500 ms) is dead even
+//     while rule 3 distrusts the set, except when this member is the slow
+//     one (health score): a starved agent's probes time out for the same
+//     reason its gossip declares others dead, so the two are not
+//     independent then. A whole cluster that crashed, API server
+//     included, is dropped that way; a partition of the gossip alone
+//     leaves the API server answering and so stays ignored. A cluster is
+//     probed while one of its members is suspect or distrusted dead, at
+//     once on new evidence, then every second while it does not answer
+//     and every 10 s while it does (the cost of a long gossip partition).
 //   - Use: every change of the trusted set triggers an apply at once; the
 //     apply hands the datapath clustermesh's SnapshotExcluding of the
 //     trusted dead nodes: their backends left out before the merge's
 //     choice of group, and never a service emptied (rule 4).
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -62,6 +74,25 @@ const (
 	gossipRegionWait = 5 * time.Second
 )
 
+// Rule 2's probes of a cluster's control plane.
+const (
+	// livenessTimeout bounds one probe: a cluster that does not answer
+	// within it is down for rule 2. Gossip needs ~0.7 s to declare a
+	// crashed node dead; a probe started at its suspicion ends by then.
+	livenessTimeout = 500 * time.Millisecond
+	// livenessFresh is how long a probe's "does not answer" counts.
+	livenessFresh = 3 * time.Second
+	// livenessRetryDown and livenessRetryUp are how often a cluster is
+	// probed again while needed: soon when it did not answer (its return
+	// restores its nodes), rarely when it did (a long gossip partition
+	// must not become a read per agent per second on its etcd).
+	livenessRetryDown = time.Second
+	livenessRetryUp   = 10 * time.Second
+	// livenessMinGap spaces probes of one cluster triggered by new
+	// suspicions or deaths.
+	livenessMinGap = 500 * time.Millisecond
+)
+
 // GossipStatus is what `trellis status` shows of the gossip.
 type GossipStatus struct {
 	// Off says why there is no gossip; empty when it runs.
@@ -78,6 +109,13 @@ type GossipStatus struct {
 	Trusted     bool   `json:"trusted"`
 	Distrust    string `json:"distrust,omitempty"`
 	HealthScore int    `json:"healthScore"`
+	// Corroborated are the dead members used although the set is
+	// distrusted: their cluster's control plane does not answer either
+	// (rule 2).
+	Corroborated []string `json:"corroborated,omitempty"`
+	// Probes are the last probe of each cluster's control plane this
+	// member made (rule 2: clusters with suspect or dead members).
+	Probes []GossipProbe `json:"probes,omitempty"`
 	// Excluding are the nodes whose backends the last apply left out;
 	// Kept the services that kept them because nothing else was left.
 	Excluding []string `json:"excluding,omitempty"`
@@ -88,6 +126,18 @@ type GossipStatus struct {
 type GossipDead struct {
 	Member string    `json:"member"`
 	Since  time.Time `json:"since"`
+}
+
+// GossipProbe is the last probe of a cluster's control plane.
+type GossipProbe struct {
+	Cluster   string        `json:"cluster"`
+	At        time.Time     `json:"at"`
+	Took      time.Duration `json:"took"`
+	Reachable bool          `json:"reachable"`
+	Heartbeat bool          `json:"heartbeat"`
+	// Down: this probe corroborates the deaths of the cluster's nodes.
+	Down bool   `json:"down"`
+	Err  string `json:"error,omitempty"`
 }
 
 // gossipMember runs this node's member and judges its dead set.
@@ -109,6 +159,66 @@ type gossipMember struct {
 	gen     uint64
 	// alive samples the count of alive members, for rule 3.
 	alive []aliveSample
+	// probes are rule 2's probes, by cluster.
+	probes map[string]*clusterProbe
+}
+
+// clusterProbe is what this agent knows of a cluster's control plane.
+type clusterProbe struct {
+	// last is the last completed probe, done when it completed (zero:
+	// none yet).
+	last clustermesh.Liveness
+	done time.Time
+	// failed says why the last probe could not be made (no cluster file):
+	// no evidence either way.
+	failed  string
+	running bool
+	// sawHeartbeat: a probe found the cluster's heartbeat, so its absence
+	// now means its mesh API server is gone (an external etcd may answer
+	// without it; a cluster never seen with one proves nothing by that).
+	sawHeartbeat bool
+}
+
+// down says whether the last probe, still fresh, found the cluster's
+// control plane gone: no answer, or its heartbeat gone.
+func (p *clusterProbe) down(now time.Time) bool {
+	if p == nil || p.done.IsZero() || p.failed != "" || now.Sub(p.done) > livenessFresh {
+		return false
+	}
+	return !p.last.Reachable || (!p.last.Heartbeat && p.sawHeartbeat)
+}
+
+// due says whether the cluster should be probed now, newest being the
+// latest time one of its members turned suspect or dead.
+func (p *clusterProbe) due(now, newest time.Time) bool {
+	switch {
+	case p == nil || (p.done.IsZero() && !p.running):
+		return true
+	case p.running:
+		return false
+	}
+	gap := now.Sub(p.done)
+	if newest.After(p.last.Start) && gap >= livenessMinGap {
+		return true // new evidence since the last probe began
+	}
+	if p.failed == "" && (!p.last.Reachable || (!p.last.Heartbeat && p.sawHeartbeat)) {
+		return gap >= livenessRetryDown
+	}
+	return gap >= livenessRetryUp
+}
+
+// record stores a completed probe.
+func (p *clusterProbe) record(lv clustermesh.Liveness, err error, now time.Time) {
+	p.running, p.done = false, now
+	if err != nil {
+		p.failed = err.Error()
+		p.last = clustermesh.Liveness{Start: now}
+		return
+	}
+	p.failed, p.last = "", lv
+	if lv.Heartbeat {
+		p.sawHeartbeat = true
+	}
 }
 
 type aliveSample struct {
@@ -120,7 +230,7 @@ func newGossipMember(cfg Config, mesh *clustermesh.Mesh, onChange func(), log *s
 	return &gossipMember{
 		cfg: cfg.Gossip, cluster: cfg.ClusterName, node: cfg.NodeName, nodeIP: cfg.NodeIP,
 		configDir: cfg.ConfigDir, mesh: mesh, onChange: onChange, log: log.With("component", "gossip"),
-		off: "starting",
+		off: "starting", probes: make(map[string]*clusterProbe),
 	}
 }
 
@@ -178,7 +288,16 @@ func (m *gossipMember) run(ctx context.Context) {
 
 	changed, unsubscribe := m.mesh.Subscribe()
 	defer unsubscribe()
-	tick := time.NewTicker(time.Second)
+	// Rule 2's probes run on their own and hand their results back here;
+	// they end with ctx, and run waits for them.
+	type probed struct {
+		lv  clustermesh.Liveness
+		err error
+	}
+	results := make(chan probed)
+	var probes sync.WaitGroup
+	defer probes.Wait()
+	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		select {
@@ -187,9 +306,41 @@ func (m *gossipMember) run(ctx context.Context) {
 		case <-changed:
 			g.SetSeeds(m.seeds(m.mesh.Snapshot()))
 		case <-g.Changes():
+		case r := <-results:
+			m.recordProbe(r.lv, r.err, time.Now())
 		case <-tick.C:
 		}
-		m.judge(g, time.Now())
+		for _, cluster := range m.judge(g, time.Now()) {
+			probes.Add(1)
+			go func() {
+				defer probes.Done()
+				lv, err := m.mesh.ProbeCluster(ctx, cluster, livenessTimeout)
+				lv.Cluster = cluster
+				select {
+				case results <- probed{lv, err}:
+				case <-ctx.Done():
+				}
+			}()
+		}
+	}
+}
+
+// recordProbe stores a probe's result.
+func (m *gossipMember) recordProbe(lv clustermesh.Liveness, err error, now time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	p := m.probes[lv.Cluster]
+	if p == nil {
+		return
+	}
+	was := p.down(now)
+	p.record(lv, err, now)
+	if is := p.down(now); is != was {
+		m.log.Info("gossip: control plane probe", "cluster", lv.Cluster, "down", is, "reachable", lv.Reachable,
+			"heartbeat", lv.Heartbeat, "took", lv.Took, "err", lv.Err)
+	}
+	if err != nil {
+		m.log.Debug("gossip: control plane probe not made", "cluster", lv.Cluster, "err", err)
 	}
 }
 
@@ -260,54 +411,143 @@ func (m *gossipMember) seeds(snap *clustermesh.Snapshot) []netip.AddrPort {
 	return out
 }
 
-// judge applies the rule to the member's view and signals a change of
-// the trusted dead set.
-func (m *gossipMember) judge(g *gossip.Gossip, now time.Time) {
+// judge applies the rule to the member's view, signals a change of the
+// trusted dead set, and returns the clusters to probe now (marked
+// running).
+func (m *gossipMember) judge(g *gossip.Gossip, now time.Time) []string {
 	members := g.Members()
 	st := GossipStatus{Member: g.Name(), Address: g.LocalAddr().String(), HealthScore: g.HealthScore()}
-	var deaths []time.Time
-	dead := make(map[string]map[string]bool)
-	for _, mb := range members {
-		switch mb.State {
-		case gossip.Alive:
-			st.Alive++
-		case gossip.Suspect:
-			st.Suspect++
-		case gossip.Dead:
-			st.Dead++
-			st.DeadMembers = append(st.DeadMembers, GossipDead{Member: mb.Name, Since: mb.Since})
-			deaths = append(deaths, mb.Since)
-			if cluster, node, ok := strings.Cut(mb.Name, "/"); ok {
-				if dead[cluster] == nil {
-					dead[cluster] = make(map[string]bool)
-				}
-				dead[cluster][node] = true
-			}
-		case gossip.Left:
-			st.Left++
-		}
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	// Suspect members are still there: they count as seen alive.
-	m.alive = append(m.alive, aliveSample{at: now, n: st.Alive + st.Suspect})
-	m.alive = slices.DeleteFunc(m.alive, func(s aliveSample) bool { return now.Sub(s.at) > gossipAliveWindow })
-	st.Distrust = distrust(st.Alive+st.Suspect, st.Alive+st.Suspect+st.Dead, deaths, m.alive, st.HealthScore)
+	v := decide(members, g.Name(), st.HealthScore, &m.alive, m.probes, now)
+	st.Alive, st.Suspect, st.Dead, st.Left = v.alive, v.suspect, v.dead, v.left
+	st.DeadMembers, st.Distrust, st.Corroborated = v.deadMembers, v.distrust, v.corroborated
 	st.Trusted = st.Distrust == ""
-	var trusted map[string]map[string]bool
-	if st.Trusted && len(dead) > 0 {
-		trusted = dead
-	}
-	if !sameNodes(trusted, m.trusted) {
-		if st.Distrust != m.status.Distrust && st.Distrust != "" {
-			m.log.Warn("gossip: ignoring the dead set", "why", st.Distrust, "dead", st.Dead)
+	for _, c := range slices.Sorted(maps.Keys(m.probes)) {
+		p := m.probes[c]
+		if p.done.IsZero() {
+			continue
 		}
-		m.log.Info("gossip: trusted dead set changed", "dead", nodeNames(trusted))
-		m.trusted = trusted
+		st.Probes = append(st.Probes, GossipProbe{Cluster: c, At: p.done, Took: p.last.Took, Reachable: p.last.Reachable,
+			Heartbeat: p.last.Heartbeat, Down: p.down(now), Err: cmp.Or(p.failed, p.last.Err)})
+	}
+	if !sameNodes(v.trusted, m.trusted) {
+		if st.Distrust != m.status.Distrust && st.Distrust != "" {
+			m.log.Warn("gossip: ignoring the dead set", "why", st.Distrust, "dead", st.Dead, "corroborated", st.Corroborated)
+		}
+		m.log.Info("gossip: trusted dead set changed", "dead", nodeNames(v.trusted), "corroborated", st.Corroborated)
+		m.trusted = v.trusted
 		m.gen++
 		defer m.onChange()
 	}
 	m.status = st
+	for _, c := range v.probe {
+		if m.probes[c] == nil {
+			m.probes[c] = &clusterProbe{}
+		}
+		m.probes[c].running = true
+	}
+	return v.probe
+}
+
+// verdict is rules 1-3 applied to one view of the members.
+type verdict struct {
+	alive, suspect, dead, left int
+	deadMembers                []GossipDead
+	// distrust is rule 3's reason to ignore the dead set, "" when trusted.
+	distrust string
+	// trusted are the dead nodes whose backends leave (cluster → node);
+	// corroborated the members among them trusted by rule 2 only.
+	trusted      map[string]map[string]bool
+	corroborated []string
+	// probe are the clusters whose control plane to probe now.
+	probe []string
+}
+
+// decide applies the partition rule to members (self is this member's
+// name) with this member's health score, the alive samples of rule 3
+// (this view's count appended, old ones dropped) and the probes of rule
+// 2 (read only).
+func decide(members []gossip.Member, self string, healthScore int, samples *[]aliveSample, probes map[string]*clusterProbe, now time.Time) verdict {
+	var v verdict
+	var deaths []time.Time
+	dead := make(map[string]map[string]bool)
+	// newest is, by cluster, when its latest member turned suspect or dead.
+	suspect := make(map[string]time.Time)
+	deadAt := make(map[string]time.Time)
+	for _, mb := range members {
+		cluster, node, ok := strings.Cut(mb.Name, "/")
+		switch mb.State {
+		case gossip.Alive:
+			v.alive++
+		case gossip.Suspect:
+			v.suspect++
+			if ok && mb.Name != self {
+				suspect[cluster] = maxTime(suspect[cluster], mb.Since)
+			}
+		case gossip.Dead:
+			v.dead++
+			v.deadMembers = append(v.deadMembers, GossipDead{Member: mb.Name, Since: mb.Since})
+			deaths = append(deaths, mb.Since)
+			if ok {
+				if dead[cluster] == nil {
+					dead[cluster] = make(map[string]bool)
+				}
+				dead[cluster][node] = true
+				deadAt[cluster] = maxTime(deadAt[cluster], mb.Since)
+			}
+		case gossip.Left:
+			v.left++
+		}
+	}
+	// Suspect members are still there: they count as seen alive.
+	*samples = append(*samples, aliveSample{at: now, n: v.alive + v.suspect})
+	*samples = slices.DeleteFunc(*samples, func(s aliveSample) bool { return now.Sub(s.at) > gossipAliveWindow })
+	v.distrust = distrust(v.alive+v.suspect, v.alive+v.suspect+v.dead, deaths, *samples, healthScore)
+	switch {
+	case v.distrust == "":
+		if len(dead) > 0 {
+			v.trusted = dead
+		}
+	case healthScore < gossipMaxHealthScore:
+		// Rule 2: a distrusted death stands when its cluster's control
+		// plane does not answer either. Not when this member is the slow
+		// one: its probes would time out for the same reason.
+		for cluster, nodes := range dead {
+			if !probes[cluster].down(now) {
+				continue
+			}
+			if v.trusted == nil {
+				v.trusted = make(map[string]map[string]bool)
+			}
+			v.trusted[cluster] = nodes
+			for n := range nodes {
+				v.corroborated = append(v.corroborated, cluster+"/"+n)
+			}
+		}
+		slices.Sort(v.corroborated)
+	}
+	// Probe a cluster while one of its members is suspect (ahead of the
+	// death the probe may have to corroborate) or dead and distrusted.
+	want := maps.Clone(suspect)
+	if v.distrust != "" {
+		for c, at := range deadAt {
+			want[c] = maxTime(want[c], at)
+		}
+	}
+	for _, c := range slices.Sorted(maps.Keys(want)) {
+		if probes[c].due(now, want[c]) {
+			v.probe = append(v.probe, c)
+		}
+	}
+	return v
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // distrust says why the dead set must be ignored (rule 3), "" when it

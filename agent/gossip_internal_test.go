@@ -1,9 +1,13 @@
 package agent
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/trellis-mesh/trellis/clustermesh"
+	"github.com/trellis-mesh/trellis/gossip"
 )
 
 // distrust ignores the dead set when this member is more likely the one
@@ -54,6 +58,12 @@ func TestPrintGossip(t *testing.T) {
 				"dead: eu/n1 since " + since.Format(time.TimeOnly), "backends left out on: eu/n1"}},
 		{&GossipStatus{Member: "us/n1", Alive: 2, Dead: 2, Distrust: "2 of 4 members went dead within 5s"},
 			[]string{"dead set ignored: 2 of 4 members went dead within 5s"}},
+		{&GossipStatus{Member: "us/n1", Alive: 2, Dead: 2, Distrust: "2 of 4 members went dead within 5s",
+			Corroborated: []string{"eu/n1", "eu/n2"}, Excluding: []string{"eu/n1", "eu/n2"},
+			Probes: []GossipProbe{{Cluster: "eu", At: since, Took: 500 * time.Millisecond, Down: true, Err: "no answer within 500ms"}}},
+			[]string{"dead set ignored: 2 of 4", "dead all the same (their cluster's control plane does not answer either): eu/n1, eu/n2",
+				"control plane of eu: down: no answer within 500ms (probed at " + since.Format(time.TimeOnly) + " in 500ms)",
+				"backends left out on: eu/n1, eu/n2"}},
 	} {
 		var b strings.Builder
 		PrintStatus(&b, Status{Node: "n1", Cluster: "us", Gossip: tc.g})
@@ -61,6 +71,99 @@ func TestPrintGossip(t *testing.T) {
 			if !strings.Contains(b.String(), want) {
 				t.Errorf("status lacks %q:\n%s", want, b.String())
 			}
+		}
+	}
+}
+
+// decide is the partition rule on one view: rule 3 distrusts a whole
+// cluster's nodes dying at once, and rule 2 trusts them all the same
+// when that cluster's control plane does not answer this agent either;
+// a cluster that answers (a gossip-only partition), a stale probe, a slow
+// member, or another cluster's silence corroborate nothing.
+func TestGossipDecide(t *testing.T) {
+	now := time.Now()
+	ago := func(d time.Duration) time.Time { return now.Add(-d) }
+	mb := func(name string, st gossip.State, since time.Time) gossip.Member {
+		return gossip.Member{Name: name, State: st, Since: since}
+	}
+	alive := func(name string) gossip.Member { return mb(name, gossip.Alive, ago(time.Hour)) }
+	dead := func(name string, d time.Duration) gossip.Member { return mb(name, gossip.Dead, ago(d)) }
+	// probe is a completed probe of cluster, done d ago.
+	probe := func(cluster string, d time.Duration, reachable, heartbeat, saw bool) *clusterProbe {
+		return &clusterProbe{last: clustermesh.Liveness{Cluster: cluster, Start: ago(d + 100*time.Millisecond), Reachable: reachable, Heartbeat: heartbeat},
+			done: ago(d), sawHeartbeat: saw}
+	}
+	down := func(cluster string) *clusterProbe { return probe(cluster, 100*time.Millisecond, false, false, true) }
+	up := func(cluster string) *clusterProbe { return probe(cluster, 100*time.Millisecond, true, true, true) }
+	euCrashed := []gossip.Member{alive("us/n1"), alive("us/n2"), dead("eu/n1", 300*time.Millisecond), dead("eu/n2", 200*time.Millisecond)}
+	for _, tc := range []struct {
+		name         string
+		members      []gossip.Member
+		score        int
+		probes       map[string]*clusterProbe
+		distrusted   bool
+		trusted      []string
+		corroborated []string
+		probe        []string
+	}{
+		{name: "one node dead: trusted without a probe", members: []gossip.Member{alive("us/n1"), alive("us/n2"), alive("eu/n2"), dead("eu/n1", time.Second)},
+			trusted: []string{"eu/n1"}},
+		{name: "a whole cluster dead, not probed yet: ignored, probe it", members: euCrashed,
+			distrusted: true, probe: []string{"eu"}},
+		{name: "a whole cluster dead and its control plane silent: corroborated", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": down("eu")}, distrusted: true,
+			trusted: []string{"eu/n1", "eu/n2"}, corroborated: []string{"eu/n1", "eu/n2"}},
+		{name: "gossip-only partition: the control plane answers", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": up("eu")}, distrusted: true},
+		{name: "control plane answers, heartbeat gone after it was seen: corroborated", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": probe("eu", 100*time.Millisecond, true, false, true)}, distrusted: true,
+			trusted: []string{"eu/n1", "eu/n2"}, corroborated: []string{"eu/n1", "eu/n2"}},
+		{name: "etcd answers without a heartbeat never seen: proves nothing", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": probe("eu", 100*time.Millisecond, true, false, false)}, distrusted: true},
+		{name: "a stale silence counts no more: probe again", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": probe("eu", 4*time.Second, false, false, true)}, distrusted: true, probe: []string{"eu"}},
+		{name: "a probe that could not be made proves nothing", members: euCrashed,
+			probes:     map[string]*clusterProbe{"eu": {failed: "no cluster file", done: ago(100 * time.Millisecond), last: clustermesh.Liveness{Start: ago(100 * time.Millisecond)}}},
+			distrusted: true},
+		{name: "the slow member trusts no probe", members: euCrashed, score: gossipMaxHealthScore,
+			probes: map[string]*clusterProbe{"eu": down("eu")}, distrusted: true},
+		{name: "a silent cluster corroborates its own nodes only, not another's claimed dead",
+			members: []gossip.Member{alive("us/n1"), dead("us/n2", 200*time.Millisecond), dead("eu/n1", 300*time.Millisecond), dead("eu/n2", 200*time.Millisecond)},
+			probes:  map[string]*clusterProbe{"eu": down("eu"), "us": up("us")}, distrusted: true,
+			trusted: []string{"eu/n1", "eu/n2"}, corroborated: []string{"eu/n1", "eu/n2"}},
+		{name: "a suspect member's cluster is probed ahead of its death",
+			members: []gossip.Member{alive("us/n1"), alive("us/n2"), alive("eu/n2"), mb("eu/n1", gossip.Suspect, ago(50*time.Millisecond))},
+			probe:   []string{"eu"}},
+		{name: "not while a probe runs",
+			members: []gossip.Member{alive("us/n1"), alive("us/n2"), alive("eu/n2"), mb("eu/n1", gossip.Suspect, ago(50*time.Millisecond))},
+			probes:  map[string]*clusterProbe{"eu": {running: true}}},
+		{name: "new evidence reprobes after the minimum gap",
+			members: []gossip.Member{alive("us/n1"), alive("us/n2"), alive("eu/n2"), mb("eu/n1", gossip.Suspect, ago(50*time.Millisecond))},
+			probes:  map[string]*clusterProbe{"eu": probe("eu", livenessMinGap+10*time.Millisecond, true, true, true)}, probe: []string{"eu"}},
+		{name: "no new evidence: an answering cluster waits for the long retry",
+			members: []gossip.Member{alive("us/n1"), alive("us/n2"), dead("eu/n1", livenessRetryUp), dead("eu/n2", livenessRetryUp)},
+			probes:  map[string]*clusterProbe{"eu": probe("eu", livenessRetryUp/2, true, true, true)}, distrusted: true},
+		{name: "a silent cluster is probed again soon", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": probe("eu", livenessRetryDown+10*time.Millisecond, false, false, true)}, distrusted: true,
+			trusted: []string{"eu/n1", "eu/n2"}, corroborated: []string{"eu/n1", "eu/n2"}, probe: []string{"eu"}},
+	} {
+		probes := tc.probes
+		if probes == nil {
+			probes = map[string]*clusterProbe{}
+		}
+		samples := []aliveSample{{at: ago(30 * time.Second), n: 4}}
+		v := decide(tc.members, "us/n1", tc.score, &samples, probes, now)
+		if got := v.distrust != ""; got != tc.distrusted {
+			t.Errorf("%s: distrust %q, want distrusted %v", tc.name, v.distrust, tc.distrusted)
+		}
+		if got := nodeNames(v.trusted); !slices.Equal(got, tc.trusted) {
+			t.Errorf("%s: trusted %v, want %v", tc.name, got, tc.trusted)
+		}
+		if !slices.Equal(v.corroborated, tc.corroborated) {
+			t.Errorf("%s: corroborated %v, want %v", tc.name, v.corroborated, tc.corroborated)
+		}
+		if !slices.Equal(v.probe, tc.probe) {
+			t.Errorf("%s: probe %v, want %v", tc.name, v.probe, tc.probe)
 		}
 	}
 }

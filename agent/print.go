@@ -228,6 +228,24 @@ func printGossip(w io.Writer, g *GossipStatus) {
 	for _, d := range g.DeadMembers {
 		fmt.Fprintf(w, "  dead: %s since %s (%s ago)\n", d.Member, d.Since.Format(time.TimeOnly), time.Since(d.Since).Round(100*time.Millisecond))
 	}
+	if len(g.Corroborated) > 0 {
+		fmt.Fprintf(w, "  dead all the same (their cluster's control plane does not answer either): %s\n", strings.Join(g.Corroborated, ", "))
+	}
+	for _, p := range g.Probes {
+		state := "answers"
+		switch {
+		case p.Down:
+			state = "down"
+		case !p.Reachable || p.Err != "":
+			state = "no answer (no longer counts)"
+		case !p.Heartbeat:
+			state = "answers, no heartbeat"
+		}
+		if p.Err != "" {
+			state += ": " + p.Err
+		}
+		fmt.Fprintf(w, "  control plane of %s: %s (probed at %s in %s)\n", p.Cluster, state, p.At.Format(time.TimeOnly), p.Took.Round(time.Millisecond))
+	}
 	if len(g.Excluding) > 0 {
 		fmt.Fprintf(w, "  backends left out on: %s\n", strings.Join(g.Excluding, ", "))
 	}

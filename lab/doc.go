@@ -96,7 +96,11 @@
 // Besides annotate, pod stop/start and node down/up (and pod crash: a
 // SIGKILL of the echo server that tells no one, the pod file and the
 // registry untouched, so only the node's agent probing its pods notices;
-// pod start brings it back), the mesh verbs
+// pod start brings it back; node crash: its agent and pods kill -9 and
+// its link down, telling no one, so only the gossip notices; cluster
+// crash: the same for every node of a cluster and its API server at once,
+// which the gossip alone takes for a partition of itself; cluster up
+// brings it back), the mesh verbs
 // (mesh.go, addcluster.go) each hold the lab's lock and return only once
 // the agents agree:
 //

@@ -3,7 +3,6 @@ package lab
 import (
 	"context"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -88,24 +87,7 @@ func TestLabGossip(t *testing.T) {
 // crashNode runs `lab node crash` and returns when it killed.
 func (r *labRun) crashNode(ctx context.Context, t testing.TB, loop *requestLoop, node string) time.Time {
 	t.Helper()
-	begin := time.Now()
-	loop.mark("crash of " + node + " begins")
-	out, err := r.run(ctx, "node", "crash", node)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, _ := strings.Cut(out, " crashed at ")
-	at, err := time.ParseInLocation(crashTimeLayout, strings.TrimSuffix(strings.Fields(rest + " ")[0], ":"), time.Local)
-	if err != nil {
-		t.Fatalf("lab node crash %s said %q: no kill time: %v", node, out, err)
-	}
-	y, m, d := begin.Date()
-	at = time.Date(y, m, d, at.Hour(), at.Minute(), at.Second(), at.Nanosecond(), time.Local)
-	if at.Before(begin.Add(-time.Second)) { // past midnight
-		at = at.AddDate(0, 0, 1)
-	}
-	loop.mark(fmt.Sprintf("%s killed (%s after the verb began)", node, at.Sub(begin).Round(time.Millisecond)))
-	return at
+	return r.crashVerb(ctx, t, loop, node, "node", "crash", node)
 }
 
 // answeredBy counts the requests pod ("cluster/pod") answered.

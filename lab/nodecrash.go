@@ -7,9 +7,6 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/trellis-mesh/trellis/gossip"
 )
@@ -21,30 +18,11 @@ import (
 // it back.
 func NodeCrash(ctx context.Context, opts Options, node string) error {
 	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
-		var errs []error
 		keys := []string{agentKey(n)}
 		for _, p := range n.pods {
 			keys = append(keys, echoKey(p))
 		}
-		killed := time.Now()
-		for _, key := range keys {
-			proc := l.state.Procs[key]
-			if !proc.Alive() {
-				delete(l.state.Procs, key)
-				continue
-			}
-			if err := unix.Kill(proc.PID, unix.SIGKILL); err != nil {
-				errs = append(errs, fmt.Errorf("lab: kill -9 %s (pid %d): %w", key, proc.PID, err))
-				continue
-			}
-			for deadline := time.Now().Add(5 * time.Second); proc.Alive(); time.Sleep(5 * time.Millisecond) {
-				if time.Now().After(deadline) {
-					errs = append(errs, fmt.Errorf("lab: %s (pid %d) survives SIGKILL", key, proc.PID))
-					break
-				}
-			}
-			delete(l.state.Procs, key)
-		}
+		killed, errs := l.killNow(keys)
 		if err := l.setLinkState(n, false); err != nil {
 			errs = append(errs, err)
 		}

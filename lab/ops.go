@@ -211,29 +211,7 @@ func NodeDown(ctx context.Context, opts Options, node string) error {
 // NodeUp reverses NodeDown and waits for the agent to be ready.
 func NodeUp(ctx context.Context, opts Options, node string) error {
 	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
-		if err := l.setLinkState(n, true); err != nil {
-			return err
-		}
-		for _, p := range n.pods {
-			if l.state.StoppedPods[p.ref()] {
-				continue
-			}
-			if !l.state.Procs[echoKey(p)].Alive() {
-				if err := l.startEcho(p); err != nil {
-					return err
-				}
-			}
-			if err := writePodFile(p, true); err != nil {
-				return err
-			}
-		}
-		if !l.state.Procs[agentKey(n)].Alive() {
-			if err := l.startAgent(n); err != nil {
-				return err
-			}
-		}
-		delete(l.state.DownNodes, n.ref())
-		if err := l.save(); err != nil {
+		if err := l.startNode(n); err != nil {
 			return err
 		}
 		if err := l.waitAgents(ctx, []*nodeLayout{n}, time.Minute); err != nil {
@@ -242,6 +220,35 @@ func NodeUp(ctx context.Context, opts Options, node string) error {
 		fmt.Fprintf(l.opts.Out, "node %s up: agent ready, pods running\n", n.ref())
 		return l.save()
 	})
+}
+
+// startNode brings a down or crashed node back without waiting: veth up,
+// the pods that were not stopped started and marked ready, the agent
+// started; the node is no longer down in the state.
+func (l *lab) startNode(n *nodeLayout) error {
+	if err := l.setLinkState(n, true); err != nil {
+		return err
+	}
+	for _, p := range n.pods {
+		if l.state.StoppedPods[p.ref()] {
+			continue
+		}
+		if !l.state.Procs[echoKey(p)].Alive() {
+			if err := l.startEcho(p); err != nil {
+				return err
+			}
+		}
+		if err := writePodFile(p, true); err != nil {
+			return err
+		}
+	}
+	if !l.state.Procs[agentKey(n)].Alive() {
+		if err := l.startAgent(n); err != nil {
+			return err
+		}
+	}
+	delete(l.state.DownNodes, n.ref())
+	return l.save()
 }
 
 func withNode(opts Options, node string, fn func(*lab, *nodeLayout) error) error {

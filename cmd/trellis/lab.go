@@ -66,7 +66,7 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 		},
 	})
 	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
-		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts),
+		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts), newLabClusterCmd(opts),
 		newLabPartitionCmd(opts, true), newLabPartitionCmd(opts, false), newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
 		newLabAddClusterCmd(opts), newLabEncryptionCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
 	return cmd
@@ -310,6 +310,22 @@ func newLabNodeCmd(opts labOpts) *cobra.Command {
 		Short: "Kill -9 the node's agent and pods and set its underlay link down, telling no one (only the gossip notices); node up brings it back",
 		Args:  cobra.ExactArgs(1),
 		RunE:  opts.run1(lab.NodeCrash),
+	})
+	return cmd
+}
+
+func newLabClusterCmd(opts labOpts) *cobra.Command {
+	cmd := &cobra.Command{Use: "cluster", Short: "Crash a whole cluster or bring it back"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "crash CLUSTER",
+		Short: "Kill -9 the cluster's API server and every node's agent and pods, set their underlay links down, telling no one; cluster up brings it back",
+		Args:  cobra.ExactArgs(1),
+		RunE:  opts.run1(lab.ClusterCrash),
+	}, &cobra.Command{
+		Use:   "up CLUSTER",
+		Short: "Bring a crashed cluster back: API server and nodes restarted; waits for them and every agent",
+		Args:  cobra.ExactArgs(1),
+		RunE:  opts.run1(lab.ClusterUp),
 	})
 	return cmd
 }
