@@ -1,7 +1,9 @@
 package apiserver
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -31,6 +33,10 @@ type Publisher struct {
 	// seen are the services published in this run, by namespace/name: a
 	// service not seen yet may have shards from an earlier run to adopt.
 	seen map[string]bool
+	// encoded are the services published as one value, by
+	// namespace/name: their backends' JSON, so that republishing one
+	// encodes only the backends that changed (wholeEncoder).
+	encoded map[string]*wholeEncoder
 
 	identitiesOnce   sync.Once
 	identitiesSynced chan struct{}
@@ -49,7 +55,8 @@ var publishedKinds = []v1.Kind{v1.KindNodes, v1.KindEndpoints, v1.KindServices, 
 func NewPublisher(client *kvstore.Client, cluster v1.ClusterConfig, withLease bool) (*Publisher, error) {
 	p := &Publisher{cluster: cluster, client: client, stores: make(map[v1.Kind]*kvstore.SyncStore),
 		synced: make(map[v1.Kind]bool), identitiesSynced: make(chan struct{}),
-		log: slog.Default().With("component", "publisher"), layouts: make(map[string]*shardLayout), seen: make(map[string]bool)}
+		log: slog.Default().With("component", "publisher"), layouts: make(map[string]*shardLayout), seen: make(map[string]bool),
+		encoded: make(map[string]*wholeEncoder)}
 	for _, kind := range publishedKinds {
 		s, err := kvstore.NewSyncStore(client, kvstore.SyncStoreConfig{
 			Prefix:    v1.KindPrefix(kind, cluster.Name),
@@ -214,14 +221,22 @@ func (p *Publisher) UpsertService(svc v1.Service) error {
 	if prev != nil {
 		limit /= 2
 	}
-	data, fits, err := encodeWhole(svc, limit)
+	enc := p.encoded[name]
+	if enc == nil {
+		enc = &wholeEncoder{}
+	}
+	data, fits, err := enc.encode(svc, limit)
 	if err != nil {
 		return fmt.Errorf("service %s: %w", name, err)
+	}
+	if !fits {
+		delete(p.encoded, name)
 	}
 	if fits {
 		if err := services.Upsert(key, data); err != nil {
 			return err
 		}
+		p.encoded[name] = enc
 		if prev != nil {
 			for i := range prev.shards {
 				backends.Delete(v1.BackendShardKey(svc.Cluster, svc.Namespace, svc.Name, i))
@@ -273,19 +288,110 @@ func (p *Publisher) UpsertService(svc v1.Service) error {
 	return nil
 }
 
-// encodeWhole encodes svc with its backends in its own value, and reports
-// whether that is at most limit bytes. Large services are not encoded: a
-// backend is at least 30 bytes of JSON.
-func encodeWhole(svc v1.Service, limit int) ([]byte, bool, error) {
+// wholeEncoder encodes a service published as one value, keeping each
+// backend's JSON from the last encode: a republication that changes one
+// backend of a thousand marshals that one and copies the others' bytes,
+// where v1.Encode would marshal all of them again. The bytes are the
+// same as v1.Encode's (TestWholeEncoderMatchesEncode).
+type wholeEncoder struct {
+	// last are the backends of the last encode, in its order; spare is
+	// the slice the next encode fills (the two swap).
+	last, spare []*encodedBackend
+}
+
+type encodedBackend struct {
+	b    v1.Backend
+	json []byte
+}
+
+// encode encodes svc (validated) with its backends in its own value, and
+// reports whether that is at most limit bytes. Large services are not
+// encoded: a backend is at least 30 bytes of JSON.
+//
+// Backends are matched with the last encode's in order (a source sends
+// them in a stable order, so an insert or a removal shifts the rest by
+// one), falling back to a lookup by IP built only when the order breaks.
+//
+// The service is encoded by v1.Encode with its first backend only (which
+// sets the version and checks the rest of the value), and the backends'
+// JSON replaces that one's: the first `"backends":[` in the value is the
+// field's, because the fields before it (names, ports, frontend IPs)
+// cannot hold that text unescaped.
+func (e *wholeEncoder) encode(svc v1.Service, limit int) ([]byte, bool, error) {
 	if len(svc.Backends)*30 > limit {
 		return nil, false, nil
 	}
-	data, err := v1.Encode(svc)
+	if len(svc.Backends) == 0 {
+		data, err := v1.Encode(svc)
+		if err != nil {
+			return nil, false, err
+		}
+		return data, len(data) <= limit, nil
+	}
+	next := e.spare[:0]
+	var byIP map[netip.Addr]int
+	size, j := 0, 0
+	for _, b := range svc.Backends {
+		k := -1
+		if j < len(e.last) && e.last[j].b.IP == b.IP {
+			k = j
+		} else {
+			if byIP == nil {
+				byIP = make(map[netip.Addr]int, len(e.last))
+				for i, c := range e.last {
+					byIP[c.b.IP] = i
+				}
+			}
+			if i, ok := byIP[b.IP]; ok {
+				k = i
+			}
+		}
+		var c *encodedBackend
+		if k >= 0 {
+			j = k + 1
+			c = e.last[k]
+		}
+		if k < 0 || !sameBackend(c.b, b) {
+			data, err := json.Marshal(b)
+			if err != nil {
+				return nil, false, fmt.Errorf("backend %s: %w", b.IP, err)
+			}
+			c = &encodedBackend{b: b, json: data}
+		}
+		next = append(next, c)
+		size += len(c.json) + 1
+	}
+	clear(e.last) // drop the references the spare would keep
+	e.last, e.spare = next, e.last[:0]
+
+	head := svc
+	head.Backends = svc.Backends[:1]
+	one, err := v1.Encode(head)
 	if errors.Is(err, v1.ErrTooLarge) {
 		return nil, false, nil
 	}
 	if err != nil {
 		return nil, false, err
+	}
+	field := []byte(`"backends":[`)
+	at := bytes.Index(one, field)
+	first := next[0].json
+	if at < 0 || !bytes.HasPrefix(one[at+len(field):], first) || len(one) <= at+len(field)+len(first) || one[at+len(field)+len(first)] != ']' {
+		// Not the layout this relies on: a bug here, not in the input.
+		return nil, false, fmt.Errorf("encode service %s/%s: backends field not where expected in %q", svc.Namespace, svc.Name, one)
+	}
+	start, rest := at+len(field), one[at+len(field)+len(first):]
+	data := make([]byte, 0, len(one)+size)
+	data = append(data, one[:start]...)
+	for i, c := range next {
+		if i > 0 {
+			data = append(data, ',')
+		}
+		data = append(data, c.json...)
+	}
+	data = append(data, rest...)
+	if len(data) > v1.MaxValueSize {
+		return nil, false, nil
 	}
 	return data, len(data) <= limit, nil
 }
@@ -295,6 +401,7 @@ func (p *Publisher) DeleteService(namespace, name string) error {
 	p.shardMu.Lock()
 	defer p.shardMu.Unlock()
 	id := namespace + "/" + name
+	delete(p.encoded, id)
 	if l := p.layouts[id]; l != nil {
 		for i := range l.shards {
 			if err := p.stores[v1.KindBackends].Delete(v1.BackendShardKey(p.cluster.Name, namespace, name, i)); err != nil {
