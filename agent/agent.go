@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/trellis-mesh/trellis/api/client"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
@@ -37,9 +38,17 @@ type Config struct {
 	StateDir string
 	// StatusSocket is the unix socket `trellis status` talks to.
 	StatusSocket string
-	// MetricsListen, when set, serves /metrics over TCP for Prometheus
-	// (the status socket serves it too, to root only).
+	// MetricsListen, when set, serves /metrics over TCP for Prometheus,
+	// and the status as JSON at /v1/status (read-only, unauthenticated:
+	// bind it to the node's or pod's network only). The status socket
+	// serves both too, to root only.
 	MetricsListen string
+
+	// Kubernetes, when set, is Kubernetes mode: the agent follows the
+	// pods scheduled on NodeName and marks their trellis.io/healthy
+	// condition (kubernetes.go); Config.FromKubernetes fills NodeIP and
+	// PodCIDRs from the Node. Nil is standalone mode.
+	Kubernetes kubernetes.Interface
 
 	// RegistryURL is the local mesh API server's HTTP address; empty
 	// skips registration (a Kubernetes cluster, where the API server's
@@ -88,6 +97,9 @@ func (c *Config) Validate() error {
 	}
 	if err := c.Gossip.Validate(); err != nil {
 		errs = append(errs, err)
+	}
+	if c.Kubernetes != nil && c.RegistryURL != "" {
+		errs = append(errs, errors.New("--registry-url is for standalone mode; with --kubernetes the mesh API server's Kubernetes source sees the node and its pods"))
 	}
 	if c.RegistryURL != "" {
 		if c.RegistryTokenFile == "" {
@@ -152,6 +164,8 @@ type Agent struct {
 	registered chan struct{}
 	// gossip is this node's member of the mesh-wide gossip; nil when off.
 	gossip *gossipMember
+	// kube follows the node's pods in Kubernetes mode; nil otherwise.
+	kube *kubePods
 
 	mu sync.Mutex
 	// exclusion is what the last apply left out for the gossip's dead set.
@@ -198,9 +212,13 @@ func New(cfg Config, datapath Datapath) (*Agent, error) {
 		kick:    make(chan struct{}, 1), registered: make(chan struct{}, 1)}
 	metrics.MustRegister(a.applies.collectors()...)
 	metrics.MustRegister(newStateCollector(a))
+	pods := podsDirLister(filepath.Join(cfg.StateDir, "pods"))
+	if cfg.Kubernetes != nil {
+		a.kube = newKubePods(cfg.Kubernetes, cfg.NodeName, log)
+		pods = a.kube.list
+	}
 	if cfg.Health.Interval > 0 {
-		a.health = newHealthChecker(cfg.Health, filepath.Join(cfg.StateDir, "pods"), mesh.Snapshot,
-			func() { notify(a.kick) }, log)
+		a.health = newHealthChecker(cfg.Health, pods, mesh.Snapshot, func() { notify(a.kick) }, log)
 	}
 	if !cfg.Gossip.Disabled {
 		a.gossip = newGossipMember(cfg, mesh, func() { notify(a.kick) }, log)
@@ -253,6 +271,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
+		// Read-only: the status of a Helm-deployed agent, which has no
+		// shell to run `trellis status` in. Nothing that changes state
+		// (key rotation) is served here: that stays on the socket.
+		mux.HandleFunc("GET /v1/status", a.serveStatus)
 		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 			WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 16 << 10}
 		servers = append(servers, msrv)
@@ -275,6 +297,16 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		}
 		goRun(func() { reg.run(ctx, 500*time.Millisecond) })
+	}
+	if a.kube != nil {
+		a.kube.start(ctx)
+		goRun(func() {
+			<-ctx.Done()
+			a.kube.wait()
+		})
+		if a.health != nil {
+			goRun(func() { a.kube.markRun(ctx, a.health, a.registered) })
+		}
 	}
 	if a.health != nil {
 		goRun(func() { a.health.run(ctx) })
@@ -438,11 +470,18 @@ type Status struct {
 	// Gossip is the mesh-wide gossip as this node sees it; nil when
 	// disabled (--gossip=false).
 	Gossip *GossipStatus `json:"gossip,omitempty"`
+	// NodeIP and PodCIDRs are the node's addressing as the agent uses it
+	// (flags, or in Kubernetes mode the Node object).
+	NodeIP   netip.Addr     `json:"nodeIP,omitzero"`
+	PodCIDRs []netip.Prefix `json:"podCIDRs,omitempty"`
+	// Kubernetes is Kubernetes mode; nil in standalone mode.
+	Kubernetes *KubernetesStatus `json:"kubernetes,omitempty"`
 }
 
 // Status reports the agent's view.
 func (a *Agent) Status() Status {
-	st := Status{Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, Status: a.mesh.Status(), DatapathDisabled: a.datapath == nil}
+	st := Status{Node: a.cfg.NodeName, Cluster: a.cfg.ClusterName, Status: a.mesh.Status(), DatapathDisabled: a.datapath == nil,
+		NodeIP: a.cfg.NodeIP, PodCIDRs: a.cfg.PodCIDRs, Kubernetes: a.kube.status()}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	st.AppliedVersion, st.LastApplied = a.applied, a.lastApplied
@@ -478,10 +517,7 @@ func (a *Agent) RotateKey() error {
 
 func (a *Agent) statusHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(a.Status())
-	})
+	mux.HandleFunc("GET /v1/status", a.serveStatus)
 	mux.HandleFunc("POST /v1/encryption/rotate", func(w http.ResponseWriter, _ *http.Request) {
 		if err := a.RotateKey(); err != nil {
 			http.Error(w, err.Error(), http.StatusConflict)
@@ -492,6 +528,11 @@ func (a *Agent) statusHandler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics, promhttp.HandlerOpts{}))
 	return mux
+}
+
+func (a *Agent) serveStatus(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(a.Status())
 }
 
 // socketClient talks HTTP to the agent behind its status socket.

@@ -6,14 +6,19 @@ package agent
 // nothing but the node it runs on can notice soon, and every request the
 // socket LB sends it fails until something does. So the agent probes its
 // node's pods (standalone mode: the pod files its CNI step wrote under
-// <state-dir>/pods/) on the target ports of the services that have them
-// as backends (TCP connect; the services carry no HTTP check yet), from
-// inside the node's network namespace, where the agent runs.
+// <state-dir>/pods/; Kubernetes mode: the pods scheduled on the node, see
+// kubernetes.go) on the target ports of the services that have them as
+// backends, from inside the node's network namespace, where the agent
+// runs.
 //
-//   - Which ports: those the merged snapshot gives the pod's IP as a
-//     backend, TCP only. They are remembered while the pod exists, so a
-//     pod that left every service's backends (marked not ready because its
-//     probes failed) is still probed, and comes back when they pass.
+//   - Which ports, and how: those the merged snapshot gives the pod's IP
+//     as a backend, TCP only, each with its service's check
+//     (trellis.io/health-check: a TCP connect by default, or an HTTP GET
+//     of a path that must answer 2xx or 3xx; a port two services check
+//     differently is probed both ways). They are remembered while the pod
+//     exists, so a pod that left every service's backends (marked not
+//     ready because its probes failed) is still probed, and comes back
+//     when they pass.
 //   - When: each endpoint on its own schedule, every Interval with ±10%
 //     jitter (so a node's probes do not all go at once), the next one
 //     only after the last finished, at most MaxConcurrent probes at a
@@ -26,20 +31,25 @@ package agent
 //   - Datapath first, then the source: a change triggers an apply at once
 //     with the down endpoints left out of every service's backends; after
 //     that apply the registrar marks the endpoint not ready (or ready
-//     again) in the registry, so that the other nodes and clusters learn
-//     it through the normal publish path. The local datapath does not wait
-//     for the round trip through the registry and etcd, and the registry
-//     stays the one source every other agent reads.
+//     again) in the registry (Kubernetes mode: the agent sets the pod's
+//     trellis.io/healthy condition, which the Kubernetes source reads), so
+//     that the other nodes and clusters learn it through the normal
+//     publish path. The local datapath does not wait for the round trip
+//     through the source and etcd, and the source stays the one every
+//     other agent reads.
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -62,7 +72,8 @@ type HealthConfig struct {
 	// Interval between two probes of one endpoint (±10% jitter); 0: no
 	// probing, the registry's readiness alone decides.
 	Interval time.Duration
-	// Timeout of one probe (a TCP connect); default DefaultHealthTimeout.
+	// Timeout of one probe (a TCP connect, or an HTTP GET from connect to
+	// status line); default DefaultHealthTimeout.
 	Timeout time.Duration
 	// FailureThreshold failures in a row take an endpoint out, and
 	// SuccessThreshold successes in a row bring it back; defaults 3 and 2.
@@ -114,7 +125,9 @@ type EndpointHealth struct {
 	Pod   string     `json:"pod"` // namespace/name
 	IP    netip.Addr `json:"ip"`
 	Ports []uint16   `json:"ports"`
-	Down  bool       `json:"down"`
+	// Checks are the probes of each port: "tcp 8080", "http 8080 /healthz".
+	Checks []string `json:"checks,omitempty"`
+	Down   bool     `json:"down"`
 	// Since is when it last went down or came back up; zero if it never
 	// changed.
 	Since     time.Time `json:"since,omitzero"`
@@ -125,13 +138,42 @@ type EndpointHealth struct {
 	Successes int `json:"successes"`
 }
 
-// probeFunc checks one endpoint address.
-type probeFunc func(ctx context.Context, addr netip.AddrPort, timeout time.Duration) error
+// portCheck is one probe of an endpoint: a port and how to check it.
+type portCheck struct {
+	port  uint16
+	check v1.HealthCheck
+}
+
+func (c portCheck) String() string {
+	if c.check.IsHTTP() {
+		return fmt.Sprintf("http %d %s", c.port, c.check.Path)
+	}
+	return fmt.Sprintf("tcp %d", c.port)
+}
+
+func comparePortChecks(a, b portCheck) int {
+	if a.port != b.port {
+		return int(a.port) - int(b.port)
+	}
+	return strings.Compare(a.check.String(), b.check.String())
+}
+
+// probeFunc checks one endpoint address the way check says.
+type probeFunc func(ctx context.Context, addr netip.AddrPort, check v1.HealthCheck, timeout time.Duration) error
+
+// dialFunc opens a probe's connection; (*net.Dialer).DialContext, but
+// for tests that probe from a network namespace of theirs.
+type dialFunc func(ctx context.Context, network, address string) (net.Conn, error)
 
 // tcpProbe connects and closes with a reset, leaving no TIME_WAIT.
 func tcpProbe(ctx context.Context, addr netip.AddrPort, timeout time.Duration) error {
-	d := net.Dialer{Timeout: timeout}
-	c, err := d.DialContext(ctx, "tcp", addr.String())
+	return tcpProbeWith(ctx, new(net.Dialer).DialContext, addr, timeout)
+}
+
+func tcpProbeWith(ctx context.Context, dial dialFunc, addr netip.AddrPort, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := dial(ctx, "tcp", addr.String())
 	if err != nil {
 		return err
 	}
@@ -141,11 +183,66 @@ func tcpProbe(ctx context.Context, addr netip.AddrPort, timeout time.Duration) e
 	return c.Close()
 }
 
+// maxProbeBody is how much of an HTTP check's answer is read (and
+// thrown away): the status line decides.
+const maxProbeBody = 4 << 10
+
+// newHTTPProber returns the probe of both checks; an HTTP check GETs the check's path on addr, one
+// connection per probe (closed with a reset, as tcpProbe's), no proxy, no
+// redirect followed (a 3xx passes, as a kubelet's probe does), 2xx and
+// 3xx pass. The path was validated at the source (printable ASCII,
+// starting with "/"), so it cannot smuggle a header.
+func newHTTPProber() probeFunc { return newProber(new(net.Dialer).DialContext) }
+
+// newProber is newHTTPProber with connections from dial.
+func newProber(dial dialFunc) probeFunc {
+	client := &http.Client{
+		Transport: &http.Transport{
+			Proxy:             nil,
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
+				c, err := dial(ctx, network, address)
+				if tc, ok := c.(*net.TCPConn); ok {
+					tc.SetLinger(0)
+				}
+				return c, err
+			},
+			MaxResponseHeaderBytes: 16 << 10,
+		},
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	return func(ctx context.Context, addr netip.AddrPort, check v1.HealthCheck, timeout time.Duration) error {
+		if !check.IsHTTP() {
+			return tcpProbeWith(ctx, dial, addr, timeout)
+		}
+		ctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+check.Path, nil)
+		if err != nil {
+			return fmt.Errorf("path %q: %w", check.Path, err)
+		}
+		req.Header.Set("User-Agent", "trellis-agent/health")
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, io.LimitReader(resp.Body, maxProbeBody))
+		resp.Body.Close()
+		if resp.StatusCode < 200 || resp.StatusCode >= 400 {
+			return fmt.Errorf("GET %s: %s; want 2xx or 3xx", check.Path, resp.Status)
+		}
+		return nil
+	}
+}
+
 // healthChecker probes the node's endpoints. run owns the schedule; the
 // state behind mu is read by the apply loop, the registrar and status.
 type healthChecker struct {
-	cfg      HealthConfig
-	podsDir  string
+	cfg HealthConfig
+	// pods lists the node's pods (the pods dir, or the Kubernetes pods
+	// of the node); an error is logged at debug level, whoever reads the
+	// same pods reports it.
+	pods     func() ([]PodFile, error)
 	snapshot func() *clustermesh.Snapshot
 	probe    probeFunc
 	// onChange is called (from run) whenever an endpoint goes down or up.
@@ -162,13 +259,26 @@ type healthChecker struct {
 
 type endpointHealth struct {
 	EndpointHealth
+	checks   []portCheck
 	inFlight bool
 	next     time.Time
 }
 
-func newHealthChecker(cfg HealthConfig, podsDir string, snapshot func() *clustermesh.Snapshot, onChange func(), log *slog.Logger) *healthChecker {
+// podsDirLister lists the pod files of a pods dir (standalone mode).
+func podsDirLister(dir string) func() ([]PodFile, error) {
+	return func() ([]PodFile, error) {
+		pods, err := readPods(dir)
+		out := make([]PodFile, 0, len(pods))
+		for _, p := range pods {
+			out = append(out, p)
+		}
+		return out, err
+	}
+}
+
+func newHealthChecker(cfg HealthConfig, pods func() ([]PodFile, error), snapshot func() *clustermesh.Snapshot, onChange func(), log *slog.Logger) *healthChecker {
 	return &healthChecker{
-		cfg: cfg.withDefaults(), podsDir: podsDir, snapshot: snapshot, probe: tcpProbe,
+		cfg: cfg.withDefaults(), pods: pods, snapshot: snapshot, probe: newHTTPProber(),
 		onChange: onChange, log: log, podsEvery: time.Second,
 		eps: make(map[netip.Addr]*endpointHealth),
 	}
@@ -205,6 +315,22 @@ func (h *healthChecker) isDown(ip netip.Addr) bool {
 	return e != nil && e.Down
 }
 
+// downReason says whether any of ips is probed down, and why (its last
+// probe's error).
+func (h *healthChecker) downReason(ips []netip.Addr) (bool, string) {
+	if h == nil {
+		return false, ""
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, ip := range ips {
+		if e := h.eps[ip]; e != nil && e.Down {
+			return true, e.LastError
+		}
+	}
+	return false, ""
+}
+
 // status lists the probed endpoints, by pod.
 func (h *healthChecker) status() *HealthStatus {
 	if h == nil {
@@ -218,6 +344,9 @@ func (h *healthChecker) status() *HealthStatus {
 	for _, e := range h.eps {
 		eh := e.EndpointHealth
 		eh.Ports = slices.Clone(eh.Ports)
+		for _, c := range e.checks {
+			eh.Checks = append(eh.Checks, c.String())
+		}
 		st.Endpoints = append(st.Endpoints, eh)
 	}
 	slices.SortFunc(st.Endpoints, func(a, b EndpointHealth) int { return a.IP.Compare(b.IP) })
@@ -268,7 +397,7 @@ func (h *healthChecker) run(ctx context.Context) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				results <- probeResult{ip: ip.ip, err: h.probeAll(ctx, ip.ip, ip.ports), at: time.Now()}
+				results <- probeResult{ip: ip.ip, err: h.probeAll(ctx, ip.ip, ip.checks), at: time.Now()}
 			}()
 		}
 		timer.Reset(h.wake(now, podsRead))
@@ -276,8 +405,8 @@ func (h *healthChecker) run(ctx context.Context) {
 }
 
 type dueProbe struct {
-	ip    netip.Addr
-	ports []uint16
+	ip     netip.Addr
+	checks []portCheck
 }
 
 // due marks up to n endpoints whose probe is due as in flight.
@@ -289,11 +418,11 @@ func (h *healthChecker) due(now time.Time, n int) []dueProbe {
 		if len(out) >= n {
 			break
 		}
-		if e.inFlight || len(e.Ports) == 0 || now.Before(e.next) {
+		if e.inFlight || len(e.checks) == 0 || now.Before(e.next) {
 			continue
 		}
 		e.inFlight = true
-		out = append(out, dueProbe{ip, slices.Clone(e.Ports)})
+		out = append(out, dueProbe{ip, slices.Clone(e.checks)})
 	}
 	return out
 }
@@ -304,18 +433,23 @@ func (h *healthChecker) wake(now, podsRead time.Time) time.Duration {
 	defer h.mu.Unlock()
 	next := podsRead.Add(h.podsEvery)
 	for _, e := range h.eps {
-		if !e.inFlight && len(e.Ports) > 0 && e.next.Before(next) {
+		if !e.inFlight && len(e.checks) > 0 && e.next.Before(next) {
 			next = e.next
 		}
 	}
 	return max(next.Sub(now), 5*time.Millisecond)
 }
 
-// probeAll probes every port of ip; the first failure fails it.
-func (h *healthChecker) probeAll(ctx context.Context, ip netip.Addr, ports []uint16) error {
-	for _, p := range ports {
-		if err := h.probe(ctx, netip.AddrPortFrom(ip, p), h.cfg.Timeout); err != nil {
-			return fmt.Errorf("tcp %s: %w", netip.AddrPortFrom(ip, p), err)
+// probeAll runs every check of ip; the first failure fails it.
+func (h *healthChecker) probeAll(ctx context.Context, ip netip.Addr, checks []portCheck) error {
+	for _, c := range checks {
+		addr := netip.AddrPortFrom(ip, c.port)
+		if err := h.probe(ctx, addr, c.check, h.cfg.Timeout); err != nil {
+			kind := "tcp"
+			if c.check.IsHTTP() {
+				kind = "http"
+			}
+			return fmt.Errorf("%s %s: %w", kind, addr, err)
 		}
 	}
 	return nil
@@ -361,12 +495,12 @@ func (h *healthChecker) record(r probeResult) bool {
 	return false
 }
 
-// refreshPods takes the node's pods from the pods dir: new ones start
-// up, vanished ones are forgotten. True when a down one vanished.
+// refreshPods takes the node's pods: new ones start up, vanished ones
+// are forgotten. True when a down one vanished.
 func (h *healthChecker) refreshPods(now time.Time) bool {
-	pods, err := readPods(h.podsDir)
+	pods, err := h.pods()
 	if err != nil {
-		h.log.Debug("health: reading the pods dir", "err", err) // the registrar reports it
+		h.log.Debug("health: listing the node's pods", "err", err) // the registrar reports it
 	}
 	byIP := make(map[netip.Addr]PodFile, len(pods))
 	for _, p := range pods {
@@ -397,29 +531,40 @@ func (h *healthChecker) refreshPods(now time.Time) bool {
 }
 
 // refreshPorts gives each endpoint the TCP target ports the snapshot
-// serves on it; one it is no backend of keeps the ports it had.
+// serves on it, each with its service's check; one it is no backend of
+// keeps the checks it had.
 func (h *healthChecker) refreshPorts(snap *clustermesh.Snapshot) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if len(h.eps) == 0 {
 		return
 	}
-	ports := make(map[netip.Addr][]uint16)
+	checks := make(map[netip.Addr][]portCheck)
 	for _, svc := range snap.Services {
 		for _, b := range svc.Backends {
 			if h.eps[b.IP] == nil {
 				continue
 			}
 			for i, p := range svc.Ports {
-				if t := b.TargetPort(i); t != 0 && p.Protocol == v1.ProtocolTCP && !slices.Contains(ports[b.IP], t) {
-					ports[b.IP] = append(ports[b.IP], t)
+				c := portCheck{port: b.TargetPort(i), check: svc.HealthCheck}
+				if c.check.Type == v1.HealthCheckTCP {
+					c.check.Type = "" // one spelling, so equal checks dedupe
+				}
+				if c.port != 0 && p.Protocol == v1.ProtocolTCP && !slices.Contains(checks[b.IP], c) {
+					checks[b.IP] = append(checks[b.IP], c)
 				}
 			}
 		}
 	}
-	for ip, ps := range ports {
-		slices.Sort(ps)
-		h.eps[ip].Ports = ps
+	for ip, cs := range checks {
+		slices.SortFunc(cs, comparePortChecks)
+		e := h.eps[ip]
+		e.checks, e.Ports = cs, nil
+		for _, c := range cs {
+			if !slices.Contains(e.Ports, c.port) {
+				e.Ports = append(e.Ports, c.port)
+			}
+		}
 	}
 }
 

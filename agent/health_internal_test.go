@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -89,9 +92,9 @@ func TestHealthCheckerThresholds(t *testing.T) {
 	probed := map[netip.AddrPort]int{}
 	changes := make(chan struct{}, 16)
 	h := newHealthChecker(HealthConfig{Interval: 10 * time.Millisecond, FailureThreshold: 3, SuccessThreshold: 2},
-		dir, snap.Load, func() { changes <- struct{}{} }, slog.New(slog.DiscardHandler))
+		podsDirLister(dir), snap.Load, func() { changes <- struct{}{} }, slog.New(slog.DiscardHandler))
 	h.podsEvery = 20 * time.Millisecond
-	h.probe = func(_ context.Context, addr netip.AddrPort, _ time.Duration) error {
+	h.probe = func(_ context.Context, addr netip.AddrPort, _ v1.HealthCheck, _ time.Duration) error {
 		mu.Lock()
 		probed[addr]++
 		mu.Unlock()
@@ -172,6 +175,138 @@ func TestTCPProbe(t *testing.T) {
 	ln.Close()
 	if err := tcpProbe(context.Background(), addr, time.Second); err == nil {
 		t.Error("probe of a closed port passed")
+	}
+}
+
+// The HTTP check: 2xx and 3xx pass (a redirect is not followed), 4xx and
+// 5xx fail while a TCP connect to the same port still passes, and a
+// closed port fails; the path and query reach the server as written.
+func TestHTTPProbe(t *testing.T) {
+	var mu sync.Mutex
+	var paths []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		paths = append(paths, r.URL.RequestURI())
+		mu.Unlock()
+		switch r.URL.Path {
+		case "/ok":
+			w.WriteHeader(http.StatusNoContent)
+		case "/moved":
+			http.Redirect(w, r, "/nowhere-that-answers", http.StatusFound)
+		case "/missing":
+			http.NotFound(w, r)
+		default:
+			http.Error(w, "broken", http.StatusInternalServerError)
+		}
+	}))
+	defer srv.Close()
+	addr := netip.MustParseAddrPort(srv.Listener.Addr().String())
+	probe := newHTTPProber()
+	ctx := context.Background()
+	httpCheck := func(p string) v1.HealthCheck { return v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: p} }
+	for path, pass := range map[string]bool{"/ok?x=1": true, "/moved": true, "/missing": false, "/healthz": false} {
+		err := probe(ctx, addr, httpCheck(path), time.Second)
+		if (err == nil) != pass {
+			t.Errorf("GET %s: %v; want pass=%v", path, err, pass)
+		}
+	}
+	if err := probe(ctx, addr, v1.HealthCheck{}, time.Second); err != nil {
+		t.Errorf("tcp check of the server answering 500: %v; want a pass", err)
+	}
+	if err := probe(ctx, addr, httpCheck("/healthz"), time.Second); err == nil || !strings.Contains(err.Error(), "500") {
+		t.Errorf("the 500 is not named: %v", err)
+	}
+	mu.Lock()
+	if !slices.Contains(paths, "/ok?x=1") || slices.Contains(paths, "/nowhere-that-answers") {
+		t.Errorf("requests %v; want /ok?x=1 as written and no redirect followed", paths)
+	}
+	mu.Unlock()
+	srv.Close()
+	if err := probe(ctx, addr, httpCheck("/ok"), time.Second); err == nil {
+		t.Error("http check of a closed port passed")
+	}
+}
+
+// With an HTTP check on its service, a pod whose server answers 500
+// leaves the datapath although a TCP connect still succeeds, and comes
+// back when it answers 200; the real probes, against a server on this
+// test's loopback.
+func TestHealthCheckerHTTPCheckTakesOut(t *testing.T) {
+	var failing atomic.Bool
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if failing.Load() || r.URL.Path != "/healthz" {
+			http.Error(w, "unhealthy", http.StatusInternalServerError)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	}))
+	defer srv.Close()
+	addr := netip.MustParseAddrPort(srv.Listener.Addr().String())
+	snapshot := func(check v1.HealthCheck) *clustermesh.Snapshot {
+		svc := &clustermesh.MergedService{
+			ServiceName: clustermesh.ServiceName{Namespace: "default", Name: "echo"},
+			Ports:       []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80}},
+			FrontendIPs: []netip.Addr{netip.MustParseAddr("10.96.1.10")},
+			HealthCheck: check,
+			Backends:    []clustermesh.Backend{{Cluster: "eu", ClusterID: 1, IP: addr.Addr(), TargetPorts: []uint16{addr.Port()}}},
+		}
+		return &clustermesh.Snapshot{Version: 1, Services: map[clustermesh.ServiceName]*clustermesh.MergedService{svc.ServiceName: svc}}
+	}
+	var snap atomic.Pointer[clustermesh.Snapshot]
+	snap.Store(snapshot(v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: "/healthz"}))
+	changes := make(chan struct{}, 16)
+	pods := func() ([]PodFile, error) {
+		return []PodFile{{Namespace: "default", Name: "echo-n1", IP: addr.Addr(), Ready: true}}, nil
+	}
+	h := newHealthChecker(HealthConfig{Interval: 10 * time.Millisecond, FailureThreshold: 3, SuccessThreshold: 2},
+		pods, snap.Load, func() { changes <- struct{}{} }, slog.New(slog.DiscardHandler))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h.run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	testutil.Eventually(t, 5*time.Second, "probed", func() bool {
+		st := h.status()
+		return len(st.Endpoints) == 1 && st.Endpoints[0].Successes >= 2
+	})
+	if st := h.status(); !slices.Equal(st.Endpoints[0].Checks, []string{fmt.Sprintf("http %d /healthz", addr.Port())}) {
+		t.Errorf("checks %v; want the http check of the target port", st.Endpoints[0].Checks)
+	}
+	failing.Store(true)
+	select {
+	case <-changes:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no change within 5 s of the server answering 500")
+	}
+	if !h.isDown(addr.Addr()) {
+		t.Fatal("the endpoint is not down after its HTTP check failed")
+	}
+	if err := tcpProbe(context.Background(), addr, time.Second); err != nil {
+		t.Fatalf("TCP connect fails too (%v): the test would not tell the checks apart", err)
+	}
+	got := withoutDown(snap.Load(), func() map[netip.Addr]bool { d, _ := h.down(); return d }())
+	if b := got.Services[clustermesh.ServiceName{Namespace: "default", Name: "echo"}].Backends; len(b) != 0 {
+		t.Errorf("backends handed to the datapath %+v; want none", b)
+	}
+	if st := h.status(); !strings.Contains(st.Endpoints[0].LastError, "500") {
+		t.Errorf("last error %q does not name the 500", st.Endpoints[0].LastError)
+	}
+
+	// The service goes back to the default TCP check: the pod passes,
+	// since its port still accepts.
+	snap.Store(func() *clustermesh.Snapshot { s := snapshot(v1.HealthCheck{}); s.Version = 2; return s }())
+	select {
+	case <-changes:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no change within 5 s of the check turning to tcp")
+	}
+	if h.isDown(addr.Addr()) {
+		t.Error("the endpoint is still down under a tcp check of an open port")
 	}
 }
 

@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -28,6 +30,9 @@ type agentOptions struct {
 	podCIDRs  []string
 	uninstall bool
 	gossip    bool
+	// kubernetes and kubeconfig: Kubernetes mode.
+	kubernetes bool
+	kubeconfig string
 
 	cgroupRoot string
 	// cgroupRootErr is why --cgroup-root has no default (no cgroup2 mount).
@@ -60,6 +65,13 @@ registry, and probes them (--health-interval): a pod whose probes fail
 leaves this node's datapath at once and is marked not ready in the
 registry, and comes back when they pass.
 
+In Kubernetes mode (--kubernetes, with --kubeconfig or in-cluster) it reads
+its Node for the node IP and pod CIDRs (unless --node-ip and --pod-cidrs
+say), probes the pods scheduled on the node, and marks one whose probes
+fail with the pod condition trellis.io/healthy=False (True again when they
+pass), which the mesh API server's Kubernetes source reads. It needs get
+on nodes, list and watch on pods, and patch on pods/status.
+
 It programs the node's kernel: eBPF socket load balancing for every
 process under --cgroup-root (by default the cgroup2 mount, the machine's
 root cgroup) and routes to remote pod CIDRs with --tunnel. "none" turns
@@ -72,6 +84,11 @@ either off.`,
 			}
 			if err := o.complete(log); err != nil {
 				return err
+			}
+			if o.kubernetes && !o.uninstall {
+				if err := o.fromKubernetes(cmd.Context()); err != nil {
+					return err
+				}
 			}
 			dp, err := o.datapath(log)
 			if err != nil {
@@ -118,12 +135,14 @@ func (o *agentOptions) addFlags(f *pflag.FlagSet, findCgroupRoot func() (string,
 	f.StringVar(&o.cfg.ConfigDir, "config-dir", "", "directory with one <cluster>.yaml per cluster (written by 'trellis connect')")
 	f.StringVar(&o.cfg.StateDir, "state-dir", "", "the agent's state directory")
 	f.StringVar(&o.cfg.StatusSocket, "status-socket", "", "unix socket for 'trellis status' ")
-	f.StringVar(&o.cfg.MetricsListen, "metrics-listen", "", "TCP address to serve Prometheus /metrics on (e.g. :9962); the status socket serves them too")
+	f.StringVar(&o.cfg.MetricsListen, "metrics-listen", "", "TCP address to serve Prometheus /metrics and the status as JSON (/v1/status) on (e.g. :9962); read-only but unauthenticated: bind it to the node's or pod's network only. The status socket serves both too")
+	f.BoolVar(&o.kubernetes, "kubernetes", false, "Kubernetes mode: read this node's IP and pod CIDRs from its Node, probe the pods scheduled on it and mark them with the pod condition trellis.io/healthy (needs get nodes, list/watch pods, patch pods/status)")
+	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig for --kubernetes (default: in-cluster, the pod's service account)")
 	f.StringVar(&o.cfg.RegistryURL, "registry-url", "", "local mesh API server's HTTP address, to register this node and its pods (standalone mode)")
 	f.StringVar(&o.cfg.RegistryCAFile, "registry-ca-file", "", "the local API server's server CA (its <state-dir>/pki/ca.crt), to verify it")
 	f.StringVar(&o.cfg.RegistryTokenFile, "registry-token-file", "", "file with this node's registry credential (trellis apiserver issue-node-credential)")
-	f.StringVar(&o.nodeIP, "node-ip", "", "this node's underlay address")
-	f.StringSliceVar(&o.podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs")
+	f.StringVar(&o.nodeIP, "node-ip", "", "this node's underlay address (with --kubernetes, default: the Node's first InternalIP)")
+	f.StringSliceVar(&o.podCIDRs, "pod-cidrs", nil, "this node's pod CIDRs (with --kubernetes, default: the Node's spec.podCIDRs)")
 	f.IntVar(&o.cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match every cluster's")
 
 	var defaultCgroupRoot string
@@ -157,6 +176,9 @@ func (o *agentOptions) complete(log *slog.Logger) error {
 		o.cfg.NodeIP = ip
 	}
 	o.cfg.Gossip.Disabled = !o.gossip
+	if o.kubeconfig != "" && !o.kubernetes {
+		return errors.New("--kubeconfig is only used with --kubernetes")
+	}
 	o.cfg.PodCIDRs = nil
 	for _, s := range o.podCIDRs {
 		p, err := netip.ParsePrefix(s)
@@ -167,6 +189,19 @@ func (o *agentOptions) complete(log *slog.Logger) error {
 	}
 	o.cfg.Logger = log
 	return nil
+}
+
+// fromKubernetes connects to the Kubernetes API (Kubernetes mode) and
+// fills the node's IP and pod CIDRs the flags left empty from its Node.
+func (o *agentOptions) fromKubernetes(ctx context.Context) error {
+	client, err := agent.NewKubernetesClient(o.kubeconfig)
+	if err != nil {
+		return err
+	}
+	o.cfg.Kubernetes = client
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	return o.cfg.FromKubernetes(ctx)
 }
 
 // datapath builds the datapath config from the flags (after complete):

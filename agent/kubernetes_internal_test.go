@@ -1,0 +1,94 @@
+package agent
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// The Node gives the first InternalIP and spec.podCIDRs (spec.podCIDR on
+// old clusters); what is missing or malformed is named.
+func TestNodeAddressing(t *testing.T) {
+	node := &corev1.Node{
+		Spec: corev1.NodeSpec{PodCIDR: "10.1.0.0/24", PodCIDRs: []string{"10.1.0.0/24", "fd00:1::/64"}},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+			{Type: corev1.NodeExternalIP, Address: "203.0.113.5"},
+			{Type: corev1.NodeInternalIP, Address: "192.168.1.5"},
+			{Type: corev1.NodeInternalIP, Address: "fd00::5"},
+		}},
+	}
+	ip, cidrs, err := nodeAddressing(node)
+	if err != nil || ip != netip.MustParseAddr("192.168.1.5") ||
+		!slices.Equal(cidrs, []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24"), netip.MustParsePrefix("fd00:1::/64")}) {
+		t.Errorf("got %s %v %v", ip, cidrs, err)
+	}
+	old := &corev1.Node{Spec: corev1.NodeSpec{PodCIDR: "10.2.0.0/24"}}
+	ip, cidrs, err = nodeAddressing(old)
+	if ip.IsValid() || !slices.Equal(cidrs, []netip.Prefix{netip.MustParsePrefix("10.2.0.0/24")}) || err == nil || !strings.Contains(err.Error(), "no InternalIP") {
+		t.Errorf("old node without addresses: %s %v %v", ip, cidrs, err)
+	}
+	bad := &corev1.Node{Spec: corev1.NodeSpec{PodCIDRs: []string{"10.3.0.0/33"}},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "not-an-ip"}}}}
+	if _, _, err := nodeAddressing(bad); err == nil || !strings.Contains(err.Error(), `InternalIP "not-an-ip"`) || !strings.Contains(err.Error(), `pod CIDR "10.3.0.0/33"`) {
+		t.Errorf("malformed node: %v", err)
+	}
+}
+
+// A pod is probed while it runs off the host network with a pod IP and
+// its containers ready, whatever its Ready condition (which a readiness
+// gate on the agent's own condition may hold false).
+func TestProbedIPs(t *testing.T) {
+	pod := func(mod func(*corev1.Pod)) *corev1.Pod {
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "cart-1"},
+			Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.1.0.5",
+				PodIPs: []corev1.PodIP{{IP: "10.1.0.5"}, {IP: "fd00:1::5"}},
+				Conditions: []corev1.PodCondition{
+					{Type: corev1.ContainersReady, Status: corev1.ConditionTrue},
+					{Type: corev1.PodReady, Status: corev1.ConditionFalse},
+				}},
+		}
+		if mod != nil {
+			mod(p)
+		}
+		return p
+	}
+	if got := probedIPs(pod(nil)); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("10.1.0.5"), netip.MustParseAddr("fd00:1::5")}) {
+		t.Errorf("running pod, containers ready, gate holding Ready: %v", got)
+	}
+	if got := probedIPs(pod(func(p *corev1.Pod) {
+		p.Status.PodIPs = nil
+		p.Status.Conditions = p.Status.Conditions[1:]
+		p.Status.Conditions[0].Status = corev1.ConditionTrue
+	})); len(got) != 1 {
+		t.Errorf("legacy pod IP, Ready without ContainersReady: %v", got)
+	}
+	now := metav1.Now()
+	for name, mod := range map[string]func(*corev1.Pod){
+		"host network":         func(p *corev1.Pod) { p.Spec.HostNetwork = true },
+		"pending":              func(p *corev1.Pod) { p.Status.Phase = corev1.PodPending },
+		"deleting":             func(p *corev1.Pod) { p.DeletionTimestamp = &now },
+		"containers not ready": func(p *corev1.Pod) { p.Status.Conditions[0].Status = corev1.ConditionFalse },
+		"no conditions":        func(p *corev1.Pod) { p.Status.Conditions = nil },
+		"no IP":                func(p *corev1.Pod) { p.Status.PodIP, p.Status.PodIPs = "", nil },
+	} {
+		if got := probedIPs(pod(mod)); len(got) != 0 {
+			t.Errorf("%s: probed at %v", name, got)
+		}
+	}
+}
+
+// RBAC is exactly what the agent calls.
+func TestKubernetesRBAC(t *testing.T) {
+	var got []string
+	for _, r := range KubernetesRBAC {
+		got = append(got, r.Resource+":"+strings.Join(r.Verbs, ","))
+	}
+	if want := []string{"nodes:get", "pods:list,watch", "pods/status:patch"}; !slices.Equal(got, want) {
+		t.Errorf("RBAC %v; want %v", got, want)
+	}
+}
