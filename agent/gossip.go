@@ -33,6 +33,9 @@ package agent
 //     probed while one of its members is suspect or distrusted dead, at
 //     once on new evidence, then every second while it does not answer
 //     and every 10 s while it does (the cost of a long gossip partition).
+//     A death trusted before the distrust began stays trusted while its
+//     cluster's probe runs, so a whole cluster's first death does not
+//     come back for the moment between the second death and the answer.
 //   - Use: every change of the trusted set triggers an apply at once; the
 //     apply hands the datapath clustermesh's SnapshotExcluding of the
 //     trusted dead nodes: their backends left out before the merge's
@@ -419,7 +422,7 @@ func (m *gossipMember) judge(g *gossip.Gossip, now time.Time) []string {
 	st := GossipStatus{Member: g.Name(), Address: g.LocalAddr().String(), HealthScore: g.HealthScore()}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v := decide(members, g.Name(), st.HealthScore, &m.alive, m.probes, now)
+	v := decide(members, g.Name(), st.HealthScore, &m.alive, m.probes, m.trusted, now)
 	st.Alive, st.Suspect, st.Dead, st.Left = v.alive, v.suspect, v.dead, v.left
 	st.DeadMembers, st.Distrust, st.Corroborated = v.deadMembers, v.distrust, v.corroborated
 	st.Trusted = st.Distrust == ""
@@ -466,9 +469,10 @@ type verdict struct {
 
 // decide applies the partition rule to members (self is this member's
 // name) with this member's health score, the alive samples of rule 3
-// (this view's count appended, old ones dropped) and the probes of rule
-// 2 (read only).
-func decide(members []gossip.Member, self string, healthScore int, samples *[]aliveSample, probes map[string]*clusterProbe, now time.Time) verdict {
+// (this view's count appended, old ones dropped), the probes of rule 2
+// (read only) and the last trusted set.
+func decide(members []gossip.Member, self string, healthScore int, samples *[]aliveSample, probes map[string]*clusterProbe,
+	last map[string]map[string]bool, now time.Time) verdict {
 	var v verdict
 	var deaths []time.Time
 	dead := make(map[string]map[string]bool)
@@ -514,16 +518,30 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 		// plane does not answer either. Not when this member is the slow
 		// one: its probes would time out for the same reason.
 		for cluster, nodes := range dead {
-			if !probes[cluster].down(now) {
+			p := probes[cluster]
+			switch {
+			case p.down(now):
+				for n := range nodes {
+					v.corroborated = append(v.corroborated, cluster+"/"+n)
+				}
+			case p != nil && p.running:
+				// The nodes trusted dead before this distrust stay so
+				// while their cluster's probe runs (at most its
+				// timeout): the first death of a whole cluster's crash
+				// is not put back for the moment between the second
+				// death and the probe's answer.
+				nodes = maps.Clone(nodes)
+				maps.DeleteFunc(nodes, func(n string, _ bool) bool { return !last[cluster][n] })
+				if len(nodes) == 0 {
+					continue
+				}
+			default:
 				continue
 			}
 			if v.trusted == nil {
 				v.trusted = make(map[string]map[string]bool)
 			}
 			v.trusted[cluster] = nodes
-			for n := range nodes {
-				v.corroborated = append(v.corroborated, cluster+"/"+n)
-			}
 		}
 		slices.Sort(v.corroborated)
 	}

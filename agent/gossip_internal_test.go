@@ -101,6 +101,7 @@ func TestGossipDecide(t *testing.T) {
 		members      []gossip.Member
 		score        int
 		probes       map[string]*clusterProbe
+		last         []string // the trusted set before
 		distrusted   bool
 		trusted      []string
 		corroborated []string
@@ -131,6 +132,14 @@ func TestGossipDecide(t *testing.T) {
 			members: []gossip.Member{alive("us/n1"), dead("us/n2", 200*time.Millisecond), dead("eu/n1", 300*time.Millisecond), dead("eu/n2", 200*time.Millisecond)},
 			probes:  map[string]*clusterProbe{"eu": down("eu"), "us": up("us")}, distrusted: true,
 			trusted: []string{"eu/n1", "eu/n2"}, corroborated: []string{"eu/n1", "eu/n2"}},
+		{name: "a death trusted before the distrust stays while its cluster's probe runs", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": {running: true}}, last: []string{"eu/n2"}, distrusted: true,
+			trusted: []string{"eu/n2"}},
+		{name: "and goes when the probe finds the cluster answering", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": up("eu")}, last: []string{"eu/n2"}, distrusted: true},
+		{name: "no hold without a probe running", members: euCrashed,
+			probes: map[string]*clusterProbe{"eu": probe("eu", livenessRetryUp/2, true, true, true)}, last: []string{"eu/n2"}, distrusted: true,
+			probe: []string{"eu"}},
 		{name: "a suspect member's cluster is probed ahead of its death",
 			members: []gossip.Member{alive("us/n1"), alive("us/n2"), alive("eu/n2"), mb("eu/n1", gossip.Suspect, ago(50*time.Millisecond))},
 			probe:   []string{"eu"}},
@@ -152,7 +161,15 @@ func TestGossipDecide(t *testing.T) {
 			probes = map[string]*clusterProbe{}
 		}
 		samples := []aliveSample{{at: ago(30 * time.Second), n: 4}}
-		v := decide(tc.members, "us/n1", tc.score, &samples, probes, now)
+		last := map[string]map[string]bool{}
+		for _, n := range tc.last {
+			c, node, _ := strings.Cut(n, "/")
+			if last[c] == nil {
+				last[c] = map[string]bool{}
+			}
+			last[c][node] = true
+		}
+		v := decide(tc.members, "us/n1", tc.score, &samples, probes, last, now)
 		if got := v.distrust != ""; got != tc.distrusted {
 			t.Errorf("%s: distrust %q, want distrusted %v", tc.name, v.distrust, tc.distrusted)
 		}
