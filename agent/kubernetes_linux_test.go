@@ -17,8 +17,11 @@ import (
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -177,13 +180,21 @@ func TestKubernetesMode(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// The agent's identity: a service account with exactly
+	// agent.KubernetesRBAC, as the Helm chart grants it, and a token of
+	// it from the TokenRequest API; anything else is forbidden to it.
+	agentCS := agentClient(t, ctx, cs, kas)
+	if _, err := agentCS.CoreV1().Secrets(kns).List(ctx, metav1.ListOptions{}); err == nil {
+		t.Fatal("the agent's service account may list secrets: the RBAC test would prove nothing")
+	}
+
 	// The agent, in Kubernetes mode: no --node-ip, no --pod-cidrs.
 	metricsAddr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	var agentLog testutil.SyncBuffer
 	cfg := agent.Config{
 		NodeName: nodeName, ClusterName: "eu", ConfigDir: configDir, StateDir: stateDir,
 		StatusSocket: filepath.Join(stateDir, "agent.sock"), MetricsListen: metricsAddr,
-		Kubernetes: cs, Health: agent.HealthConfig{Interval: 100 * time.Millisecond},
+		Kubernetes: agentCS, Health: agent.HealthConfig{Interval: 100 * time.Millisecond},
 		Logger: slog.New(slog.NewTextHandler(&agentLog, nil)),
 	}
 	mustK(t, cfg.FromKubernetes(ctx))
@@ -287,6 +298,40 @@ func TestKubernetesMode(t *testing.T) {
 	if st := a.Status(); st.Kubernetes == nil || st.Kubernetes.PatchErrors != 0 {
 		t.Errorf("kubernetes status %+v; want no patch errors", st.Kubernetes)
 	}
+}
+
+// agentClient is a client authenticated as a service account bound to a
+// ClusterRole of agent.KubernetesRBAC's rules.
+func agentClient(t *testing.T, ctx context.Context, cs kubernetes.Interface, kas *kubetest.Server) kubernetes.Interface {
+	t.Helper()
+	const ns, name = "kube-system", "trellis-agent"
+	_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	_, err = cs.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}, metav1.CreateOptions{})
+	mustK(t, err)
+	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: name}}
+	for _, r := range agent.KubernetesRBAC {
+		role.Rules = append(role.Rules, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{r.Resource}, Verbs: r.Verbs})
+	}
+	_, err = cs.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{})
+	mustK(t, err)
+	_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: name}},
+	}, metav1.CreateOptions{})
+	mustK(t, err)
+	tok, err := cs.CoreV1().ServiceAccounts(ns).CreateToken(ctx, name, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: ptrTo(int64(3600))},
+	}, metav1.CreateOptions{})
+	mustK(t, err)
+	cfg := kas.Config()
+	cfg.BearerToken = tok.Status.Token
+	out, err := agent.NewKubernetesClientForConfig(cfg)
+	mustK(t, err)
+	return out
 }
 
 func createK(ctx context.Context, cs kubernetes.Interface, obj any) error {
