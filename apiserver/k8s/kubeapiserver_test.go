@@ -17,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
@@ -69,7 +70,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 	svc := &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "cart", Annotations: map[string]string{
 			source.AnnotationGlobal: "true", source.AnnotationAffinity: "local", source.CiliumAnnotationShared: "false",
-			source.AnnotationFailoverRegions: "ap, us",
+			source.AnnotationFailoverRegions: "ap, us", source.AnnotationHealthCheck: "http:/healthz",
 		}},
 		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{
 			{Name: "http", Protocol: corev1.ProtocolTCP, Port: 80, TargetPort: intstr.FromString("web")},
@@ -144,6 +145,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 			{IP: netip.MustParseAddr("10.1.0.6"), Ports: []v1.BackendPort{{Name: "http", Port: 8080}}, State: v1.BackendTerminating, Node: "node-a", Zone: "eu-1a"},
 		},
 		Global: true, Shared: false, Affinity: v1.AffinityLocal, FailoverRegions: []string{"ap", "us"},
+		HealthCheck: v1.HealthCheck{Type: v1.HealthCheckHTTP, Path: "/healthz"},
 	}
 	if len(frontends) == 0 || fmt.Sprint(gotSvc) != fmt.Sprint(wantSvc) {
 		t.Errorf("service =\n%+v\nwant\n%+v", gotSvc, wantSvc)
@@ -168,6 +170,31 @@ func TestRealKubeAPIServer(t *testing.T) {
 
 	// Changes.
 	changes := time.Now()
+
+	// A node's agent marks cart-1 unhealthy the way it does (a strategic
+	// merge on pods/status): its backend turns unready and its endpoint
+	// not ready although the slice still says ready; True brings both
+	// back.
+	markHealthy := func(status corev1.ConditionStatus) {
+		t.Helper()
+		patch := fmt.Sprintf(`{"status":{"conditions":[{"type":%q,"status":%q,"reason":"Test"}]}}`, source.ConditionHealthy, status)
+		_, err := cs.CoreV1().Pods(ns).Patch(ctx, "cart-1", types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{}, "status")
+		must(t, err)
+	}
+	healthState := func(want v1.BackendState, ready bool) func() error {
+		return func() error {
+			s, _ := sink.service(ns, "cart")
+			ep, _ := sink.endpoint("10.1.0.5")
+			if len(s.Backends) != 2 || s.Backends[0].State != want || ep.Ready != ready {
+				return fmt.Errorf("backends %+v, endpoint %+v", s.Backends, ep)
+			}
+			return nil
+		}
+	}
+	markHealthy(corev1.ConditionFalse)
+	sink.waitFor(t, 10*time.Second, "10.1.0.5 marked unhealthy: unready", healthState(v1.BackendUnready, false))
+	markHealthy(corev1.ConditionTrue)
+	sink.waitFor(t, 10*time.Second, "10.1.0.5 marked healthy: active", healthState(v1.BackendActive, true))
 	cur, err := cs.DiscoveryV1().EndpointSlices(ns).Get(ctx, "cart-1", metav1.GetOptions{})
 	must(t, err)
 	cur.Endpoints[0].Conditions.Ready = ptr(false)
