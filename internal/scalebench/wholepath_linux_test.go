@@ -36,8 +36,15 @@ package scalebench
 // round and the min–max. TRELLIS_BENCH_RATE (1000), TRELLIS_BENCH_SECONDS
 // (5), TRELLIS_BENCH_ROUNDS (5) change the load. Run with -benchtime=1x.
 // Needs root.
+//
+// TRELLIS_BENCH_BREAKDOWN=1 also times each update until us's etcd holds
+// the service value with the endpoint in the state written ("published":
+// a second watcher of that key, in this process, finds the backend's
+// JSON in the value) and reports the Applies' durations. It adds a
+// watcher of the 50 KB value, so leave it off when comparing.
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -91,6 +98,7 @@ func BenchmarkWholePath(b *testing.B) {
 	secs := envInt(b, "TRELLIS_BENCH_SECONDS", 5)
 	rounds := envInt(b, "TRELLIS_BENCH_ROUNDS", 5)
 	w := setupWholePath(b)
+	w.detail = os.Getenv("TRELLIS_BENCH_BREAKDOWN") == "1"
 	var wholeP50, wholeP99, rawP50, rawP99, r50, r99, ackP50, ackP99, achieved []float64
 	for range b.N {
 		// Warm-up: connections, identities, caches; not counted.
@@ -104,6 +112,10 @@ func BenchmarkWholePath(b *testing.B) {
 			} else {
 				rw = w.raw(b, rate, rate*secs)
 				wh = w.whole(b, rate, rate*secs)
+			}
+			if w.detail {
+				b.Logf("round %d: published p50 %.2f ms p99 %.2f ms (%d service writes); apply took p50 %.2f ms p99 %.2f ms",
+					r, wh.pubP50, wh.pubP99, wh.pubWrites, wh.applyP50, wh.applyP99)
 			}
 			b.Logf("round %d: whole p50 %.2f ms p99 %.2f ms (ack p50 %.2f p99 %.2f; %.0f/s, %d applies; CPU ms/update server %.2f test %.2f) | raw p50 %.2f ms p99 %.2f ms (%.0f/s; CPU ms/update server %.2f test %.2f) | ratio p50 %.2fx p99 %.2fx",
 				r, wh.p50, wh.p99, wh.ackP50, wh.ackP99, wh.rate, wh.applies, wh.serverCPU, wh.selfCPU, rw.p50, rw.p99, rw.rate, rw.serverCPU, rw.selfCPU, wh.p50/rw.p50, wh.p99/rw.p99)
@@ -139,6 +151,8 @@ type wholePath struct {
 	index   map[netip.Addr]int
 	dp      *timedDatapath
 	seq     int // updates sent so far over all phases; update g writes endpoint g%wpEndpoints
+	svcKey  string
+	detail  bool // TRELLIS_BENCH_BREAKDOWN
 	rawSeq  int
 	payload string
 	usPID   int // us's API server, for its CPU time
@@ -320,8 +334,12 @@ func rootClient(b *testing.B, stateDir string) *clientv3.Client {
 
 type phaseResult struct {
 	p50, p99, ackP50, ackP99 float64 // ms
-	rate                     float64 // updates started per second
-	applies                  int
+	// With TRELLIS_BENCH_BREAKDOWN: until us's etcd held it, the service
+	// value writes seen, the Applies' durations.
+	pubP50, pubP99, applyP50, applyP99 float64
+	pubWrites                          int
+	rate                               float64 // updates started per second
+	applies                            int
 	// CPU ms per update: us's API server (with its embedded etcd), this
 	// process (the agent, the clients and the watcher).
 	serverCPU, selfCPU float64
@@ -440,6 +458,10 @@ func (w *wholePath) whole(b *testing.B, rate, n int) phaseResult {
 	w.seq += n
 	acks := make([]time.Time, n)
 	ctx := context.Background()
+	var pub *serviceWatch
+	if w.detail {
+		pub = w.watchService(b)
+	}
 	cpu := w.cpuNow(b)
 	starts := pace(b, rate, n, func(wk, k int) error {
 		g := base + k
@@ -480,6 +502,32 @@ func (w *wholePath) whole(b *testing.B, rate, n int) phaseResult {
 	}
 	r := phaseResult{rate: achievedRate(starts), applies: len(applied)}
 	cpu.perUpdate(b, w, &r, n)
+	if pub != nil {
+		events := pub.stop()
+		r.pubWrites = len(events)
+		publ := make([]time.Duration, n)
+		for k := range n {
+			g := base + k
+			needle := backendNeedle(w.ips[g%wpEndpoints], ready(g))
+			i, _ := slices.BinarySearchFunc(events, starts[k], func(e svcEvent, t time.Time) int { return e.at.Compare(t) })
+			publ[k] = -1
+			for _, e := range events[i:] {
+				if bytes.Contains(e.value, needle) {
+					publ[k] = e.at.Sub(starts[k])
+					break
+				}
+			}
+			if publ[k] < 0 {
+				b.Fatalf("update %d: never seen in the service value", g)
+			}
+		}
+		r.pubP50, r.pubP99 = percentiles(publ)
+		took := make([]time.Duration, 0, len(applied))
+		for _, a := range applied {
+			took = append(took, a.took)
+		}
+		r.applyP50, r.applyP99 = percentiles(took)
+	}
 	r.p50, r.p99 = percentiles(lat)
 	r.ackP50, r.ackP99 = percentiles(ack)
 	return r
@@ -535,4 +583,52 @@ func (w *wholePath) raw(b *testing.B, rate, n int) phaseResult {
 	cpu.perUpdate(b, w, &r, n)
 	r.p50, r.p99 = percentiles(lat)
 	return r
+}
+
+// serviceWatch records every value of us's default/web service key.
+type serviceWatch struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	events []svcEvent
+}
+
+type svcEvent struct {
+	at    time.Time
+	value []byte
+}
+
+func (w *wholePath) watchService(b *testing.B) *serviceWatch {
+	ctx, cancel := context.WithCancel(context.Background())
+	sw := &serviceWatch{cancel: cancel, done: make(chan struct{})}
+	wch := w.watch.Watch(ctx, v1.ServiceKey("us", wpService.Namespace, wpService.Name), clientv3.WithCreatedNotify())
+	if resp := <-wch; resp.Err() != nil {
+		b.Fatal(resp.Err())
+	}
+	go func() {
+		defer close(sw.done)
+		for resp := range wch {
+			now := time.Now()
+			for _, ev := range resp.Events {
+				sw.events = append(sw.events, svcEvent{at: now, value: ev.Kv.Value})
+			}
+		}
+	}()
+	return sw
+}
+
+// stop ends the watch once the events so far are in, and returns them.
+func (sw *serviceWatch) stop() []svcEvent {
+	sw.cancel()
+	<-sw.done
+	return sw.events
+}
+
+// backendNeedle is the JSON the service value holds for endpoint ip in
+// the state written (the Publisher encodes ip, then state).
+func backendNeedle(ip netip.Addr, ready bool) []byte {
+	state := v1.BackendActive
+	if !ready {
+		state = v1.BackendUnready
+	}
+	return []byte(fmt.Sprintf(`"ip":%q,"state":%q`, ip.String(), state))
 }
