@@ -315,20 +315,31 @@ func (h *healthChecker) isDown(ip netip.Addr) bool {
 	return e != nil && e.Down
 }
 
-// downReason says whether any of ips is probed down, and why (its last
-// probe's error).
-func (h *healthChecker) downReason(ips []netip.Addr) (bool, string) {
+// verdict is what local health says of a pod at ips: down when any of
+// them is probed down (why: its last error); known is false while it is
+// not down and some IP has not passed a probe yet (a new pod, one whose
+// last probes failed but not enough to take it down), or the checker has
+// not seen it yet, so that a mark is set only on a result. An IP with
+// nothing to probe is known up.
+func (h *healthChecker) verdict(ips []netip.Addr) (down, known bool, why string) {
 	if h == nil {
-		return false, ""
+		return false, false, ""
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	known = true
 	for _, ip := range ips {
-		if e := h.eps[ip]; e != nil && e.Down {
-			return true, e.LastError
+		e := h.eps[ip]
+		switch {
+		case e == nil:
+			known = false
+		case e.Down:
+			return true, true, e.LastError
+		case len(e.checks) > 0 && e.Successes == 0:
+			known = false
 		}
 	}
-	return false, ""
+	return false, known, ""
 }
 
 // status lists the probed endpoints, by pod.

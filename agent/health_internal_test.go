@@ -335,3 +335,43 @@ func TestPrintHealth(t *testing.T) {
 		t.Errorf("the down endpoint is not listed first:\n%s", out)
 	}
 }
+
+// verdict: down when any IP is down; not known while an IP with checks
+// has not passed a probe since its last failure, or is not seen yet; an
+// IP with nothing to probe is known up.
+func TestHealthVerdict(t *testing.T) {
+	ip := netip.MustParseAddr
+	chk := []portCheck{{port: 8080}}
+	h := &healthChecker{eps: map[netip.Addr]*endpointHealth{
+		ip("10.1.1.1"): {checks: chk, EndpointHealth: EndpointHealth{Successes: 2}},
+		ip("10.1.1.2"): {checks: chk, EndpointHealth: EndpointHealth{Down: true, LastError: "tcp 10.1.1.2:8080: refused"}},
+		ip("10.1.1.3"): {checks: chk}, // new, not probed yet
+		ip("10.1.1.4"): {},            // nothing to probe
+		ip("10.1.1.5"): {checks: chk, EndpointHealth: EndpointHealth{Failures: 1}},
+	}}
+	for _, tc := range []struct {
+		ips         []string
+		down, known bool
+	}{
+		{[]string{"10.1.1.1"}, false, true},
+		{[]string{"10.1.1.2"}, true, true},
+		{[]string{"10.1.1.1", "10.1.1.2"}, true, true},
+		{[]string{"10.1.1.3"}, false, false},
+		{[]string{"10.1.1.4"}, false, true},
+		{[]string{"10.1.1.5"}, false, false},
+		{[]string{"10.1.1.9"}, false, false},
+	} {
+		var ips []netip.Addr
+		for _, s := range tc.ips {
+			ips = append(ips, ip(s))
+		}
+		down, known, why := h.verdict(ips)
+		if down != tc.down || known != tc.known || (down && !strings.Contains(why, "refused")) {
+			t.Errorf("%v: down=%v known=%v why=%q; want down=%v known=%v", tc.ips, down, known, why, tc.down, tc.known)
+		}
+	}
+	var none *healthChecker
+	if down, known, _ := none.verdict([]netip.Addr{ip("10.1.1.1")}); down || known {
+		t.Error("no checker gave a verdict")
+	}
+}

@@ -22,8 +22,9 @@ package agent
 //     pod probed down leaves the node's datapath at once (health.go), then
 //     the agent marks it at the source: it patches the pod's status
 //     condition trellis.io/healthy (source.ConditionHealthy) to False,
-//     and to True while it passes (or has nothing to probe), as a
-//     readiness gate's controller does; the Kubernetes source publishes a
+//     and to True once it has passed a probe (or has nothing to probe:
+//     no mesh service has it as a backend), as a readiness gate's
+//     controller does: a new pod is not marked before its first result; the Kubernetes source publishes a
 //     pod marked False, and its backends, not ready. A mark that is
 //     already right is not written again, so a restart costs no patches,
 //     and one somebody else changed is put back on the next pass.
@@ -340,7 +341,10 @@ func (k *kubePods) markAll(ctx context.Context, h *healthChecker) {
 		if p.Spec.NodeName != k.node || len(ips) == 0 {
 			continue
 		}
-		down, why := h.downReason(ips)
+		down, known, why := h.verdict(ips)
+		if !known {
+			continue
+		}
 		want := corev1.ConditionTrue
 		if down {
 			want = corev1.ConditionFalse
@@ -348,12 +352,16 @@ func (k *kubePods) markAll(ctx context.Context, h *healthChecker) {
 		if cur := podCondition(p, source.ConditionHealthy); cur != nil && cur.Status == want {
 			continue
 		}
-		if err := k.mark(ctx, p, want, why); err != nil {
+		patched, err := k.mark(ctx, p, want, why)
+		if err != nil {
 			k.mu.Lock()
 			k.patchErrors++
 			k.lastErr = err.Error()
 			k.mu.Unlock()
 			k.log.Warn("marking pod health at the source failed; retrying", "pod", p.Namespace+"/"+p.Name, "healthy", want, "err", err)
+			continue
+		}
+		if !patched {
 			continue
 		}
 		k.mu.Lock()
@@ -376,7 +384,9 @@ func podCondition(p *corev1.Pod, t corev1.PodConditionType) *corev1.PodCondition
 // status.conditions, whose merge key is the type: the other conditions
 // are left alone), with the pod's UID as a precondition so that a new pod
 // of the same name is never marked for the old one's probes.
-func (k *kubePods) mark(ctx context.Context, p *corev1.Pod, status corev1.ConditionStatus, why string) error {
+//
+// It reports false, and no error, when the pod is gone or was replaced.
+func (k *kubePods) mark(ctx context.Context, p *corev1.Pod, status corev1.ConditionStatus, why string) (bool, error) {
 	reason, msg := "ProbesPass", "the trellis agent of node "+k.node+"'s probes pass"
 	if status == corev1.ConditionFalse {
 		reason, msg = "ProbesFail", "the trellis agent of node "+k.node+"'s probes fail: "+why
@@ -390,19 +400,19 @@ func (k *kubePods) mark(ctx context.Context, p *corev1.Pod, status corev1.Condit
 	}
 	body, err := json.Marshal(patch)
 	if err != nil {
-		return err
+		return false, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, patchTimeout)
 	defer cancel()
 	_, err = k.client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.StrategicMergePatchType, body,
 		metav1.PatchOptions{FieldManager: kubeUserAgent}, "status")
 	if apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
-		return nil // gone, or replaced by a pod of the same name: the informer tells
+		return false, nil // gone, or replaced by a pod of the same name: the informer tells
 	}
 	if err != nil {
-		return fmt.Errorf("patch pods/status %s/%s: %w", p.Namespace, p.Name, err)
+		return false, fmt.Errorf("patch pods/status %s/%s: %w", p.Namespace, p.Name, err)
 	}
-	return nil
+	return true, nil
 }
 
 // KubernetesStatus is what status shows of Kubernetes mode.
