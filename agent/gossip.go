@@ -29,10 +29,14 @@ package agent
 //     reason its gossip declares others dead, so the two are not
 //     independent then. A whole cluster that crashed, API server
 //     included, is dropped that way; a partition of the gossip alone
-//     leaves the API server answering and so stays ignored. A cluster is
-//     probed while one of its members is suspect or distrusted dead, at
-//     once on new evidence, then every second while it does not answer
-//     and every 10 s while it does (the cost of a long gossip partition).
+//     leaves the API server answering and so stays ignored. A suspect
+//     member (this member's own probe of it failed) of a cluster whose
+//     control plane does not answer counts as dead too: a whole
+//     cluster's last nodes need not wait for their suspicions to time
+//     out. A cluster is probed while one of its members is suspect or
+//     distrusted dead, at once on new evidence, then every second while
+//     it does not answer and every 10 s while it does (the cost of a long
+//     gossip partition).
 //     A death trusted before the distrust began stays trusted while its
 //     cluster's probe runs, so a whole cluster's first death does not
 //     come back for the moment between the second death and the answer.
@@ -460,7 +464,8 @@ type verdict struct {
 	// distrust is rule 3's reason to ignore the dead set, "" when trusted.
 	distrust string
 	// trusted are the dead nodes whose backends leave (cluster → node);
-	// corroborated the members among them trusted by rule 2 only.
+	// corroborated the members among them trusted by rule 2 only (dead
+	// and distrusted, or suspect).
 	trusted      map[string]map[string]bool
 	corroborated []string
 	// probe are the clusters whose control plane to probe now.
@@ -478,6 +483,9 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 	dead := make(map[string]map[string]bool)
 	// newest is, by cluster, when its latest member turned suspect or dead.
 	suspect := make(map[string]time.Time)
+	// suspects are the suspect members (this member's own probe of them
+	// failed), by cluster.
+	suspects := make(map[string]map[string]bool)
 	deadAt := make(map[string]time.Time)
 	for _, mb := range members {
 		cluster, node, ok := strings.Cut(mb.Name, "/")
@@ -488,6 +496,10 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 			v.suspect++
 			if ok && mb.Name != self {
 				suspect[cluster] = maxTime(suspect[cluster], mb.Since)
+				if suspects[cluster] == nil {
+					suspects[cluster] = make(map[string]bool)
+				}
+				suspects[cluster][node] = true
 			}
 		case gossip.Dead:
 			v.dead++
@@ -508,40 +520,53 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 	*samples = append(*samples, aliveSample{at: now, n: v.alive + v.suspect})
 	*samples = slices.DeleteFunc(*samples, func(s aliveSample) bool { return now.Sub(s.at) > gossipAliveWindow })
 	v.distrust = distrust(v.alive+v.suspect, v.alive+v.suspect+v.dead, deaths, *samples, healthScore)
-	switch {
-	case v.distrust == "":
-		if len(dead) > 0 {
-			v.trusted = dead
+	trust := func(cluster, node string) {
+		if v.trusted == nil {
+			v.trusted = make(map[string]map[string]bool)
 		}
-	case healthScore < gossipMaxHealthScore:
-		// Rule 2: a distrusted death stands when its cluster's control
-		// plane does not answer either. Not when this member is the slow
-		// one: its probes would time out for the same reason.
+		if v.trusted[cluster] == nil {
+			v.trusted[cluster] = make(map[string]bool)
+		}
+		v.trusted[cluster][node] = true
+	}
+	if v.distrust == "" {
 		for cluster, nodes := range dead {
+			for n := range nodes {
+				trust(cluster, n)
+			}
+		}
+	}
+	// Rule 2: the members of a cluster whose control plane does not
+	// answer either are dead when the gossip says so, distrusted or not,
+	// and when this member's own probe of them failed (Suspect): a
+	// whole cluster's second node need not wait for its suspicion to
+	// time out. Not when this member is the slow one: its probes would
+	// time out for the same reason.
+	if healthScore < gossipMaxHealthScore {
+		for _, cluster := range slices.Sorted(maps.Keys(probes)) {
 			p := probes[cluster]
 			switch {
 			case p.down(now):
-				for n := range nodes {
-					v.corroborated = append(v.corroborated, cluster+"/"+n)
+				for _, set := range []map[string]bool{dead[cluster], suspects[cluster]} {
+					for n := range set {
+						if !v.trusted[cluster][n] {
+							trust(cluster, n)
+							v.corroborated = append(v.corroborated, cluster+"/"+n)
+						}
+					}
 				}
-			case p != nil && p.running:
+			case p.running && v.distrust != "":
 				// The nodes trusted dead before this distrust stay so
 				// while their cluster's probe runs (at most its
 				// timeout): the first death of a whole cluster's crash
 				// is not put back for the moment between the second
 				// death and the probe's answer.
-				nodes = maps.Clone(nodes)
-				maps.DeleteFunc(nodes, func(n string, _ bool) bool { return !last[cluster][n] })
-				if len(nodes) == 0 {
-					continue
+				for n := range dead[cluster] {
+					if last[cluster][n] {
+						trust(cluster, n)
+					}
 				}
-			default:
-				continue
 			}
-			if v.trusted == nil {
-				v.trusted = make(map[string]map[string]bool)
-			}
-			v.trusted[cluster] = nodes
 		}
 		slices.Sort(v.corroborated)
 	}

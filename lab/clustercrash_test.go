@@ -49,7 +49,7 @@ func TestLabClusterCrash(t *testing.T) {
 	loop := r.startLoopN(ctx, t, "us/client", usVIP, nodeCrashBatch, 300*time.Millisecond)
 	loop.await(t, 1)
 	crash := r.crashVerb(ctx, t, loop, "eu", "cluster", "crash", "eu")
-	loop.awaitPast(t, crash.Add(3*time.Second))
+	loop.awaitPast(t, crash.Add(2*clusterCrashGrace))
 	loop.halt()
 	o := loop.outcome(crash, []string{"us/echo-n1", "us/echo-n2"})
 	t.Logf("us/client → %s after eu crashed: %d requests in the %s after the crash, %d failed, the last %s after it",
@@ -78,6 +78,15 @@ func TestLabClusterCrash(t *testing.T) {
 		}
 		return nil
 	})
+	for _, n := range us {
+		if g, err := r.gossipOf(ctx, t, n); err == nil {
+			var deaths []string
+			for _, d := range g.DeadMembers {
+				deaths = append(deaths, fmt.Sprintf("%s %s", d.Member, d.Since.Sub(crash).Round(time.Millisecond)))
+			}
+			t.Logf("%s: dead after the crash: %s", n, strings.Join(deaths, ", "))
+		}
+	}
 
 	r.must(ctx, t, "cluster", "up", "eu")
 	r.awaitGossip(ctx, t, "every member alive after cluster up", all, 4, 0)
