@@ -65,6 +65,9 @@ func AddCluster(ctx context.Context, o AddClusterOptions) error {
 	if l.state.Phase != "up" {
 		return fmt.Errorf("lab %s is %s, not up: a cluster joins a running lab", l.opts.Name, l.state.Phase)
 	}
+	if l.kubernetes() {
+		return fmt.Errorf("lab %s runs in Kubernetes mode, where add-cluster is not built yet: list the cluster in a topology file for `lab up --kubernetes -f`", l.opts.Name)
+	}
 	if _, err := l.lay.cluster(o.Cluster); err == nil {
 		return fmt.Errorf("lab %s already has a cluster %s", l.opts.Name, o.Cluster)
 	}

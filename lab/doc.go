@@ -64,6 +64,28 @@
 // own server CA; each target's client CA stays in its state dir.
 // Agents pin under /sys/fs/bpf/trellis/<lab>-<cluster>-<node>.
 //
+// # Kubernetes mode
+//
+// `lab up --kubernetes` (kubernetes.go) gives every cluster a real
+// kube-apiserver, in the API server namespace beside the mesh API server:
+// on the underlay address :6443, with its own etcd (the hidden `trellis
+// lab etcd`, an embedded etcd in plain HTTP on the namespace's loopback
+// :2381), both daemons in the API server's cgroup (process keys
+// kube-apiserver/<cluster>, kube-etcd/<cluster>). Its files are in
+// <cluster>/kube/: the static token file (an admin token, system:masters,
+// for the lab and the mesh API server; one token per agent, group
+// trellis-lab:agents, bound to a ClusterRole of agent.KubernetesRBAC),
+// the service account key pair, the self-signed serving certificate it
+// writes into certs/, etcd/ and admin.kubeconfig; each agent's kubeconfig
+// is <cluster>/<node>/kubeconfig. The lab writes what kubelets and
+// controllers would: Nodes, Pods with their status, the Services
+// (clusterIP = VIP) and one EndpointSlice per Service (<name>-lab). The
+// mesh API servers run --source kubernetes, the agents --kubernetes (no
+// registry, no pod files read). annotate, pod stop/start and node
+// down/up write through the Kubernetes API (see kubernetes.go); pod crash
+// tells no one, as always; add-cluster is refused. The state says
+// "kubernetes": true, so every verb knows.
+//
 // # Processes
 //
 // API servers, agents and echo servers are daemons in sessions of their

@@ -41,6 +41,9 @@ func Annotate(ctx context.Context, opts Options, cluster, service string, kvs []
 	if !ok {
 		ns, name = DefaultNamespace, service
 	}
+	if l.kubernetes() {
+		return l.annotateKube(ctx, c, ns, name, kvs)
+	}
 	var svcs []v1.ServiceRequest
 	if err := l.withAPI(c, func(api *client.Client) (err error) {
 		svcs, err = api.Services(ctx)
@@ -89,6 +92,11 @@ func PodStop(ctx context.Context, opts Options, pod string) error {
 	return withPod(opts, pod, func(l *lab, p *podLayout) error {
 		if err := writePodFile(p, false); err != nil {
 			return err
+		}
+		if l.kubernetes() {
+			if err := l.kubeSetStopped(ctx, p, true); err != nil {
+				return err
+			}
 		}
 		if err := l.stopProc(echoKey(p)); err != nil {
 			return err
@@ -147,6 +155,11 @@ func PodStart(ctx context.Context, opts Options, pod string) error {
 		if err := writePodFile(p, true); err != nil {
 			return err
 		}
+		if l.kubernetes() {
+			if err := l.kubeSetStopped(ctx, p, false); err != nil {
+				return err
+			}
+		}
 		delete(l.state.StoppedPods, p.ref())
 		fmt.Fprintf(l.opts.Out, "pod %s started and marked ready\n", p.ref())
 		return l.save()
@@ -180,6 +193,9 @@ func NodeDown(ctx context.Context, opts Options, node string) error {
 			if err := writePodFile(p, false); err != nil {
 				errs = append(errs, err)
 			}
+			if l.kubernetes() {
+				continue // marked below, through the Kubernetes API
+			}
 			ready := false
 			err := l.withAPI(n.cluster, func(api *client.Client) error {
 				return api.PutEndpoint(ctx, v1.EndpointRequest{
@@ -197,6 +213,13 @@ func NodeDown(ctx context.Context, opts Options, node string) error {
 			l.state.DownNodes = map[string]bool{}
 		}
 		l.state.DownNodes[n.ref()] = true
+		if l.kubernetes() {
+			// The node lifecycle controller's work once the node's grace
+			// period is over: Node not ready, its pods and endpoints too.
+			if err := l.kubeSync(ctx, n.cluster, n.pods, []*nodeLayout{n}); err != nil {
+				errs = append(errs, err)
+			}
+		}
 		if err := l.save(); err != nil {
 			errs = append(errs, err)
 		}
@@ -213,6 +236,11 @@ func NodeUp(ctx context.Context, opts Options, node string) error {
 	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
 		if err := l.startNode(n); err != nil {
 			return err
+		}
+		if l.kubernetes() {
+			if err := l.kubeSync(ctx, n.cluster, n.pods, []*nodeLayout{n}); err != nil {
+				return err
+			}
 		}
 		if err := l.waitAgents(ctx, []*nodeLayout{n}, time.Minute); err != nil {
 			return err

@@ -23,7 +23,7 @@ import (
 
 // apiArgs is the argv of c's mesh API server.
 func (l *lab) apiArgs(c *clusterLayout) []string {
-	return []string{l.opts.Binary, "apiserver",
+	args := []string{l.opts.Binary, "apiserver",
 		"--cluster-name", c.Name,
 		"--cluster-id", strconv.FormatUint(uint64(c.ID), 10),
 		"--pod-cidrs", c.PodCIDR,
@@ -34,6 +34,10 @@ func (l *lab) apiArgs(c *clusterLayout) []string {
 		"--advertise-address", c.ip.String(),
 		"--state-dir", c.stateDir,
 	}
+	if l.kubernetes() {
+		args = append(args, l.kubeAPIArgs(c)...)
+	}
+	return args
 }
 
 // agentArgs are the agent's flags; the datapath ones come from
@@ -47,11 +51,17 @@ func (l *lab) agentArgs(n *nodeLayout, datapath bool) []string {
 		"--config-dir", clustermesh.ClustersDir(c.stateDir),
 		"--state-dir", n.stateDir,
 		"--status-socket", n.socket,
-		"--registry-url", c.registryURL(),
-		"--registry-ca-file", c.caFile(),
-		"--registry-token-file", n.tokenFile(),
-		"--node-ip", n.ip.String(),
-		"--pod-cidrs", n.PodCIDR,
+	}
+	if l.kubernetes() {
+		args = append(args, kubeAgentArgs(n)...)
+	} else {
+		args = append(args,
+			"--registry-url", c.registryURL(),
+			"--registry-ca-file", c.caFile(),
+			"--registry-token-file", n.tokenFile(),
+			"--node-ip", n.ip.String(),
+			"--pod-cidrs", n.PodCIDR,
+		)
 	}
 	if datapath {
 		return append(args, agentDatapathArgs(n, l.ipsecKeyFile())...)

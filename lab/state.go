@@ -44,6 +44,11 @@ type State struct {
 	// Disconnected are the pairs of clusters separated with `lab
 	// disconnect` ("eu/us", names in order); every other pair is joined.
 	Disconnected map[string]bool `json:"disconnected,omitempty"`
+	// Kubernetes is set for a lab built with `up --kubernetes`
+	// (kubernetes.go): each cluster runs a kube-apiserver, its mesh API
+	// server the Kubernetes source, its agents --kubernetes, and the
+	// verbs write through the Kubernetes API.
+	Kubernetes bool `json:"kubernetes,omitempty"`
 }
 
 // pairKey names a pair of clusters in State.Disconnected.

@@ -29,6 +29,8 @@ type Report struct {
 	Disconnected []string `json:"disconnected,omitempty"`
 	Healthy      bool     `json:"healthy"`
 	Problems     []string `json:"problems,omitempty"`
+	// Kubernetes: the lab runs in Kubernetes mode (kubernetes.go).
+	Kubernetes bool `json:"kubernetes,omitempty"`
 }
 
 // ClusterReport is one cluster's API server.
@@ -142,12 +144,15 @@ func (l *lab) report(ctx context.Context) *Report {
 	st := l.state
 	r := &Report{
 		Name: l.opts.Name, Dir: l.dir, Phase: st.Phase, Underlay: l.lay.underlay.String(), BridgeNS: l.lay.bridgeNS,
-		Datapath: st.Datapath, Healthy: true,
+		Datapath: st.Datapath, Healthy: true, Kubernetes: st.Kubernetes,
 		Disconnected: sortedKeys(st.Disconnected),
 	}
 	problem := func(format string, args ...any) {
 		r.Healthy = false
 		r.Problems = append(r.Problems, fmt.Sprintf(format, args...))
+	}
+	for _, p := range l.kubeProblems() {
+		problem("%s", p)
 	}
 	r.Clusters = make([]ClusterReport, len(l.lay.clusters))
 	var wg sync.WaitGroup
@@ -265,6 +270,9 @@ func PrintReport(w io.Writer, r *Report) {
 		fmt.Fprintf(w, ", up in %s", r.UpTook)
 	}
 	fmt.Fprintf(w, "\nUnderlay %s on bridge namespace %s; datapath %s\n", r.Underlay, r.BridgeNS, dp)
+	if r.Kubernetes {
+		fmt.Fprintf(w, "Kubernetes mode: a kube-apiserver per cluster on its API server namespace's :%d (admin kubeconfig %s/<cluster>/kube/admin.kubeconfig); mesh API servers on the Kubernetes source\n", kubePort, r.Dir)
+	}
 	if len(r.Disconnected) > 0 {
 		fmt.Fprintf(w, "Disconnected (every other pair is joined): %s\n", strings.Join(r.Disconnected, ", "))
 	}

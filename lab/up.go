@@ -21,6 +21,12 @@ type UpOptions struct {
 	// (`lab down` removes it); by default a failed Up tears down what it
 	// built.
 	Keep bool
+	// Kubernetes builds the lab in Kubernetes mode (see kubernetes.go):
+	// a kube-apiserver per cluster, the Kubernetes source, agents with
+	// --kubernetes. KubeAPIServer is its binary (default: kube-apiserver
+	// beside the trellis binary, else on $PATH).
+	Kubernetes    bool
+	KubeAPIServer string
 }
 
 // Up builds the lab and returns once every agent reports every cluster
@@ -43,6 +49,13 @@ func Up(ctx context.Context, opts UpOptions) (*Report, error) {
 	if err := topo.Validate(); err != nil {
 		return nil, fmt.Errorf("lab: topology: %w", err)
 	}
+	if opts.Kubernetes {
+		bin, err := findKubeAPIServer(opts.KubeAPIServer, opts.Binary)
+		if err != nil {
+			return nil, err
+		}
+		opts.KubeAPIServer = bin
+	}
 	cg2, err := cgroup2Root()
 	if err != nil {
 		return nil, err
@@ -64,6 +77,7 @@ func Up(ctx context.Context, opts UpOptions) (*Report, error) {
 	l.state = &State{
 		Name: opts.Name, Created: time.Now().UTC(), Phase: "creating", Topology: topo,
 		Cgroup2: cg2, CgroupRoot: lay.cgroupRoot, Procs: map[string]*Proc{},
+		Kubernetes: opts.Kubernetes,
 	}
 	start := time.Now()
 	if err := l.build(ctx, opts); err != nil {
@@ -141,6 +155,15 @@ func (l *lab) build(ctx context.Context, opts UpOptions) error {
 		if err := l.attach(c.ns, c.bridgePort, c.ip); err != nil {
 			return err
 		}
+		if l.state.Kubernetes {
+			// Its mesh API server starts once the objects are written
+			// (upKubernetes).
+			if err := l.startKubernetes(c, opts.KubeAPIServer); err != nil {
+				return err
+			}
+			l.step("cluster %s: etcd and kube-apiserver starting in %s", c.Name, c.ns)
+			continue
+		}
 		if err := l.startAPIServer(c); err != nil {
 			return err
 		}
@@ -158,14 +181,23 @@ func (l *lab) build(ctx context.Context, opts UpOptions) error {
 	}
 	l.step("nodes and pods wired: %d nodes, %d pods", len(l.lay.allNodes()), len(l.lay.allPods()))
 
+	if l.state.Kubernetes {
+		if err := l.upKubernetes(ctx, l.lay.clusters, opts.ReadyTimeout); err != nil {
+			return err
+		}
+	}
 	if err := l.waitAPIServers(ctx, l.lay.clusters, opts.ReadyTimeout); err != nil {
 		return err
 	}
-	if err := l.registerServices(ctx, l.lay.clusters); err != nil {
-		return err
-	}
-	if err := l.issueNodeCredentials(ctx, l.lay.clusters); err != nil {
-		return err
+	// In Kubernetes mode the source reads the services, and the agents
+	// need no registry credential.
+	if !l.state.Kubernetes {
+		if err := l.registerServices(ctx, l.lay.clusters); err != nil {
+			return err
+		}
+		if err := l.issueNodeCredentials(ctx, l.lay.clusters); err != nil {
+			return err
+		}
 	}
 	if err := l.connect(ctx); err != nil {
 		return err

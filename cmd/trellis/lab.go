@@ -68,7 +68,8 @@ namespace; all of them hang off one bridge with no uplink. Needs root.
 	cmd.AddCommand(newLabUpCmd(opts), newLabDownCmd(opts), newLabStatusCmd(opts), newLabExecCmd(opts),
 		newLabCurlCmd(opts), newLabAnnotateCmd(opts), newLabPodCmd(opts), newLabNodeCmd(opts), newLabClusterCmd(opts),
 		newLabPartitionCmd(opts, true), newLabPartitionCmd(opts, false), newLabVerifyCmd(opts), newLabRestartCmd(opts), newLabConnectCmd(opts), newLabDisconnectCmd(opts),
-		newLabAddClusterCmd(opts), newLabEncryptionCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd())
+		newLabAddClusterCmd(opts), newLabEncryptionCmd(opts), newLabTopologyCmd(), newLabEchoServerCmd(), newLabHTTPGetCmd(),
+		newLabEtcdCmd(g))
 	return cmd
 }
 
@@ -90,6 +91,8 @@ func newLabUpCmd(opts labOpts) *cobra.Command {
 		file, output string
 		timeout      time.Duration
 		keep         bool
+		kube         bool
+		kubeBin      string
 	)
 	cmd := &cobra.Command{
 		Use:   "up",
@@ -100,6 +103,13 @@ join the clusters with 'trellis connect --mesh'; and wait until every agent
 reports every cluster ready. Without -f it builds clusters eu (ID 1) and us
 (ID 2), two nodes each, one echo pod per node, one client pod per cluster and
 the global service default/echo.
+
+With --kubernetes every cluster also gets a real kube-apiserver (on an etcd of
+its own, both in the cluster's API server namespace); the lab writes the
+Nodes, Pods, Services and EndpointSlices a cluster's kubelets and controllers
+would, the mesh API servers run the Kubernetes source, the agents run
+--kubernetes, and annotate, pod stop/start and node down/up act through the
+Kubernetes API. It needs a kube-apiserver binary (make kube-apiserver).
 
 A lab that fails to come up is removed again, unless --keep.`,
 		Args: cobra.NoArgs,
@@ -115,7 +125,7 @@ A lab that fails to come up is removed again, unless --keep.`,
 			if err != nil {
 				return err
 			}
-			up := lab.UpOptions{Options: o, ReadyTimeout: timeout, Keep: keep}
+			up := lab.UpOptions{Options: o, ReadyTimeout: timeout, Keep: keep, Kubernetes: kube, KubeAPIServer: kubeBin}
 			if file != "" {
 				t, err := lab.LoadTopology(file)
 				if err != nil {
@@ -137,6 +147,8 @@ A lab that fails to come up is removed again, unless --keep.`,
 	cmd.Flags().StringVarP(&file, "file", "f", "", "topology file (YAML); default: the built-in eu+us topology")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "how long to wait for API servers and agents to be ready")
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep a lab that failed to come up, for inspection")
+	cmd.Flags().BoolVar(&kube, "kubernetes", false, "Kubernetes mode: a kube-apiserver per cluster, the mesh API servers' Kubernetes source, agents with --kubernetes")
+	cmd.Flags().StringVar(&kubeBin, "kube-apiserver", "", "kube-apiserver binary for --kubernetes (default: kube-apiserver beside this binary, else on $PATH)")
 	addOutputFlag(cmd, &output)
 	return cmd
 }
@@ -550,5 +562,27 @@ func newLabHTTPGetCmd() *cobra.Command {
 	}
 	cmd.Flags().IntVarP(&count, "count", "n", 1, "requests per URL")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "timeout per request")
+	return cmd
+}
+
+// newLabEtcdCmd is what a Kubernetes-mode lab runs as each kube-apiserver's
+// etcd, inside the cluster's API server namespace.
+func newLabEtcdCmd(g *globalOptions) *cobra.Command {
+	var dataDir, listen string
+	cmd := &cobra.Command{
+		Use:    "etcd",
+		Short:  "Run an embedded etcd for a Kubernetes-mode lab cluster's kube-apiserver (plain HTTP on a loopback address)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := g.logger()
+			if err != nil {
+				return err
+			}
+			return lab.RunEtcd(cmd.Context(), dataDir, listen, log)
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", "", "etcd data directory")
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:2381", "loopback host:port to serve clients on")
 	return cmd
 }
