@@ -336,6 +336,26 @@ func TestPrintHealth(t *testing.T) {
 	}
 }
 
+// In Kubernetes mode status says so, with the node's addressing from its
+// Node, and the ports column shows each port's check.
+func TestPrintKubernetesAndChecks(t *testing.T) {
+	var b strings.Builder
+	PrintStatus(&b, Status{Node: "node-a", Cluster: "eu", NodeIP: netip.MustParseAddr("192.168.1.5"),
+		PodCIDRs:   []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")},
+		Kubernetes: &KubernetesStatus{Pods: 1, Patches: 3, PatchErrors: 1, LastPatchError: "forbidden"},
+		Health: &HealthStatus{Interval: 100 * time.Millisecond, Endpoints: []EndpointHealth{
+			{Pod: "shop/cart-1", IP: netip.MustParseAddr("10.1.0.5"), Ports: []uint16{8080, 9090},
+				Checks: []string{"http 8080 /healthz", "tcp 9090"}, Down: true, LastError: "http 10.1.0.5:8080: GET /healthz: 500"},
+		}}})
+	out := b.String()
+	for _, want := range []string{"Kubernetes mode: node IP 192.168.1.5, pod CIDRs 10.1.0.0/24; 1 pod IPs probed, 3 trellis.io/healthy marks written, 1 refused (last: forbidden)",
+		"8080 http:/healthz,9090", "GET /healthz: 500"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("status lacks %q:\n%s", want, out)
+		}
+	}
+}
+
 // verdict: down when any IP is down; not known while an IP with checks
 // has not passed a probe since its last failure, or is not seen yet; an
 // IP with nothing to probe is known up.

@@ -31,6 +31,18 @@ func PrintStatus(w io.Writer, st Status) {
 	if st.ConfigDirError != "" {
 		fmt.Fprintf(w, "Config dir error: %s\n", st.ConfigDirError)
 	}
+	if k := st.Kubernetes; k != nil {
+		var cidrs []string
+		for _, p := range st.PodCIDRs {
+			cidrs = append(cidrs, p.String())
+		}
+		fmt.Fprintf(w, "Kubernetes mode: node IP %s, pod CIDRs %s; %d pod IPs probed, %d trellis.io/healthy marks written",
+			st.NodeIP, orDash(strings.Join(cidrs, ",")), k.Pods, k.Patches)
+		if k.PatchErrors > 0 {
+			fmt.Fprintf(w, ", %d refused (last: %s)", k.PatchErrors, k.LastPatchError)
+		}
+		fmt.Fprintln(w)
+	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "CLUSTER\tID\tREGION\tCONNECTED\tREADY\tSYNCED\tNODES\tENDPOINTS\tIDENTITIES\tSERVICES\tREJECTED\tLAST ERROR")
@@ -186,6 +198,20 @@ func printHealth(w io.Writer, h *HealthStatus) {
 		for _, p := range e.Ports {
 			ports = append(ports, fmt.Sprint(p))
 		}
+		if len(e.Checks) > 0 {
+			// "tcp 8080" shows as 8080, "http 8080 /healthz" as
+			// 8080 http:/healthz.
+			ports = ports[:0]
+			for _, c := range e.Checks {
+				f := strings.Fields(c)
+				switch {
+				case len(f) == 3 && f[0] == "http":
+					ports = append(ports, f[1]+" http:"+f[2])
+				case len(f) >= 2:
+					ports = append(ports, f[1])
+				}
+			}
+		}
 		state := "up"
 		switch {
 		case e.Down:
@@ -229,7 +255,7 @@ func printGossip(w io.Writer, g *GossipStatus) {
 		fmt.Fprintf(w, "  dead: %s since %s (%s ago)\n", d.Member, d.Since.Format(time.TimeOnly), time.Since(d.Since).Round(100*time.Millisecond))
 	}
 	if len(g.Corroborated) > 0 {
-		fmt.Fprintf(w, "  dead all the same (their cluster's control plane does not answer either): %s\n", strings.Join(g.Corroborated, ", "))
+		fmt.Fprintf(w, "  dead all the same (their cluster's control plane or their pods do not answer either): %s\n", strings.Join(g.Corroborated, ", "))
 	}
 	for _, p := range g.Probes {
 		state := "answers"
@@ -244,7 +270,11 @@ func printGossip(w io.Writer, g *GossipStatus) {
 		if p.Err != "" {
 			state += ": " + p.Err
 		}
-		fmt.Fprintf(w, "  control plane of %s: %s (probed at %s in %s)\n", p.Cluster, state, p.At.Format(time.TimeOnly), p.Took.Round(time.Millisecond))
+		what := "control plane of " + p.Target
+		if strings.Contains(p.Target, "/") {
+			what = "pods of " + p.Target
+		}
+		fmt.Fprintf(w, "  %s: %s (probed at %s in %s)\n", what, state, p.At.Format(time.TimeOnly), p.Took.Round(time.Millisecond))
 	}
 	if len(g.Excluding) > 0 {
 		fmt.Fprintf(w, "  backends left out on: %s\n", strings.Join(g.Excluding, ", "))
