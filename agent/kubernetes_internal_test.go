@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"net/netip"
 	"slices"
 	"strings"
@@ -8,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 )
 
 // The Node gives the first InternalIP and spec.podCIDRs (spec.podCIDR on
@@ -90,5 +92,45 @@ func TestKubernetesRBAC(t *testing.T) {
 	}
 	if want := []string{"nodes:get", "pods:list,watch", "pods/status:patch"}; !slices.Equal(got, want) {
 		t.Errorf("RBAC %v; want %v", got, want)
+	}
+}
+
+// FromKubernetes fills the node IP and pod CIDRs from the Node unless the
+// flags gave them, and names what it could not find.
+func TestFromKubernetes(t *testing.T) {
+	node := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: "node-a"},
+		Spec:       corev1.NodeSpec{PodCIDRs: []string{"10.1.0.0/24"}},
+		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.1.5"}}},
+	}
+	bare := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}}
+	cs := fake.NewClientset(node, bare)
+	ctx := context.Background()
+
+	c := Config{NodeName: "node-a", Kubernetes: cs}
+	if err := c.FromKubernetes(ctx); err != nil || c.NodeIP != netip.MustParseAddr("192.168.1.5") ||
+		!slices.Equal(c.PodCIDRs, []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")}) {
+		t.Errorf("from the Node: %s %v %v", c.NodeIP, c.PodCIDRs, err)
+	}
+	c = Config{NodeName: "node-a", Kubernetes: cs, NodeIP: netip.MustParseAddr("192.168.9.9"),
+		PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24")}}
+	if err := c.FromKubernetes(ctx); err != nil || c.NodeIP != netip.MustParseAddr("192.168.9.9") || c.PodCIDRs[0] != netip.MustParsePrefix("10.9.0.0/24") {
+		t.Errorf("flags did not win: %s %v %v", c.NodeIP, c.PodCIDRs, err)
+	}
+	c = Config{NodeName: "node-b", Kubernetes: cs}
+	if err := c.FromKubernetes(ctx); err == nil || !strings.Contains(err.Error(), "no InternalIP") || !strings.Contains(err.Error(), "--node-ip") {
+		t.Errorf("a node without addresses: %v; want an error naming the InternalIP and --node-ip", err)
+	}
+	c = Config{NodeName: "node-b", Kubernetes: cs, NodeIP: netip.MustParseAddr("192.168.1.6")}
+	if err := c.FromKubernetes(ctx); err != nil || len(c.PodCIDRs) != 0 {
+		t.Errorf("a node without addresses, --node-ip given: %v %v", c.PodCIDRs, err)
+	}
+	c = Config{NodeName: "node-z", Kubernetes: cs}
+	if err := c.FromKubernetes(ctx); err == nil || !strings.Contains(err.Error(), "get node node-z") {
+		t.Errorf("a missing node: %v", err)
+	}
+	c = Config{NodeName: "node-a", Kubernetes: cs, RegistryURL: "http://127.0.0.1:1", ClusterName: "eu", ConfigDir: "x", StateDir: "y"}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--registry-url is for standalone mode") {
+		t.Errorf("Kubernetes mode with a registry: %v", err)
 	}
 }
