@@ -38,6 +38,12 @@ type Config struct {
 	// StateDir holds the CA, certificates, the admin token and (embedded)
 	// etcd data.
 	StateDir string `json:"stateDir"`
+	// SecretsDir holds the long-lived secrets to adopt into the state dir
+	// (a mounted Kubernetes Secret, say): ca.crt/ca.key,
+	// client-ca.crt/client-ca.key and admin.token, each optional. A file
+	// the state dir lacks is copied in at start; one it has must be the
+	// same (see adoptSecrets).
+	SecretsDir string `json:"secretsDir,omitempty"`
 
 	// EtcdEndpoints selects an external etcd; empty runs an embedded one.
 	EtcdEndpoints []string `json:"etcdEndpoints,omitempty"`

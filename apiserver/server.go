@@ -238,11 +238,15 @@ func (s *Server) close() {
 	s.etcd.Close()
 }
 
-// setupState creates the state dir, the server and client CAs and the
-// admin token.
+// setupState creates the state dir, adopts the secrets of --secrets-dir,
+// and creates the server and client CAs and the admin token it still
+// lacks.
 func (s *Server) setupState() error {
 	if err := os.MkdirAll(s.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("apiserver: --state-dir %s: %w", s.cfg.StateDir, err)
+	}
+	if err := adoptSecrets(s.cfg.SecretsDir, s.cfg.StateDir, s.log); err != nil {
+		return err
 	}
 	s.pkiDir = s.cfg.path("pki")
 	ca, created, err := pki.LoadOrCreateCA(s.pkiDir, s.cfg.ClusterName)

@@ -60,6 +60,7 @@ name in camelCase (--cluster-name is clusterName); flags win over the file.`,
 	f.IntVar(&cfg.MaxConnectedClusters, "max-connected-clusters", 255, "255 or 511; must match across the mesh")
 	f.StringVar(&cfg.Encryption, "encryption", "", "encryption type the cluster starts with until `trellis encryption` sets one: '', wireguard or ipsec")
 	f.StringVar(&cfg.StateDir, "state-dir", "", "directory for the CA, certificates, admin token and etcd data")
+	f.StringVar(&cfg.SecretsDir, "secrets-dir", "", "directory with the CAs and admin token to adopt into --state-dir (e.g. a mounted Kubernetes Secret): ca.crt, ca.key, client-ca.crt, client-ca.key, admin.token, each optional; copied in when the state dir has none, refused when it has others")
 	f.StringSliceVar(&cfg.EtcdEndpoints, "etcd-endpoints", nil, "external etcd client URLs (default: run an embedded etcd)")
 	f.StringVar(&cfg.EtcdCAFile, "etcd-ca-file", "", "CA of the external etcd")
 	f.StringVar(&cfg.EtcdCertFile, "etcd-cert-file", "", "client certificate for the external etcd")
@@ -91,6 +92,7 @@ func mergeFlags(file, flags apiserver.Config, set *pflag.FlagSet) apiserver.Conf
 		"max-connected-clusters":   func() { out.MaxConnectedClusters = flags.MaxConnectedClusters },
 		"encryption":               func() { out.Encryption = flags.Encryption },
 		"state-dir":                func() { out.StateDir = flags.StateDir },
+		"secrets-dir":              func() { out.SecretsDir = flags.SecretsDir },
 		"etcd-endpoints":           func() { out.EtcdEndpoints = flags.EtcdEndpoints },
 		"etcd-ca-file":             func() { out.EtcdCAFile = flags.EtcdCAFile },
 		"etcd-cert-file":           func() { out.EtcdCertFile = flags.EtcdCertFile },
