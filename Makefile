@@ -7,7 +7,7 @@ BIN      := bin/trellis
 FUZZTIME ?= 100000x
 FUZZ_PKGS := ./api/v1
 
-.PHONY: all build demo test vet unit fuzz bench generate check-generate clean kube-apiserver bpf-toolchain
+.PHONY: all build demo test vet unit chart fuzz bench generate check-generate clean kube-apiserver bpf-toolchain
 
 # A real kube-apiserver for the Kubernetes-source tests, built from the Go
 # module proxy in its own tools module (hack/kube-apiserver). The first build
@@ -23,14 +23,21 @@ build:
 demo: build
 	./hack/as-root.sh ./$(BIN) lab demo --log-level warn
 
-## test: go vet, every test (privileged ones too when root), and a short fuzz run.
-test: vet unit fuzz
+## test: go vet, every test (privileged ones too when root), the Helm chart's checks, and a short fuzz run.
+test: vet unit chart fuzz
 
 vet:
 	$(GO) vet ./...
 
 unit: $(KUBE_APISERVER)
 	$(GO) test -count=1 -timeout 25m ./...
+
+## chart: render deploy/helm/trellis with Helm (as a Go library) and dry-run every object on a real kube-apiserver.
+# Its own module (deploy/helm/test): Helm needs newer k8s.io modules than
+# Trellis uses. It runs the trellis binary too (the chart's API server
+# config on the chart's RBAC), hence build.
+chart: build $(KUBE_APISERVER)
+	cd deploy/helm/test && $(GO) vet ./... && $(GO) test -count=1 -timeout 10m ./...
 
 kube-apiserver: $(KUBE_APISERVER)
 

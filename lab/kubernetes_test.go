@@ -215,6 +215,16 @@ func TestLabKubernetes(t *testing.T) {
 		r.awaitPods(ctx, t, "eu/n2 up: both eu echo pods answer", []string{"eu/echo-n1", "eu/echo-n2"})
 	})
 
+	step("EncryptionRefused", func(t *testing.T) {
+		// The agents' Kubernetes mode publishes no keys yet: the verb
+		// must say so at once rather than wait for peers that never
+		// encrypt.
+		_, err := r.run(ctx, "encryption", "enable")
+		if err == nil || !strings.Contains(err.Error(), "Kubernetes mode") {
+			t.Errorf("lab encryption enable in Kubernetes mode: %v; want a refusal naming Kubernetes mode", err)
+		}
+	})
+
 	step("Down", func(t *testing.T) {
 		start := time.Now()
 		if out, err := r.run(ctx, "down"); err != nil {
