@@ -21,25 +21,26 @@ package agent
 //     member sees fewer than half of the members it saw alive at most in
 //     the last minute, or its Lifeguard health score is 4 or more. A
 //     member Alive again leaves the set at once (rule 5).
-//   - Corroboration (rule 2): a dead member whose own cluster's control
-//     plane does not answer this agent either (clustermesh.ProbeCluster:
-//     a read of its heartbeat over a new connection, 500 ms) is dead even
-//     while rule 3 distrusts the set, except when this member is the slow
-//     one (health score): a starved agent's probes time out for the same
-//     reason its gossip declares others dead, so the two are not
-//     independent then. A whole cluster that crashed, API server
-//     included, is dropped that way; a partition of the gossip alone
-//     leaves the API server answering and so stays ignored. A suspect
-//     member (this member's own probe of it failed) of a cluster whose
-//     control plane does not answer counts as dead too: a whole
-//     cluster's last nodes need not wait for their suspicions to time
-//     out. A cluster is probed while one of its members is suspect or
-//     distrusted dead, at once on new evidence, then every second while
-//     it does not answer and every 10 s while it does (the cost of a long
-//     gossip partition).
-//     A death trusted before the distrust began stays trusted while its
-//     cluster's probe runs, so a whole cluster's first death does not
-//     come back for the moment between the second death and the answer.
+//   - Corroboration (rule 2): a dead member counts even while rule 3
+//     distrusts the set when this agent's own probes find it silent too:
+//     its cluster's control plane (clustermesh.ProbeCluster: a read of
+//     the heartbeat over a new connection, 500 ms) or its pods
+//     (probePods: TCP connections to a few of its pods that back
+//     services in use, 500 ms). A whole cluster that crashed, API server
+//     included or not, is dropped that way; a partition of the gossip
+//     alone leaves both answering and so stays ignored. A suspect
+//     member (this member's own probe of it failed) found silent so
+//     counts too: a whole cluster's last nodes need not wait for their
+//     suspicions to time out. Not for the slow member (health score):
+//     a starved agent's probes time out for the same reason its gossip
+//     declares others dead, so the two are not independent then.
+//   - Probes run while a member is suspect or distrusted dead, at once on
+//     new evidence, then every second while the target does not answer
+//     and every 10 s while it does (the cost of a long gossip
+//     partition). A death trusted before the distrust began stays
+//     trusted while its probes run, so a whole cluster's first death
+//     does not come back for the moment between the second death and
+//     the answer.
 //   - Use: every change of the trusted set triggers an apply at once; the
 //     apply hands the datapath clustermesh's SnapshotExcluding of the
 //     trusted dead nodes: their backends left out before the merge's
@@ -52,12 +53,15 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/clustermesh"
 	"github.com/trellis-mesh/trellis/gossip"
 )
@@ -81,7 +85,7 @@ const (
 	gossipRegionWait = 5 * time.Second
 )
 
-// Rule 2's probes of a cluster's control plane.
+// Rule 2's probes of a cluster's control plane and of a node's pods.
 const (
 	// livenessTimeout bounds one probe: a cluster that does not answer
 	// within it is down for rule 2. Gossip needs ~0.7 s to declare a
@@ -120,8 +124,9 @@ type GossipStatus struct {
 	// distrusted: their cluster's control plane does not answer either
 	// (rule 2).
 	Corroborated []string `json:"corroborated,omitempty"`
-	// Probes are the last probe of each cluster's control plane this
-	// member made (rule 2: clusters with suspect or dead members).
+	// Probes are the last probe of each cluster's control plane and
+	// each node's pods this member made (rule 2: for suspect or dead
+	// members).
 	Probes []GossipProbe `json:"probes,omitempty"`
 	// Excluding are the nodes whose backends the last apply left out;
 	// Kept the services that kept them because nothing else was left.
@@ -135,9 +140,10 @@ type GossipDead struct {
 	Since  time.Time `json:"since"`
 }
 
-// GossipProbe is the last probe of a cluster's control plane.
+// GossipProbe is the last probe of a cluster's control plane (Target
+// "cluster") or of a node's pods (Target "cluster/node").
 type GossipProbe struct {
-	Cluster   string        `json:"cluster"`
+	Target    string        `json:"target"`
 	At        time.Time     `json:"at"`
 	Took      time.Duration `json:"took"`
 	Reachable bool          `json:"reachable"`
@@ -170,7 +176,8 @@ type gossipMember struct {
 	probes map[string]*clusterProbe
 }
 
-// clusterProbe is what this agent knows of a cluster's control plane.
+// clusterProbe is what this agent knows of a cluster's control plane
+// (keyed by the cluster's name) or of a node's pods (by cluster/node).
 type clusterProbe struct {
 	// last is the last completed probe, done when it completed (zero:
 	// none yet).
@@ -178,8 +185,8 @@ type clusterProbe struct {
 	done time.Time
 	// failed says why the last probe could not be made (no cluster file):
 	// no evidence either way.
-	failed  string
-	running bool
+	failed   string
+	inflight bool
 	// sawHeartbeat: a probe found the cluster's heartbeat, so its absence
 	// now means its mesh API server is gone (an external etcd may answer
 	// without it; a cluster never seen with one proves nothing by that).
@@ -195,13 +202,16 @@ func (p *clusterProbe) down(now time.Time) bool {
 	return !p.last.Reachable || (!p.last.Heartbeat && p.sawHeartbeat)
 }
 
+// running says whether a probe is under way.
+func (p *clusterProbe) running() bool { return p != nil && p.inflight }
+
 // due says whether the cluster should be probed now, newest being the
 // latest time one of its members turned suspect or dead.
 func (p *clusterProbe) due(now, newest time.Time) bool {
 	switch {
-	case p == nil || (p.done.IsZero() && !p.running):
+	case p == nil || (p.done.IsZero() && !p.inflight):
 		return true
-	case p.running:
+	case p.inflight:
 		return false
 	}
 	gap := now.Sub(p.done)
@@ -216,7 +226,7 @@ func (p *clusterProbe) due(now, newest time.Time) bool {
 
 // record stores a completed probe.
 func (p *clusterProbe) record(lv clustermesh.Liveness, err error, now time.Time) {
-	p.running, p.done = false, now
+	p.inflight, p.done = false, now
 	if err != nil {
 		p.failed = err.Error()
 		p.last = clustermesh.Liveness{Start: now}
@@ -317,12 +327,18 @@ func (m *gossipMember) run(ctx context.Context) {
 			m.recordProbe(r.lv, r.err, time.Now())
 		case <-tick.C:
 		}
-		for _, cluster := range m.judge(g, time.Now()) {
+		for _, key := range m.judge(g, time.Now()) {
 			probes.Add(1)
 			go func() {
 				defer probes.Done()
-				lv, err := m.mesh.ProbeCluster(ctx, cluster, livenessTimeout)
-				lv.Cluster = cluster
+				var lv clustermesh.Liveness
+				var err error
+				if cluster, node, ok := strings.Cut(key, "/"); ok {
+					lv, err = probePods(ctx, m.mesh.Snapshot(), cluster, node, livenessTimeout)
+				} else {
+					lv, err = m.mesh.ProbeCluster(ctx, key, livenessTimeout)
+				}
+				lv.Cluster = key
 				select {
 				case results <- probed{lv, err}:
 				case <-ctx.Done():
@@ -330,6 +346,89 @@ func (m *gossipMember) run(ctx context.Context) {
 			}()
 		}
 	}
+}
+
+// maxPodProbes bounds the pods (address and port) probed per node.
+const maxPodProbes = 4
+
+// errNoPods: a node none of whose pods backs a service this agent uses
+// cannot be probed that way.
+var errNoPods = errors.New("none of its pods backs a service this agent uses")
+
+// probePods is rule 2's probe of a node over the data path: a TCP
+// connection, within timeout, to up to maxPodProbes of its pods that
+// back services in snap (their target ports), all at once. The node
+// answers when one connection is accepted or refused (a refusal comes
+// from the node: it lives); it is down (Reachable false) when none gets
+// any answer. Its gossip port plays no part, so a partition of the gossip
+// alone leaves the node answering. A node has no heartbeat: Heartbeat is
+// set so that only the answer counts.
+func probePods(ctx context.Context, snap *clustermesh.Snapshot, cluster, node string, timeout time.Duration) (clustermesh.Liveness, error) {
+	lv := clustermesh.Liveness{Start: time.Now(), Heartbeat: true}
+	n := snap.Nodes[cluster][node]
+	if n == nil {
+		return lv, fmt.Errorf("probe the pods of %s/%s: no such node in the mesh", cluster, node)
+	}
+	onNode := make(map[netip.Addr]bool)
+	for ip, e := range snap.IPCache[cluster] {
+		if slices.Contains(n.IPs, e.NodeIP) {
+			onNode[ip] = true
+		}
+	}
+	var targets []netip.AddrPort
+	for _, name := range slices.SortedFunc(maps.Keys(snap.Services), func(a, b clustermesh.ServiceName) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	}) {
+		svc := snap.Services[name]
+		for _, b := range svc.Backends {
+			if b.Cluster != cluster || !onNode[b.IP] {
+				continue
+			}
+			for i, port := range svc.Ports {
+				if t := netip.AddrPortFrom(b.IP, b.TargetPort(i)); port.Protocol == v1.ProtocolTCP && t.Port() != 0 && !slices.Contains(targets, t) {
+					targets = append(targets, t)
+				}
+			}
+		}
+		if len(targets) >= maxPodProbes {
+			targets = targets[:maxPodProbes]
+			break
+		}
+	}
+	if len(targets) == 0 {
+		return lv, fmt.Errorf("probe the pods of %s/%s: %w", cluster, node, errNoPods)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	answers := make(chan error, len(targets))
+	for _, t := range targets {
+		go func() {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "tcp", t.String())
+			if err == nil {
+				c.Close()
+			}
+			answers <- err
+		}()
+	}
+	var errs []error
+	for range targets {
+		err := <-answers
+		if err == nil || errors.Is(err, syscall.ECONNREFUSED) {
+			lv.Reachable = true
+			cancel() // the others need not finish
+			continue
+		}
+		errs = append(errs, err)
+	}
+	lv.Took = time.Since(lv.Start)
+	if ctx := context.Cause(ctx); !lv.Reachable && ctx != nil && ctx != context.DeadlineExceeded {
+		return lv, fmt.Errorf("probe the pods of %s/%s: %w", cluster, node, ctx)
+	}
+	if !lv.Reachable {
+		lv.Err = fmt.Sprintf("none of %d pods answered within %s: %v", len(targets), timeout, errors.Join(errs...))
+	}
+	return lv, nil
 }
 
 // recordProbe stores a probe's result.
@@ -435,7 +534,7 @@ func (m *gossipMember) judge(g *gossip.Gossip, now time.Time) []string {
 		if p.done.IsZero() {
 			continue
 		}
-		st.Probes = append(st.Probes, GossipProbe{Cluster: c, At: p.done, Took: p.last.Took, Reachable: p.last.Reachable,
+		st.Probes = append(st.Probes, GossipProbe{Target: c, At: p.done, Took: p.last.Took, Reachable: p.last.Reachable,
 			Heartbeat: p.last.Heartbeat, Down: p.down(now), Err: cmp.Or(p.failed, p.last.Err)})
 	}
 	if !sameNodes(v.trusted, m.trusted) {
@@ -452,7 +551,7 @@ func (m *gossipMember) judge(g *gossip.Gossip, now time.Time) []string {
 		if m.probes[c] == nil {
 			m.probes[c] = &clusterProbe{}
 		}
-		m.probes[c].running = true
+		m.probes[c].inflight = true
 	}
 	return v.probe
 }
@@ -487,6 +586,8 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 	// failed), by cluster.
 	suspects := make(map[string]map[string]bool)
 	deadAt := make(map[string]time.Time)
+	// since is when each suspect or dead member turned so.
+	since := make(map[string]time.Time)
 	for _, mb := range members {
 		cluster, node, ok := strings.Cut(mb.Name, "/")
 		switch mb.State {
@@ -500,6 +601,7 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 					suspects[cluster] = make(map[string]bool)
 				}
 				suspects[cluster][node] = true
+				since[mb.Name] = mb.Since
 			}
 		case gossip.Dead:
 			v.dead++
@@ -511,6 +613,7 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 				}
 				dead[cluster][node] = true
 				deadAt[cluster] = maxTime(deadAt[cluster], mb.Since)
+				since[mb.Name] = mb.Since
 			}
 		case gossip.Left:
 			v.left++
@@ -536,51 +639,52 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 			}
 		}
 	}
-	// Rule 2: the members of a cluster whose control plane does not
-	// answer either are dead when the gossip says so, distrusted or not,
-	// and when this member's own probe of them failed (Suspect): a
-	// whole cluster's second node need not wait for its suspicion to
-	// time out. Not when this member is the slow one: its probes would
-	// time out for the same reason.
+	// Rule 2: a member is dead when the gossip says so, distrusted or
+	// not, and when this member's own probe of it failed (Suspect), if
+	// its cluster's control plane does not answer either, or its pods do
+	// not (a suspect need not wait for its suspicion to time out). Not
+	// when this member is the slow one: its probes would time out for
+	// the same reason.
 	if healthScore < gossipMaxHealthScore {
-		for _, cluster := range slices.Sorted(maps.Keys(probes)) {
-			p := probes[cluster]
+		for _, member := range slices.Sorted(maps.Keys(since)) {
+			c, n, _ := strings.Cut(member, "/")
+			cp, np := probes[c], probes[member]
 			switch {
-			case p.down(now):
-				for _, set := range []map[string]bool{dead[cluster], suspects[cluster]} {
-					for n := range set {
-						if !v.trusted[cluster][n] {
-							trust(cluster, n)
-							v.corroborated = append(v.corroborated, cluster+"/"+n)
-						}
-					}
-				}
-			case p.running && v.distrust != "":
-				// The nodes trusted dead before this distrust stay so
-				// while their cluster's probe runs (at most its
-				// timeout): the first death of a whole cluster's crash
-				// is not put back for the moment between the second
-				// death and the probe's answer.
-				for n := range dead[cluster] {
-					if last[cluster][n] {
-						trust(cluster, n)
-					}
-				}
+			case v.trusted[c][n]:
+			case cp.down(now) || np.down(now):
+				trust(c, n)
+				v.corroborated = append(v.corroborated, member)
+			case v.distrust != "" && dead[c][n] && last[c][n] && (cp.running() || np.running()):
+				// A node trusted dead before this distrust stays so
+				// while its probes run (at most their timeout): the
+				// first death of a whole cluster's crash is not put
+				// back for the moment between the second death and the
+				// probes' answer.
+				trust(c, n)
 			}
 		}
-		slices.Sort(v.corroborated)
 	}
-	// Probe a cluster while one of its members is suspect (ahead of the
-	// death the probe may have to corroborate) or dead and distrusted.
-	want := maps.Clone(suspect)
-	if v.distrust != "" {
-		for c, at := range deadAt {
-			want[c] = maxTime(want[c], at)
+	// Probe a cluster and a member while the member is suspect (ahead of
+	// the death the probe may have to corroborate) or dead and
+	// distrusted.
+	// Not for the slow member (it would ignore the answers); a member's
+	// pods not while rule 3 trusts its death or its cluster's silence
+	// corroborates it, but while their own silence does (or its
+	// corroboration would lapse with the last answer).
+	want := make(map[string]time.Time)
+	for member, at := range since {
+		c, n, _ := strings.Cut(member, "/")
+		if healthScore >= gossipMaxHealthScore || (!suspects[c][n] && v.distrust == "") {
+			continue
+		}
+		want[c] = maxTime(want[c], at)
+		if !(v.distrust == "" && dead[c][n]) && !probes[c].down(now) {
+			want[member] = at
 		}
 	}
-	for _, c := range slices.Sorted(maps.Keys(want)) {
-		if probes[c].due(now, want[c]) {
-			v.probe = append(v.probe, c)
+	for _, key := range slices.Sorted(maps.Keys(want)) {
+		if probes[key].due(now, want[key]) {
+			v.probe = append(v.probe, key)
 		}
 	}
 	return v

@@ -255,7 +255,7 @@ func printGossip(w io.Writer, g *GossipStatus) {
 		fmt.Fprintf(w, "  dead: %s since %s (%s ago)\n", d.Member, d.Since.Format(time.TimeOnly), time.Since(d.Since).Round(100*time.Millisecond))
 	}
 	if len(g.Corroborated) > 0 {
-		fmt.Fprintf(w, "  dead all the same (their cluster's control plane does not answer either): %s\n", strings.Join(g.Corroborated, ", "))
+		fmt.Fprintf(w, "  dead all the same (their cluster's control plane or their pods do not answer either): %s\n", strings.Join(g.Corroborated, ", "))
 	}
 	for _, p := range g.Probes {
 		state := "answers"
@@ -270,7 +270,11 @@ func printGossip(w io.Writer, g *GossipStatus) {
 		if p.Err != "" {
 			state += ": " + p.Err
 		}
-		fmt.Fprintf(w, "  control plane of %s: %s (probed at %s in %s)\n", p.Cluster, state, p.At.Format(time.TimeOnly), p.Took.Round(time.Millisecond))
+		what := "control plane of " + p.Target
+		if strings.Contains(p.Target, "/") {
+			what = "pods of " + p.Target
+		}
+		fmt.Fprintf(w, "  %s: %s (probed at %s in %s)\n", what, state, p.At.Format(time.TimeOnly), p.Took.Round(time.Millisecond))
 	}
 	if len(g.Excluding) > 0 {
 		fmt.Fprintf(w, "  backends left out on: %s\n", strings.Join(g.Excluding, ", "))

@@ -14,21 +14,24 @@ import (
 
 // clusterCrashGrace bounds how long after a whole cluster's crash a
 // request may still fail: the gossip declares its nodes dead in ~0.7 s
-// and the probe of its control plane, started at the first suspicion,
-// times out after 0.5 s; the rest is a generous margin for a loaded
-// machine (the figure is logged).
+// and the probes of its control plane and its pods, started at the first
+// suspicion, time out after 0.5 s; the rest is a generous margin for a
+// loaded machine (the figure is logged).
 const clusterCrashGrace = 2 * time.Second
 
 // TestLabClusterCrash runs the default lab (eu and us, two nodes each)
-// with the agents' gossip on, and crashes all of eu at once (`lab cluster
-// crash eu`: API server, agents and pods kill -9, links down). us's
-// agents see half the pool die within a second, which rule 3 alone
-// distrusts (it is also what a gossip-only partition looks like, which
-// TestLabGossip covers); eu's control plane not answering either
-// corroborates it (rule 2), so us/client's requests to default/echo
-// (affinity none) go to us's pods only, failing no more than
-// clusterCrashGrace after the crash. `lab cluster up eu` brings eu back
-// and its pods answer again.
+// with the agents' gossip on, and crashes every node of eu at once, twice:
+//   - Nodes: `lab node crash` of eu/n1 and eu/n2 (agents and pods kill
+//     -9, links down), eu's API server spared;
+//   - Cluster: `lab cluster crash eu`, its API server too.
+//
+// Each time us's agents see half the pool die within a second, which
+// rule 3 alone distrusts (it is also what a gossip-only partition looks
+// like, which TestLabGossip covers); eu's pods not answering (Nodes), or
+// eu's control plane not answering either (Cluster), corroborates it
+// (rule 2), so us/client's requests to default/echo (affinity none) go to
+// us's pods only, failing no more than clusterCrashGrace after the crash.
+// `node up` / `cluster up` bring eu back and its pods answer again.
 func TestLabClusterCrash(t *testing.T) {
 	privtest.RequireRoot(t)
 	r := newLabRun(t)
@@ -40,37 +43,65 @@ func TestLabClusterCrash(t *testing.T) {
 	st := r.state(t)
 	usVIP := "http://" + serviceVIP(t, st, "us") + ":80/"
 	all := []string{"eu/n1", "eu/n2", "us/n1", "us/n2"}
-	us := []string{"us/n1", "us/n2"}
 	r.awaitGossip(ctx, t, "every member alive after lab up", all, 4, 0)
 
+	t.Run("Nodes", func(t *testing.T) {
+		t.Cleanup(func() {
+			r.run(context.Background(), "node", "up", "eu/n1")
+			r.run(context.Background(), "node", "up", "eu/n2")
+		})
+		r.checkClusterFailover(ctx, t, usVIP, "eu/n1 and eu/n2", func(loop *requestLoop) time.Time {
+			crash := r.crashVerb(ctx, t, loop, "eu/n1", "node", "crash", "eu/n1")
+			r.crashVerb(ctx, t, loop, "eu/n2", "node", "crash", "eu/n2")
+			return crash
+		})
+		r.must(ctx, t, "node", "up", "eu/n1")
+		r.must(ctx, t, "node", "up", "eu/n2")
+		r.awaitEUBack(ctx, t, usVIP, all, "node up")
+	})
+
+	t.Run("Cluster", func(t *testing.T) {
+		t.Cleanup(func() { r.run(context.Background(), "cluster", "up", "eu") })
+		r.checkClusterFailover(ctx, t, usVIP, "eu", func(loop *requestLoop) time.Time {
+			return r.crashVerb(ctx, t, loop, "eu", "cluster", "crash", "eu")
+		})
+		r.must(ctx, t, "cluster", "up", "eu")
+		r.awaitEUBack(ctx, t, usVIP, all, "cluster up")
+	})
+}
+
+// checkClusterFailover runs us/client's requests to usVIP across crash
+// (which kills every node of eu and returns when) and checks that none
+// failed more than clusterCrashGrace after it, and that us's agents hold
+// eu's nodes dead, distrusted, corroborated and left out.
+func (r *labRun) checkClusterFailover(ctx context.Context, t *testing.T, usVIP, what string, crash func(*requestLoop) time.Time) {
+	t.Helper()
 	// Short requests, so that one to a dead pod (which fails only when it
 	// times out) holds up the next for little: the last failure then
 	// shows when the failover happened, within a request's timeout.
 	loop := r.startLoopN(ctx, t, "us/client", usVIP, nodeCrashBatch, 300*time.Millisecond)
 	loop.await(t, 1)
-	crash := r.crashVerb(ctx, t, loop, "eu", "cluster", "crash", "eu")
-	loop.awaitPast(t, crash.Add(2*clusterCrashGrace))
+	at := crash(loop)
+	loop.awaitPast(t, at.Add(2*clusterCrashGrace))
 	loop.halt()
-	o := loop.outcome(crash, []string{"us/echo-n1", "us/echo-n2"})
-	t.Logf("us/client → %s after eu crashed: %d requests in the %s after the crash, %d failed, the last %s after it",
-		usVIP, o.total, o.observed.Round(time.Millisecond), o.failed, o.lastFailure.Round(time.Millisecond))
-	if o.observed < 2*clusterCrashGrace {
-		t.Errorf("the loop covered only %s after the crash", o.observed.Round(time.Millisecond))
-	}
+	o := loop.outcome(at, []string{"us/echo-n1", "us/echo-n2"})
+	t.Logf("us/client → %s after %s crashed: %d requests in the %s after the crash, %d failed, the last %s after it",
+		usVIP, what, o.total, o.observed.Round(time.Millisecond), o.failed, o.lastFailure.Round(time.Millisecond))
 	if o.lastFailure > clusterCrashGrace {
 		loop.mu.Lock()
 		marks := strings.Join(loop.marks, "\n  ")
 		loop.mu.Unlock()
-		t.Errorf("a request failed %s after eu crashed, more than %s:\n  %s\nevents:\n  %s", o.lastFailure.Round(time.Millisecond),
-			clusterCrashGrace, strings.Join(o.late, "\n  "), marks)
+		t.Errorf("a request failed %s after %s crashed, more than %s:\n  %s\nevents:\n  %s", o.lastFailure.Round(time.Millisecond),
+			what, clusterCrashGrace, strings.Join(o.late, "\n  "), marks)
 	}
+	us := []string{"us/n1", "us/n2"}
+	want := []string{"eu/n1", "eu/n2"}
 	testutil.EventuallyNoError(t, 30*time.Second, "us's agents: eu's nodes dead, distrusted, corroborated, left out", func() error {
 		for _, n := range us {
 			g, err := r.gossipOf(ctx, t, n)
 			if err != nil {
 				return err
 			}
-			want := []string{"eu/n1", "eu/n2"}
 			if g.Dead != 2 || g.Trusted || !slices.Equal(g.Corroborated, want) || !slices.Equal(g.Excluding, want) {
 				return fmt.Errorf("%s sees %d alive, %d dead (trusted %v: %s), corroborated %v, excluding %v, probes %+v; want eu's 2 dead, distrusted, corroborated and left out",
 					n, g.Alive, g.Dead, g.Trusted, g.Distrust, g.Corroborated, g.Excluding, g.Probes)
@@ -80,17 +111,24 @@ func TestLabClusterCrash(t *testing.T) {
 	})
 	for _, n := range us {
 		if g, err := r.gossipOf(ctx, t, n); err == nil {
-			var deaths []string
+			var deaths, probes []string
 			for _, d := range g.DeadMembers {
-				deaths = append(deaths, fmt.Sprintf("%s %s", d.Member, d.Since.Sub(crash).Round(time.Millisecond)))
+				deaths = append(deaths, fmt.Sprintf("%s %s", d.Member, d.Since.Sub(at).Round(time.Millisecond)))
 			}
-			t.Logf("%s: dead after the crash: %s", n, strings.Join(deaths, ", "))
+			for _, p := range g.Probes {
+				probes = append(probes, fmt.Sprintf("%s down=%v", p.Target, p.Down))
+			}
+			t.Logf("%s: dead after the crash: %s; last probes: %s", n, strings.Join(deaths, ", "), strings.Join(probes, ", "))
 		}
 	}
+}
 
-	r.must(ctx, t, "cluster", "up", "eu")
-	r.awaitGossip(ctx, t, "every member alive after cluster up", all, 4, 0)
-	loop = r.startLoop(ctx, t, "us/client", usVIP)
+// awaitEUBack waits until every gossip member is alive and eu's pods
+// answer us/client again, with no failed request.
+func (r *labRun) awaitEUBack(ctx context.Context, t *testing.T, usVIP string, all []string, after string) {
+	t.Helper()
+	r.awaitGossip(ctx, t, "every member alive after "+after, all, 4, 0)
+	loop := r.startLoop(ctx, t, "us/client", usVIP)
 	testutil.EventuallyNoError(t, 60*time.Second, "eu's pods answer us/client again", func() error {
 		loop.await(t, 1)
 		if loop.answeredBy("eu/echo-n1") == 0 || loop.answeredBy("eu/echo-n2") == 0 {
@@ -98,7 +136,7 @@ func TestLabClusterCrash(t *testing.T) {
 		}
 		return nil
 	})
-	loop.finish(t, "us/client → "+usVIP+" after cluster up")
+	loop.finish(t, "us/client → "+usVIP+" after "+after)
 }
 
 // crashVerb runs a crash verb (`lab … crash …`) and returns when it
