@@ -503,7 +503,7 @@ func (w *wholePath) whole(b *testing.B, rate, n int) phaseResult {
 	r := phaseResult{rate: achievedRate(starts), applies: len(applied)}
 	cpu.perUpdate(b, w, &r, n)
 	if pub != nil {
-		events := pub.stop()
+		events := pub.stop(b, w.put)
 		r.pubWrites = len(events)
 		publ := make([]time.Duration, n)
 		for k := range n {
@@ -587,9 +587,13 @@ func (w *wholePath) raw(b *testing.B, rate, n int) phaseResult {
 
 // serviceWatch records every value of us's default/web service key.
 type serviceWatch struct {
+	key    string
 	cancel context.CancelFunc
 	done   chan struct{}
-	events []svcEvent
+
+	mu      sync.Mutex
+	events  []svcEvent
+	lastRev int64
 }
 
 type svcEvent struct {
@@ -599,8 +603,8 @@ type svcEvent struct {
 
 func (w *wholePath) watchService(b *testing.B) *serviceWatch {
 	ctx, cancel := context.WithCancel(context.Background())
-	sw := &serviceWatch{cancel: cancel, done: make(chan struct{})}
-	wch := w.watch.Watch(ctx, v1.ServiceKey("us", wpService.Namespace, wpService.Name), clientv3.WithCreatedNotify())
+	sw := &serviceWatch{key: v1.ServiceKey("us", wpService.Namespace, wpService.Name), cancel: cancel, done: make(chan struct{})}
+	wch := w.watch.Watch(ctx, sw.key, clientv3.WithCreatedNotify())
 	if resp := <-wch; resp.Err() != nil {
 		b.Fatal(resp.Err())
 	}
@@ -608,16 +612,29 @@ func (w *wholePath) watchService(b *testing.B) *serviceWatch {
 		defer close(sw.done)
 		for resp := range wch {
 			now := time.Now()
+			sw.mu.Lock()
 			for _, ev := range resp.Events {
 				sw.events = append(sw.events, svcEvent{at: now, value: ev.Kv.Value})
+				sw.lastRev = ev.Kv.ModRevision
 			}
+			sw.mu.Unlock()
 		}
 	}()
 	return sw
 }
 
-// stop ends the watch once the events so far are in, and returns them.
-func (sw *serviceWatch) stop() []svcEvent {
+// stop ends the watch once it has seen the value etcd holds now (the
+// agent's watch may have delivered it first), and returns the events.
+func (sw *serviceWatch) stop(b *testing.B, cli *clientv3.Client) []svcEvent {
+	resp, err := cli.Get(context.Background(), sw.key)
+	if err != nil || len(resp.Kvs) == 0 {
+		b.Fatalf("get %s: %v (%d keys)", sw.key, err, len(resp.Kvs))
+	}
+	waitFor(b, time.Minute, "the breakdown watcher at the service's last value", func() bool {
+		sw.mu.Lock()
+		defer sw.mu.Unlock()
+		return sw.lastRev >= resp.Kvs[0].ModRevision
+	})
 	sw.cancel()
 	<-sw.done
 	return sw.events
