@@ -201,6 +201,10 @@ func (l *lab) kubeArgs(c *clusterLayout, bin string, svcRange netip.Prefix) []st
 		"--service-account-signing-key-file=" + filepath.Join(dir, "sa.key"),
 		"--token-auth-file=" + c.kubeTokenFile(),
 		"--authorization-mode=RBAC",
+		// As kubeadm sets it: the node proxy (`trellis status
+		// --context`) dials a node's InternalIP rather than resolving
+		// its name, which nothing in the lab could answer.
+		"--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 	}
@@ -227,9 +231,18 @@ func (l *lab) kubeAPIArgs(c *clusterLayout) []string {
 // kubeAgentArgs are an agent's flags of Kubernetes mode: it reads its
 // node IP and pod CIDRs from its Node and probes the Ready pods
 // scheduled on it, with its own token.
+// Their metrics port serves /v1/status on the node's underlay address, as
+// the chart's DaemonSet does on the host's, so `trellis status --context`
+// reaches them through the kube-apiserver's node proxy.
 func kubeAgentArgs(n *nodeLayout) []string {
-	return []string{"--kubernetes", "--kubeconfig", n.kubeconfig()}
+	return []string{"--kubernetes", "--kubeconfig", n.kubeconfig(),
+		"--metrics-listen", netip.AddrPortFrom(n.ip, KubeAgentMetricsPort).String()}
 }
+
+// KubeAgentMetricsPort is the agents' --metrics-listen port in Kubernetes
+// mode: the chart's agent.metricsPort and `trellis status --agent-port`'s
+// default.
+const KubeAgentMetricsPort = 9962
 
 // startKubernetes writes c's kube-apiserver files (service account key
 // pair, static tokens, kubeconfigs) and starts its etcd and

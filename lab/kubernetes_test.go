@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -213,6 +214,69 @@ func TestLabKubernetes(t *testing.T) {
 		})
 		r.must(ctx, t, "node", "up", "eu/n2")
 		r.awaitPods(ctx, t, "eu/n2 up: both eu echo pods answer", []string{"eu/echo-n1", "eu/echo-n2"})
+	})
+
+	step("StatusContext", func(t *testing.T) {
+		// `trellis status --context`, as an operator runs it with the
+		// cluster's kubeconfig: the kube-apiserver's node proxy reaches
+		// each agent's metrics port. Run inside eu's API server
+		// namespace, where the kube-apiserver's address is reachable.
+		l, err := open(Options{Name: r.name}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := l.lay.cluster("eu")
+		l.close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var statuses []struct {
+			Node   string `json:"node"`
+			Error  string `json:"error"`
+			Status *struct {
+				Clusters []struct {
+					Name  string `json:"name"`
+					Ready bool   `json:"ready"`
+				} `json:"clusters"`
+			} `json:"status"`
+		}
+		testutil.EventuallyNoError(t, 30*time.Second, "every eu agent ready through status --context", func() error {
+			out, err := exec.CommandContext(ctx, "ip", "netns", "exec", c.ns, r.bin,
+				"status", "--context", "eu", "--kubeconfig", c.kubeconfig(), "-o", "json").Output()
+			if err := json.Unmarshal(out, &statuses); err != nil {
+				return fmt.Errorf("status --context eu -o json: %w (exit %v): %s", err, err, out)
+			}
+			if len(statuses) != 2 {
+				return fmt.Errorf("status --context eu: %d nodes, want n1 and n2: %s", len(statuses), out)
+			}
+			for _, ns := range statuses {
+				if ns.Status == nil {
+					return fmt.Errorf("node %s: %s", ns.Node, ns.Error)
+				}
+				ready := 0
+				for _, cl := range ns.Status.Clusters {
+					if cl.Ready {
+						ready++
+					}
+				}
+				if ready != 2 {
+					return fmt.Errorf("node %s: %d of %d clusters ready", ns.Node, ready, len(ns.Status.Clusters))
+				}
+			}
+			return err // the exit status: 0 once every agent answers with every cluster ready
+		})
+		// The table names each node; a node without an agent is an error
+		// naming it, and exit 1.
+		out, err := exec.CommandContext(ctx, "ip", "netns", "exec", c.ns, r.bin,
+			"status", "--context", "eu", "--kubeconfig", c.kubeconfig(), "--node", "n1").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "NODE n1") {
+			t.Errorf("status --context eu --node n1: %v\n%s", err, out)
+		}
+		out, err = exec.CommandContext(ctx, "ip", "netns", "exec", c.ns, r.bin,
+			"status", "--context", "eu", "--kubeconfig", c.kubeconfig(), "--node", "nosuch").CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "agent on nosuch") {
+			t.Errorf("status --context eu --node nosuch: want exit 1 naming the node, got %v\n%s", err, out)
+		}
 	})
 
 	step("EncryptionRefused", func(t *testing.T) {
