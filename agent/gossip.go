@@ -668,9 +668,9 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 	// the death the probe may have to corroborate) or dead and
 	// distrusted.
 	// Not for the slow member (it would ignore the answers); a member's
-	// pods not while rule 3 trusts its death or its cluster's silence
-	// corroborates it, but while their own silence does (or its
-	// corroboration would lapse with the last answer).
+	// pods not while rule 3 trusts its death, but while a probe's silence
+	// corroborates it (else the corroboration would lapse with the last
+	// answer, or with the cluster's API server coming back first).
 	want := make(map[string]time.Time)
 	for member, at := range since {
 		c, n, _ := strings.Cut(member, "/")
@@ -678,7 +678,7 @@ func decide(members []gossip.Member, self string, healthScore int, samples *[]al
 			continue
 		}
 		want[c] = maxTime(want[c], at)
-		if !(v.distrust == "" && dead[c][n]) && !probes[c].down(now) {
+		if !(v.distrust == "" && dead[c][n]) {
 			want[member] = at
 		}
 	}

@@ -17,27 +17,53 @@ import (
 // in the gossip). Only the other agents' gossip can notice. NodeUp brings
 // it back.
 func NodeCrash(ctx context.Context, opts Options, node string) error {
-	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
-		keys := []string{agentKey(n)}
-		for _, p := range n.pods {
-			keys = append(keys, echoKey(p))
+	return NodesCrash(ctx, opts, node)
+}
+
+// NodesCrash is NodeCrash of several nodes at once: every process of
+// every node is killed before any link goes down, so none dies noticeably
+// later than another.
+func NodesCrash(ctx context.Context, opts Options, nodes ...string) error {
+	return withLab(opts, func(l *lab) error {
+		var ns []*nodeLayout
+		var keys, refs []string
+		for _, name := range nodes {
+			n, err := l.lay.node(name)
+			if err != nil {
+				return err
+			}
+			ns = append(ns, n)
+			refs = append(refs, n.ref())
+			keys = append(keys, agentKey(n))
+			for _, p := range n.pods {
+				keys = append(keys, echoKey(p))
+			}
+		}
+		if len(ns) == 0 {
+			return errors.New("lab: node crash: name at least one node (cluster/node)")
 		}
 		killed, errs := l.killNow(keys)
-		if err := l.setLinkState(n, false); err != nil {
-			errs = append(errs, err)
+		for _, n := range ns {
+			if err := l.setLinkState(n, false); err != nil {
+				errs = append(errs, err)
+			}
+			if l.state.DownNodes == nil {
+				l.state.DownNodes = map[string]bool{}
+			}
+			l.state.DownNodes[n.ref()] = true
 		}
-		if l.state.DownNodes == nil {
-			l.state.DownNodes = map[string]bool{}
-		}
-		l.state.DownNodes[n.ref()] = true
 		if err := l.save(); err != nil {
 			errs = append(errs, err)
 		}
 		if err := errors.Join(errs...); err != nil {
 			return err
 		}
-		fmt.Fprintf(l.opts.Out, "node %s crashed at %s: agent and pods killed with SIGKILL, underlay link down, nobody told\n",
-			n.ref(), killed.Format(crashTimeLayout))
+		what := "node " + refs[0]
+		if len(refs) > 1 {
+			what = "nodes " + strings.Join(refs, ", ")
+		}
+		fmt.Fprintf(l.opts.Out, "%s crashed at %s: agent and pods killed with SIGKILL, underlay link down, nobody told\n",
+			what, killed.Format(crashTimeLayout))
 		return nil
 	})
 }

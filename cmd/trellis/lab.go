@@ -318,10 +318,16 @@ func newLabNodeCmd(opts labOpts) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE:  opts.run1(lab.NodeUp),
 	}, &cobra.Command{
-		Use:   "crash CLUSTER/NODE",
-		Short: "Kill -9 the node's agent and pods and set its underlay link down, telling no one (only the gossip notices); node up brings it back",
-		Args:  cobra.ExactArgs(1),
-		RunE:  opts.run1(lab.NodeCrash),
+		Use:   "crash CLUSTER/NODE…",
+		Short: "Kill -9 the nodes' agents and pods (all at once) and set their underlay links down, telling no one (only the gossip notices); node up brings each back",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o, err := opts(cmd, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			return lab.NodesCrash(cmd.Context(), o, args...)
+		},
 	})
 	return cmd
 }
