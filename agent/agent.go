@@ -307,6 +307,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		if a.health != nil {
 			goRun(func() { a.kube.markRun(ctx, a.health, a.registered) })
 		}
+		// The node's encryption keys go on its Node, where the
+		// Kubernetes source reads them (the registrar's job standalone);
+		// a datapath that cannot encrypt publishes none, which clears
+		// keys an earlier agent left.
+		keys := func() (NodeKeys, <-chan struct{}) { return NodeKeys{}, nil }
+		if p, ok := a.datapath.(keyPublisher); ok {
+			keys = p.Published
+		}
+		goRun(func() { a.kube.keysRun(ctx, keys) })
 	}
 	if a.health != nil {
 		goRun(func() { a.health.run(ctx) })

@@ -28,12 +28,36 @@ package agent
 //     pod marked False, and its backends, not ready. A mark that is
 //     already right is not written again, so a restart costs no patches,
 //     and one somebody else changed is put back on the next pass.
+//   - Encryption keys: what the registrar sends the registry in standalone
+//     mode (the WireGuard public key, the IPsec key index) the agent
+//     writes on its own Node as the annotations trellis.io/wg-pub-key and
+//     trellis.io/ipsec-key-index (source.AnnotationWireGuardKey,
+//     source.AnnotationIPsecKeyIndex), which the Kubernetes source
+//     validates and publishes in the node's entry. Same moments as the
+//     registrar: at start (a datapath that cannot encrypt publishes no
+//     key, which clears one an earlier agent left), and whenever the
+//     encryption step publishes or withdraws a key (on, rotation, off:
+//     withdrawn as the drain starts, which then waits to see it gone from
+//     the node's entry). A JSON merge patch of metadata.annotations, with
+//     null for a withdrawn key, so nothing else of the Node is touched and
+//     no read is needed. The Node is not watched (get is all the agent
+//     reads of it), so an annotation somebody else changes stays until
+//     the next change or restart.
 //
 // RBAC: the agent's service account needs exactly
 //
-//	nodes        get                (its own Node: IP and pod CIDRs)
+//	nodes        get, patch         (its own Node: IP and pod CIDRs; its key annotations)
 //	pods         list, watch        (field selector spec.nodeName=<node>)
 //	pods/status  patch              (the trellis.io/healthy condition)
+//
+// RBAC cannot narrow patch to the agent's own Node (resourceNames would
+// need one role per node, and no admission plugin checks service-account
+// writes to Nodes the way NodeRestriction checks kubelets'): an agent's
+// credentials can annotate any Node, as Cilium's agent can (it holds
+// nodes patch for its network.cilium.io/wg-pub-key). A compromised
+// agent can thus replace or remove another node's key annotations (its
+// peers' encrypted paths to that node then fail, or stay in clear); the
+// Kubernetes source refuses a malformed key, so it cannot publish one.
 //
 // (KubernetesRBAC lists them for the Helm chart and the tests.)
 
@@ -45,6 +69,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -74,7 +99,7 @@ type KubernetesRule struct {
 // and no more: a ClusterRole with these rules (core API group) bound to
 // its service account.
 var KubernetesRBAC = []KubernetesRule{
-	{Resource: "nodes", Verbs: []string{"get"}},
+	{Resource: "nodes", Verbs: []string{"get", "patch"}},
 	{Resource: "pods", Verbs: []string{"list", "watch"}},
 	{Resource: "pods/status", Verbs: []string{"patch"}},
 }
@@ -208,7 +233,10 @@ type kubePods struct {
 	// patches and patchErrors count the marks written and refused;
 	// lastErr is the last refusal.
 	patches, patchErrors int
-	lastErr              string
+	// keyPatches and keyPatchErrors count the key annotations written
+	// on the node and refused.
+	keyPatches, keyPatchErrors int
+	lastErr                    string
 }
 
 func newKubePods(client kubernetes.Interface, node string, log *slog.Logger) *kubePods {
@@ -415,6 +443,78 @@ func (k *kubePods) mark(ctx context.Context, p *corev1.Pod, status corev1.Condit
 	return true, nil
 }
 
+// keysRun keeps the node's encryption key annotations in step with what
+// keys says this node publishes, as the registrar keeps its registry
+// entry in standalone mode: once at start (which also clears keys an
+// earlier agent left), then on every change; a refused patch is retried
+// after a second, backing off to markEvery.
+func (k *kubePods) keysRun(ctx context.Context, keys func() (NodeKeys, <-chan struct{})) {
+	_, changed := keys()
+	retry := time.NewTimer(time.Hour)
+	retry.Stop()
+	defer retry.Stop()
+	var (
+		sent    NodeKeys
+		onNode  bool // sent is what the Node holds
+		backoff = time.Second
+	)
+	for {
+		if cur, _ := keys(); !onNode || cur != sent {
+			err := k.annotateKeys(ctx, cur)
+			if ctx.Err() != nil {
+				return
+			}
+			k.mu.Lock()
+			if err != nil {
+				k.keyPatchErrors++
+				k.lastErr = err.Error()
+			} else {
+				k.keyPatches++
+			}
+			k.mu.Unlock()
+			if err != nil {
+				k.log.Warn("publishing the node's encryption keys on its Node failed; retrying", "err", err, "retry", backoff)
+				retry.Reset(backoff)
+				backoff = min(2*backoff, markEvery)
+			} else {
+				k.log.Info("published the node's encryption keys on its Node", "wireGuardPublicKey", cur.WireGuard, "ipsecKeyIndex", cur.IPsecIndex)
+				sent, onNode, backoff = cur, true, time.Second
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case <-retry.C:
+		}
+	}
+}
+
+// annotateKeys writes keys on the node's annotations with a JSON merge
+// patch of metadata.annotations alone: a key the node does not publish
+// is null, which removes the annotation (and is a no-op when absent).
+func (k *kubePods) annotateKeys(ctx context.Context, keys NodeKeys) error {
+	ann := map[string]any{source.AnnotationWireGuardKey: nil, source.AnnotationIPsecKeyIndex: nil}
+	if keys.WireGuard != "" {
+		ann[source.AnnotationWireGuardKey] = keys.WireGuard
+	}
+	if keys.IPsecIndex != 0 {
+		ann[source.AnnotationIPsecKeyIndex] = strconv.Itoa(int(keys.IPsecIndex))
+	}
+	body, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, patchTimeout)
+	defer cancel()
+	_, err = k.client.CoreV1().Nodes().Patch(ctx, k.node, types.MergePatchType, body, metav1.PatchOptions{FieldManager: kubeUserAgent})
+	if err != nil {
+		return fmt.Errorf("patch node %s's annotations %s and %s: %w (the agent needs patch on nodes)",
+			k.node, source.AnnotationWireGuardKey, source.AnnotationIPsecKeyIndex, err)
+	}
+	return nil
+}
+
 // KubernetesStatus is what status shows of Kubernetes mode.
 type KubernetesStatus struct {
 	// Pods is how many pods of the node are probed (one per pod IP).
@@ -424,6 +524,12 @@ type KubernetesStatus struct {
 	Patches        int    `json:"patches"`
 	PatchErrors    int    `json:"patchErrors,omitempty"`
 	LastPatchError string `json:"lastPatchError,omitempty"`
+	// KeyPatches counts the writes of the node's encryption key
+	// annotations (trellis.io/wg-pub-key, trellis.io/ipsec-key-index);
+	// KeyPatchErrors the refused ones (LastPatchError names the last
+	// refusal of either kind).
+	KeyPatches     int `json:"keyPatches,omitempty"`
+	KeyPatchErrors int `json:"keyPatchErrors,omitempty"`
 }
 
 func (k *kubePods) status() *KubernetesStatus {
@@ -433,5 +539,6 @@ func (k *kubePods) status() *KubernetesStatus {
 	pods, _ := k.list()
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	return &KubernetesStatus{Pods: len(pods), Patches: k.patches, PatchErrors: k.patchErrors, LastPatchError: k.lastErr}
+	return &KubernetesStatus{Pods: len(pods), Patches: k.patches, PatchErrors: k.patchErrors, LastPatchError: k.lastErr,
+		KeyPatches: k.keyPatches, KeyPatchErrors: k.keyPatchErrors}
 }

@@ -2,14 +2,26 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/trellis-mesh/trellis/apiserver/source"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 // The Node gives the first InternalIP and spec.podCIDRs (spec.podCIDR on
@@ -90,7 +102,7 @@ func TestKubernetesRBAC(t *testing.T) {
 	for _, r := range KubernetesRBAC {
 		got = append(got, r.Resource+":"+strings.Join(r.Verbs, ","))
 	}
-	if want := []string{"nodes:get", "pods:list,watch", "pods/status:patch"}; !slices.Equal(got, want) {
+	if want := []string{"nodes:get,patch", "pods:list,watch", "pods/status:patch"}; !slices.Equal(got, want) {
 		t.Errorf("RBAC %v; want %v", got, want)
 	}
 }
@@ -132,5 +144,97 @@ func TestFromKubernetes(t *testing.T) {
 	c = Config{NodeName: "node-a", Kubernetes: cs, RegistryURL: "http://127.0.0.1:1", ClusterName: "eu", ConfigDir: "x", StateDir: "y"}
 	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "--registry-url is for standalone mode") {
 		t.Errorf("Kubernetes mode with a registry: %v", err)
+	}
+}
+
+// testKeys is an encryption step's Published as a test drives it.
+type testKeys struct {
+	mu  sync.Mutex
+	cur NodeKeys
+	ch  chan struct{}
+}
+
+func (k *testKeys) published() (NodeKeys, <-chan struct{}) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.cur, k.ch
+}
+
+func (k *testKeys) set(v NodeKeys) {
+	k.mu.Lock()
+	k.cur = v
+	k.mu.Unlock()
+	notify(k.ch)
+}
+
+// The node's keys go on its Node's annotations: at start (which clears a
+// key an earlier agent left), then on every change, a refused patch
+// retried; a withdrawn key removes its annotation; other annotations and
+// other Nodes are left alone. (A fake clientset: the merge patch against
+// a real kube-apiserver, with the agent's RBAC, is in
+// TestKubernetesModeEncryption.)
+func TestKeysOnNode(t *testing.T) {
+	const key = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+	stale := map[string]string{"keep": "me", source.AnnotationWireGuardKey: "old", source.AnnotationIPsecKeyIndex: "2"}
+	cs := fake.NewClientset(
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Annotations: maps.Clone(stale)}},
+		&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b", Annotations: maps.Clone(stale)}})
+	var refuse atomic.Int32
+	refuse.Store(1)
+	var patched []string
+	var patchMu sync.Mutex
+	cs.PrependReactor("patch", "nodes", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		p := a.(k8stesting.PatchAction)
+		patchMu.Lock()
+		patched = append(patched, string(p.GetPatchType())+" "+p.GetName())
+		patchMu.Unlock()
+		if refuse.Add(-1) >= 0 {
+			return true, nil, errors.New("refused by the test")
+		}
+		return false, nil, nil
+	})
+	k := newKubePods(cs, "node-a", slog.New(slog.DiscardHandler))
+	keys := &testKeys{ch: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		k.keysRun(ctx, keys.published)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	annotations := func(name string) map[string]string {
+		n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n.Annotations
+	}
+	want := func(what string, ann map[string]string) {
+		t.Helper()
+		testutil.Eventually(t, 10*time.Second, what, func() bool { return maps.Equal(annotations("node-a"), ann) })
+	}
+	want("the stale keys cleared at start, after a refused patch", map[string]string{"keep": "me"})
+	keys.set(NodeKeys{WireGuard: key, IPsecIndex: 3})
+	want("both keys published", map[string]string{"keep": "me", source.AnnotationWireGuardKey: key, source.AnnotationIPsecKeyIndex: "3"})
+	keys.set(NodeKeys{IPsecIndex: 3})
+	want("the WireGuard key withdrawn", map[string]string{"keep": "me", source.AnnotationIPsecKeyIndex: "3"})
+	keys.set(NodeKeys{})
+	want("every key withdrawn", map[string]string{"keep": "me"})
+	if got := annotations("node-b"); !maps.Equal(got, stale) {
+		t.Errorf("another node's annotations changed: %v", got)
+	}
+	st := k.status()
+	if st.KeyPatches != 4 || st.KeyPatchErrors != 1 || !strings.Contains(st.LastPatchError, "refused by the test") {
+		t.Errorf("status %+v; want 4 key patches, 1 refused", st)
+	}
+	patchMu.Lock()
+	defer patchMu.Unlock()
+	for _, p := range patched {
+		if p != string(types.MergePatchType)+" node-a" {
+			t.Errorf("patch %q; want only JSON merge patches of node-a", p)
+		}
 	}
 }

@@ -494,8 +494,10 @@ func TestSlimKeepsWhatMappingReads(t *testing.T) {
 	}
 
 	node := &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{LabelTopologyZone: "z"}},
-		Spec:       corev1.NodeSpec{PodCIDRs: []string{"10.1.0.0/24"}},
+		ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{LabelTopologyZone: "z"},
+			Annotations: map[string]string{"big": "annotation",
+				source.AnnotationWireGuardKey: "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=", source.AnnotationIPsecKeyIndex: "3"}},
+		Spec: corev1.NodeSpec{PodCIDRs: []string{"10.1.0.0/24"}},
 		Status: corev1.NodeStatus{
 			Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.1.5"}},
 			Images:    []corev1.ContainerImage{{Names: []string{"big"}}},
@@ -510,6 +512,9 @@ func TestSlimKeepsWhatMappingReads(t *testing.T) {
 	b, _, errB := nodeFromK8s("east", "", "", sn)
 	if !reflect.DeepEqual(a, b) || errA != nil || errB != nil || sn.Status.Images != nil {
 		t.Errorf("slim node: %+v (%v) vs %+v (%v); images %v", b, errB, a, errA, sn.Status.Images)
+	}
+	if b.WireGuardPublicKey == "" || b.IPsecKeyIndex != 3 || len(sn.Annotations) != 2 {
+		t.Errorf("slim node: keys %q/%d, annotations %v; want the two key annotations kept, the rest dropped", b.WireGuardPublicKey, b.IPsecKeyIndex, sn.Annotations)
 	}
 
 	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "cart", Annotations: map[string]string{source.AnnotationGlobal: "true"},

@@ -293,7 +293,18 @@ func slim(obj any) (any, error) {
 			Spec:       corev1.NodeSpec{PodCIDR: o.Spec.PodCIDR, PodCIDRs: o.Spec.PodCIDRs},
 			Status:     corev1.NodeStatus{Addresses: o.Status.Addresses},
 		}
+		// Of the annotations, only the agent's key annotations are read
+		// (nodeFromK8s); dropping them would publish every node without
+		// its key.
 		out.ManagedFields, out.Annotations = nil, nil
+		for _, k := range []string{source.AnnotationWireGuardKey, source.AnnotationIPsecKeyIndex} {
+			if v, ok := o.Annotations[k]; ok {
+				if out.Annotations == nil {
+					out.Annotations = make(map[string]string, 2)
+				}
+				out.Annotations[k] = v
+			}
+		}
 		return out, nil
 	case metav1.Object:
 		o.SetManagedFields(nil)

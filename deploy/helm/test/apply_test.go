@@ -503,7 +503,8 @@ func TestRenderedAPIServerRuns(t *testing.T) {
 // the kubelet would and the host paths replaced by the test's; the
 // datapath is off (--cgroup-root none, --tunnel none), which
 // TestAgentCapabilities in deploy/systemd covers. It reads its Node
-// (get), lists and watches its node's pods, and marks a running pod with
+// (get) and writes its encryption keys (none here) on it (patch nodes),
+// lists and watches its node's pods, and marks a running pod with
 // nothing to probe trellis.io/healthy=True (patch pods/status); its
 // metrics listener, on the node address the chart gives it, serves
 // /v1/status.
@@ -609,6 +610,10 @@ func TestRenderedAgentRuns(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "node-1") {
 			return fmt.Errorf("%s: %.200s", resp.Status, body)
+		}
+		// Its (empty) encryption keys written on its Node: patch nodes.
+		if !strings.Contains(string(body), `"keyPatches":`) {
+			return fmt.Errorf("no key annotations patched on the Node yet: %.300s", body)
 		}
 		return nil
 	})

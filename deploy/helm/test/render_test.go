@@ -371,7 +371,7 @@ func checkAgent(t *testing.T, vs valueSet, vals chartutil.Values, objs []*unstru
 	var role rbacv1.ClusterRole
 	find(t, objs, "ClusterRole", "trellis-agent", &role)
 	checkRules(t, "agent", role.Rules, map[string][]string{
-		"/nodes":       {"get"},
+		"/nodes":       {"get", "patch"},
 		"/pods":        {"list", "watch"},
 		"/pods/status": {"patch"},
 	})
