@@ -40,11 +40,16 @@ type Server struct {
 
 // Config returns a client config that authenticates with the static token
 // and verifies the server against the certificate it generated.
-func (k *Server) Config() *rest.Config {
+func (k *Server) Config() *rest.Config { return k.ConfigFor(k.Token) }
+
+// ConfigFor is a client config with another token (one of
+// Options.Users').
+func (k *Server) ConfigFor(token string) *rest.Config {
 	return &rest.Config{
 		Host:            k.Host,
-		BearerToken:     k.Token,
+		BearerToken:     token,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: k.CAFile},
+		QPS:             100, Burst: 200,
 	}
 }
 
@@ -84,6 +89,21 @@ func Binary(t testing.TB) string {
 // test ends; on failure the tail of its log is printed.
 func Start(t testing.TB, bin, etcdURL string) *Server {
 	t.Helper()
+	return StartWith(t, bin, etcdURL, Options{})
+}
+
+// Options tune StartWith.
+type Options struct {
+	// Users are static-token users besides the system:masters one (name →
+	// token), for tests that act as a service account: RBAC matches a
+	// ServiceAccount subject by the user name
+	// system:serviceaccount:<namespace>:<name>, however it authenticated.
+	Users map[string]string
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, bin, etcdURL string, opts Options) *Server {
+	t.Helper()
 	dir := t.TempDir()
 	certDir := filepath.Join(dir, "certs")
 	if err := os.MkdirAll(certDir, 0o700); err != nil {
@@ -110,7 +130,11 @@ func Start(t testing.TB, bin, etcdURL string) *Server {
 	}
 	token := hex.EncodeToString(tok)
 	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(token+",trellis-test,trellis-test-uid,system:masters\n"), 0o600); err != nil {
+	lines := token + ",trellis-test,trellis-test-uid,system:masters\n"
+	for name, tok := range opts.Users {
+		lines += fmt.Sprintf("%s,%s,%s-uid\n", tok, name, name)
+	}
+	if err := os.WriteFile(tokens, []byte(lines), 0o600); err != nil {
 		t.Fatal(err)
 	}
 
@@ -131,6 +155,10 @@ func Start(t testing.TB, bin, etcdURL string) *Server {
 		"--service-account-signing-key-file="+saKey,
 		"--token-auth-file="+tokens,
 		"--authorization-mode=RBAC",
+		// As kubeadm and most distributions run it: a privileged
+		// container (the chart's agent.privileged) is otherwise refused
+		// ("disallowed by cluster policy").
+		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 	)
@@ -275,6 +303,23 @@ func (k *Server) Kubeconfig(t testing.TB, context string) string {
 	path := filepath.Join(t.TempDir(), "kubeconfig")
 	data := KubeconfigYAML([]Context{{Name: context, Server: k, CAPEM: ca}})
 	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// KubeconfigFor writes a kubeconfig with another token (one of
+// Options.Users') and returns its path.
+func (k *Server) KubeconfigFor(t testing.TB, token string) string {
+	t.Helper()
+	ca, err := os.ReadFile(k.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	as := *k
+	as.Token = token
+	if err := os.WriteFile(path, KubeconfigYAML([]Context{{Name: "test", Server: &as, CAPEM: ca}}), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return path

@@ -416,7 +416,7 @@ func TestRenderedAPIServerRuns(t *testing.T) {
 		"--secrets-dir", secrets,
 		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", freePort(t)),
 		"--http-listen", httpAddr,
-		"--kubeconfig", k.kubeconfig(t, saToken),
+		"--kubeconfig", k.KubeconfigFor(t, saToken),
 	)
 
 	// Ready, verified with the Secret's CA and asked with its admin token.
@@ -583,7 +583,7 @@ func TestRenderedAgentRuns(t *testing.T) {
 		}
 		args = append(args, a)
 	}
-	args = append(args, "--kubeconfig", k.kubeconfig(t, saToken))
+	args = append(args, "--kubeconfig", k.KubeconfigFor(t, saToken))
 	p := startProcess(t, trellis, args...)
 
 	eventually(t, p, 60*time.Second, "the pod marked trellis.io/healthy=True by the agent", func() error {
