@@ -83,10 +83,10 @@
 // mesh API servers run --source kubernetes, the agents --kubernetes (no
 // registry, no pod files read). annotate, pod stop/start and node
 // down/up write through the Kubernetes API (see kubernetes.go); pod crash
-// tells no one, as always; add-cluster is refused, and so are the
-// encryption verbs (the agents' Kubernetes mode publishes no keys on its
-// Node yet, so no peer could encrypt). The state says "kubernetes": true,
-// so every verb knows.
+// tells no one, as always; add-cluster is refused. The encryption verbs
+// work as in registry mode: each agent publishes its keys on its own Node
+// (annotations the Kubernetes source reads). The state says
+// "kubernetes": true, so every verb knows.
 //
 // # Processes
 //

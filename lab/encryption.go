@@ -77,9 +77,6 @@ func SetEncryption(ctx context.Context, opts Options, clusters []string, req v1.
 		return fmt.Errorf("lab: encryption: %w", err)
 	}
 	return withLab(opts, func(l *lab) error {
-		if err := l.refuseKubernetesEncryption(); err != nil {
-			return err
-		}
 		targets, err := l.clustersNamed(clusters)
 		if err != nil {
 			return err
@@ -322,9 +319,6 @@ func (l *lab) waitEncryption(ctx context.Context, nodes []*nodeLayout, timeout t
 // "encrypted" with a handshake after the rotation.
 func RotateEncryption(ctx context.Context, opts Options, cluster string) error {
 	return withLab(opts, func(l *lab) error {
-		if err := l.refuseKubernetesEncryption(); err != nil {
-			return err
-		}
 		c, err := l.lay.cluster(cluster)
 		if err != nil {
 			return err
@@ -351,9 +345,6 @@ func RotateEncryption(ctx context.Context, opts Options, cluster string) error {
 // RotateEncryption does.
 func RotateNodeKey(ctx context.Context, opts Options, node string) error {
 	return withNode(opts, node, func(l *lab, n *nodeLayout) error {
-		if err := l.refuseKubernetesEncryption(); err != nil {
-			return err
-		}
 		if l.state.DownNodes[n.ref()] {
 			return fmt.Errorf("lab: node %s is down", n.ref())
 		}

@@ -75,7 +75,6 @@ import (
 
 	"github.com/trellis-mesh/trellis/agent"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
-	"github.com/trellis-mesh/trellis/apiserver/source"
 	"github.com/trellis-mesh/trellis/kvstore"
 )
 
@@ -928,18 +927,4 @@ func (l *lab) kubeProblems() []string {
 		}
 	}
 	return out
-}
-
-// refuseKubernetesEncryption refuses the encryption verbs in Kubernetes
-// mode. There the nodes' keys reach the other clusters only through the
-// Node annotations the Kubernetes source reads (trellis.io/wg-pub-key,
-// trellis.io/ipsec-key-index), and the agent's Kubernetes mode does not
-// write them yet (nor may it: agent.KubernetesRBAC has no patch on
-// nodes): every peer would stay on "tunnel" until the wait timed out.
-func (l *lab) refuseKubernetesEncryption() error {
-	if !l.kubernetes() {
-		return nil
-	}
-	return fmt.Errorf("lab %s runs in Kubernetes mode, where encryption does not work yet: the agents do not publish their keys on their Nodes (annotations %s, %s) for the Kubernetes source to read; use a lab without --kubernetes",
-		l.opts.Name, source.AnnotationWireGuardKey, source.AnnotationIPsecKeyIndex)
 }

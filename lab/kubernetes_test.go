@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/source"
 	"github.com/trellis-mesh/trellis/internal/kubetest"
 	"github.com/trellis-mesh/trellis/internal/privtest"
@@ -279,14 +280,66 @@ func TestLabKubernetes(t *testing.T) {
 		}
 	})
 
-	step("EncryptionRefused", func(t *testing.T) {
-		// The agents' Kubernetes mode publishes no keys yet: the verb
-		// must say so at once rather than wait for peers that never
-		// encrypt.
-		_, err := r.run(ctx, "encryption", "enable")
-		if err == nil || !strings.Contains(err.Error(), "Kubernetes mode") {
-			t.Errorf("lab encryption enable in Kubernetes mode: %v; want a refusal naming Kubernetes mode", err)
+	step("Encryption", func(t *testing.T) {
+		// On the Kubernetes path a node's WireGuard key reaches the
+		// other clusters only as its Node's annotation, written by its
+		// own agent through its RBAC, and read by the Kubernetes source.
+		// `lab encryption enable` returns once every agent shows every
+		// peer encrypted; then only WireGuard crosses the underlay.
+		const marker = "trellis-kube-marker"
+		opts := Options{Name: r.name, Binary: r.bin}
+		start := time.Now()
+		if err := SetEncryption(ctx, opts, nil, v1.EncryptionRequest{Type: v1.EncryptionWireGuard}); err != nil {
+			t.Fatal(err)
 		}
+		t.Logf("encryption on in every cluster: %s", time.Since(start).Round(time.Millisecond))
+		withKubeOf(t, r, "us", func(cs kubernetes.Interface) {
+			n, err := cs.CoreV1().Nodes().Get(ctx, "n1", metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n.Annotations[source.AnnotationWireGuardKey] == "" {
+				t.Errorf("us/n1's Node has no %s annotation with encryption on: %v", source.AnnotationWireGuardKey, n.Annotations)
+			}
+		})
+		c, err := Capture(ctx, opts, []byte(marker))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := r.run(ctx, "curl", "eu/client", "default/echo", "-n", "20", "-o", "json")
+		rep, stopErr := c.Stop()
+		if err != nil || stopErr != nil {
+			t.Fatalf("curl while capturing: %v; capture: %v\n%s", err, stopErr, out)
+		}
+		t.Logf("capture:\n%s", rep)
+		for kind, n := range rep.PodTraffic() {
+			if kind != "udp/51871" && n > 0 {
+				t.Errorf("encrypted mesh: %d node↔node frames of %s; want only udp/51871 besides gossip (all: %v)", n, kind, rep.NodeToNode)
+			}
+		}
+		if rep.NodeToNode["udp/51871"] == 0 {
+			t.Errorf("encrypted mesh: no WireGuard frames between nodes while requests ran: %v", rep.NodeToNode)
+		}
+		if vr := r.verify(ctx, t); vr.Failed != 0 || vr.Passed == 0 {
+			t.Errorf("verify with encryption on: %d passed, %d failed", vr.Passed, vr.Failed)
+		}
+		start = time.Now()
+		if err := SetEncryption(ctx, opts, nil, v1.EncryptionRequest{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("encryption off again: %s", time.Since(start).Round(time.Millisecond))
+		withKubeOf(t, r, "us", func(cs kubernetes.Interface) {
+			testutil.EventuallyNoError(t, 20*time.Second, "us/n1's key annotation withdrawn", func() error {
+				n, err := cs.CoreV1().Nodes().Get(ctx, "n1", metav1.GetOptions{})
+				if err != nil {
+					return err
+				}
+				if k := n.Annotations[source.AnnotationWireGuardKey]; k != "" {
+					return fmt.Errorf("still %s=%s", source.AnnotationWireGuardKey, k)
+				}
+				return nil
+			})
+		})
 	})
 
 	step("Down", func(t *testing.T) {
