@@ -17,11 +17,9 @@ import (
 	"github.com/trellis-mesh/trellis/agent"
 	v1 "github.com/trellis-mesh/trellis/api/v1"
 	"github.com/trellis-mesh/trellis/apiserver/source"
-	"github.com/trellis-mesh/trellis/clustermesh"
 	"github.com/trellis-mesh/trellis/internal/kubetest"
 	"github.com/trellis-mesh/trellis/internal/privtest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
-	"github.com/trellis-mesh/trellis/kvstore"
 )
 
 // Encryption on the Kubernetes path, against a real kube-apiserver and a
@@ -53,14 +51,7 @@ func TestKubernetesModeEncryption(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
-	etcd, err := kvstore.StartEmbedded(ctx, kvstore.EmbeddedConfig{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(func() { etcd.Close() })
-	kas := kubetest.Start(t, kbin, etcd.Endpoints()[0])
-	cs, err := agent.NewKubernetesClientForConfig(kas.Config())
-	mustK(t, err)
+	kas, cs := startKube(t, ctx, kbin)
 
 	const nodeName = "node-a"
 	node, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{
@@ -72,15 +63,8 @@ func TestKubernetesModeEncryption(t *testing.T) {
 	_, err = cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{})
 	mustK(t, err)
 
-	eu := &cluster{name: "eu", stateDir: t.TempDir()}
-	testutil.Start(t, bin, "apiserver", "--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16",
-		"--state-dir", eu.stateDir, "--source", "kubernetes", "--kubeconfig", kas.Kubeconfig(t, "eu"),
-		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), "--http-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)))
-	eu.api = testutil.WaitAPIServer(t, eu.stateDir, 90*time.Second)
-	configDir, stateDir := t.TempDir(), t.TempDir()
-	if err := clustermesh.WriteClusterFile(configDir, eu.fileFor(t, "eu")); err != nil {
-		t.Fatal(err)
-	}
+	eu, configDir := startKubeMeshServer(t, bin, kas)
+	stateDir := t.TempDir()
 
 	agentCS := agentClient(t, ctx, cs, kas)
 	var agentLog testutil.SyncBuffer

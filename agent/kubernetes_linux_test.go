@@ -60,16 +60,7 @@ func TestKubernetesMode(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
-	etcd, err := kvstore.StartEmbedded(ctx, kvstore.EmbeddedConfig{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	t.Cleanup(func() { etcd.Close() })
-	kas := kubetest.Start(t, kbin, etcd.Endpoints()[0])
-	cs, err := agent.NewKubernetesClientForConfig(kas.Config())
-	if err != nil {
-		t.Fatal(err)
-	}
+	kas, cs := startKube(t, ctx, kbin)
 
 	// The pod's network: 10.1.0.5 in a namespace of the test's, with an
 	// HTTP server on 8080 whose /healthz answers as told.
@@ -170,15 +161,8 @@ func TestKubernetesMode(t *testing.T) {
 	mustK(t, err)
 
 	// The cluster's mesh API server, with the Kubernetes source.
-	eu := &cluster{name: "eu", stateDir: t.TempDir()}
-	testutil.Start(t, bin, "apiserver", "--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16",
-		"--state-dir", eu.stateDir, "--source", "kubernetes", "--kubeconfig", kas.Kubeconfig(t, "eu"),
-		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), "--http-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)))
-	eu.api = testutil.WaitAPIServer(t, eu.stateDir, 90*time.Second)
-	configDir, stateDir := t.TempDir(), t.TempDir()
-	if err := clustermesh.WriteClusterFile(configDir, eu.fileFor(t, "eu")); err != nil {
-		t.Fatal(err)
-	}
+	_, configDir := startKubeMeshServer(t, bin, kas)
+	stateDir := t.TempDir()
 
 	// The agent's identity: a service account with exactly
 	// agent.KubernetesRBAC, as the Helm chart grants it, and a token of
@@ -357,3 +341,37 @@ func mustK(t *testing.T, err error) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+// startKube runs a real kube-apiserver on an embedded etcd of its own and
+// returns it with a system:masters client.
+func startKube(t *testing.T, ctx context.Context, kbin string) (*kubetest.Server, kubernetes.Interface) {
+	t.Helper()
+	etcd, err := kvstore.StartEmbedded(ctx, kvstore.EmbeddedConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatalf("start etcd: %v", err)
+	}
+	t.Cleanup(func() { etcd.Close() })
+	kas := kubetest.Start(t, kbin, etcd.Endpoints()[0])
+	cs, err := agent.NewKubernetesClientForConfig(kas.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kas, cs
+}
+
+// startKubeMeshServer runs cluster eu's mesh API server on kas with the
+// Kubernetes source, waits until it is ready, and returns it with a
+// config dir holding eu's own cluster file, as an agent of eu reads it.
+func startKubeMeshServer(t *testing.T, bin string, kas *kubetest.Server) (*cluster, string) {
+	t.Helper()
+	eu := &cluster{name: "eu", stateDir: t.TempDir()}
+	testutil.Start(t, bin, "apiserver", "--cluster-name", "eu", "--cluster-id", "1", "--pod-cidrs", "10.1.0.0/16",
+		"--state-dir", eu.stateDir, "--source", "kubernetes", "--kubeconfig", kas.Kubeconfig(t, "eu"),
+		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)), "--http-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)))
+	eu.api = testutil.WaitAPIServer(t, eu.stateDir, 90*time.Second)
+	configDir := t.TempDir()
+	if err := clustermesh.WriteClusterFile(configDir, eu.fileFor(t, "eu")); err != nil {
+		t.Fatal(err)
+	}
+	return eu, configDir
+}
