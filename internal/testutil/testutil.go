@@ -185,6 +185,12 @@ func (p *Process) Wait(ctx context.Context) error {
 	}
 }
 
+// Exited is closed when the process has exited.
+func (p *Process) Exited() <-chan struct{} { return p.done }
+
+// ExitState is the process's state once Exited is closed (nil before).
+func (p *Process) ExitState() *os.ProcessState { return p.cmd.ProcessState }
+
 // Output is everything the process printed so far.
 func (p *Process) Output() string { return p.log.String() }
 

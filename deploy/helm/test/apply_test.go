@@ -9,13 +9,11 @@ import (
 	"maps"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -29,6 +27,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
+
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 // warnings records the warnings kube-apiserver sends (Pod Security
@@ -292,60 +292,9 @@ func containerArgs(t *testing.T, o *unstructured.Unstructured) []string {
 	return args
 }
 
-// process is a trellis child process; it is stopped when the test ends.
-type process struct {
-	cmd    *exec.Cmd
-	out    *syncBuffer
-	exited chan struct{}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
-func startProcess(t *testing.T, bin string, args ...string) *process {
-	t.Helper()
-	p := &process{cmd: exec.Command(bin, args...), out: &syncBuffer{}, exited: make(chan struct{})}
-	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() {
-		_ = p.cmd.Wait()
-		close(p.exited)
-	}()
-	t.Cleanup(func() {
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-p.exited:
-		case <-time.After(15 * time.Second):
-			_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
-			<-p.exited
-		}
-		if t.Failed() {
-			t.Logf("trellis %s output:\n%s", args[0], lastLines(p.out.String(), 40))
-		}
-	})
-	return p
-}
-
 // eventually polls cond every 250 ms until it returns nil, failing the
 // test with its last error after timeout or when p exits.
-func eventually(t *testing.T, p *process, timeout time.Duration, what string, cond func() error) {
+func eventually(t *testing.T, p *testutil.Process, timeout time.Duration, what string, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -354,8 +303,8 @@ func eventually(t *testing.T, p *process, timeout time.Duration, what string, co
 			return
 		}
 		select {
-		case <-p.exited:
-			t.Fatalf("%s: the process exited (%v) first; last: %v", what, p.cmd.ProcessState, err)
+		case <-p.Exited():
+			t.Fatalf("%s: the process exited (%v) first; last: %v", what, p.ExitState(), err)
 		default:
 		}
 		if time.Now().After(deadline) {
@@ -409,12 +358,12 @@ func TestRenderedAPIServerRuns(t *testing.T) {
 		}
 	}
 	stateDir := filepath.Join(dir, "state")
-	httpAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	p := startProcess(t, trellis, "apiserver",
+	httpAddr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
+	p := testutil.Start(t, trellis, "apiserver",
 		"--config", configFile,
 		"--state-dir", stateDir,
 		"--secrets-dir", secrets,
-		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		"--etcd-listen", fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t)),
 		"--http-listen", httpAddr,
 		"--kubeconfig", k.KubeconfigFor(t, saToken),
 	)
@@ -557,7 +506,7 @@ func TestRenderedAgentRuns(t *testing.T) {
 	}
 
 	dir := t.TempDir()
-	metricsPort := freePort(t)
+	metricsPort := testutil.FreePort(t)
 	replace := map[string]string{
 		"config-dir":    filepath.Join(dir, "config"),
 		"state-dir":     filepath.Join(dir, "state"),
@@ -584,7 +533,7 @@ func TestRenderedAgentRuns(t *testing.T) {
 		args = append(args, a)
 	}
 	args = append(args, "--kubeconfig", k.KubeconfigFor(t, saToken))
-	p := startProcess(t, trellis, args...)
+	p := testutil.Start(t, trellis, args...)
 
 	eventually(t, p, 60*time.Second, "the pod marked trellis.io/healthy=True by the agent", func() error {
 		got, err := cs.CoreV1().Pods(vs.namespace).Get(ctx(t, 10*time.Second), "echo", metav1.GetOptions{})
@@ -617,7 +566,7 @@ func TestRenderedAgentRuns(t *testing.T) {
 		}
 		return nil
 	})
-	if out := p.out.String(); strings.Contains(out, "forbidden") {
+	if out := p.Output(); strings.Contains(out, "forbidden") {
 		t.Errorf("the agent was refused something on the chart's RBAC:\n%s", lastLines(out, 20))
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/trellis-mesh/trellis/internal/kubetest"
+	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
 // The kube-apiserver harness is the main module's internal/kubetest
@@ -35,16 +35,6 @@ func repoBinary(t *testing.T, name, target string) string {
 	return bin
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // startEtcd runs an embedded etcd for the kube-apiserver on loopback and
 // returns its client URL; it stops when the test ends.
 func startEtcd(t *testing.T) string {
@@ -52,8 +42,8 @@ func startEtcd(t *testing.T) string {
 	cfg := embed.NewConfig()
 	cfg.Dir = t.TempDir()
 	cfg.Name = "charttest"
-	client, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", freePort(t)))
-	peer, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", freePort(t)))
+	client, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t)))
+	peer, _ := url.Parse(fmt.Sprintf("http://127.0.0.1:%d", testutil.FreePort(t)))
 	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*client}, []url.URL{*client}
 	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*peer}, []url.URL{*peer}
 	cfg.InitialCluster = cfg.Name + "=" + peer.String()
