@@ -109,8 +109,7 @@ func TestKubernetesMode(t *testing.T) {
 	// What a kubelet, the scheduler and the EndpointSlice controller
 	// would have written.
 	const kns, nodeName = "shop", "node-a"
-	mustK(t, createK(ctx, cs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: kns}}))
-	mustK(t, createK(ctx, cs, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: kns, Name: "default"}}))
+	kubetest.Namespace(t, ctx, cs, kns)
 	node, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: nodeName},
 		Spec:       corev1.NodeSpec{PodCIDR: "10.1.0.0/24", PodCIDRs: []string{"10.1.0.0/24"}},
@@ -318,19 +317,6 @@ func agentClient(t *testing.T, ctx context.Context, cs kubernetes.Interface, kas
 	out, err := agent.NewKubernetesClientForConfig(cfg)
 	mustK(t, err)
 	return out
-}
-
-func createK(ctx context.Context, cs kubernetes.Interface, obj any) error {
-	var err error
-	switch o := obj.(type) {
-	case *corev1.Namespace:
-		_, err = cs.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
-	case *corev1.ServiceAccount:
-		_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-	default:
-		return fmt.Errorf("create %T: not supported", obj)
-	}
-	return err
 }
 
 func mustK(t *testing.T, err error) {

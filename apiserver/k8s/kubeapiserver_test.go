@@ -49,10 +49,7 @@ func TestRealKubeAPIServer(t *testing.T) {
 
 	// Objects present before the source starts.
 	const ns = "shop"
-	must(t, create(ctx, cs, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}))
-	// The ServiceAccount admission plugin wants it; no controller manager
-	// runs here to create it.
-	must(t, create(ctx, cs, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "default"}}))
+	kubetest.Namespace(t, ctx, cs, ns)
 	node := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{LabelTopologyRegion: "eu", LabelTopologyZone: "eu-1a"}},
 		Spec:       corev1.NodeSpec{PodCIDR: "10.1.0.0/24", PodCIDRs: []string{"10.1.0.0/24"}},
@@ -296,19 +293,6 @@ func runPod(t *testing.T, ctx context.Context, cs kubernetes.Interface, ns, name
 	}
 	_, err = cs.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{})
 	must(t, err)
-}
-
-func create(ctx context.Context, cs kubernetes.Interface, obj any) error {
-	var err error
-	switch o := obj.(type) {
-	case *corev1.Namespace:
-		_, err = cs.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
-	case *corev1.ServiceAccount:
-		_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-	default:
-		return fmt.Errorf("create %T: not supported", obj)
-	}
-	return err
 }
 
 func must(t *testing.T, err error) {

@@ -59,7 +59,7 @@ func fetchKubeStatuses(ctx context.Context, kubeconfig, kubeContext, node string
 		ns := nodeStatus{Node: name}
 		reqCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		body, err := cs.CoreV1().RESTClient().Get().
-			Resource("nodes").Name(name+":"+strconv.Itoa(port)).SubResource("proxy").Suffix("v1/status").
+			Resource("nodes").Name(name + ":" + strconv.Itoa(port)).SubResource("proxy").Suffix("v1/status").
 			DoRaw(reqCtx)
 		cancel()
 		if err != nil {
