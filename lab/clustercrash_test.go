@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/trellis-mesh/trellis/internal/privtest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -33,15 +32,8 @@ const clusterCrashGrace = 2 * time.Second
 // us's pods only, failing no more than clusterCrashGrace after the crash.
 // `node up` / `cluster up` bring eu back and its pods answer again.
 func TestLabClusterCrash(t *testing.T) {
-	privtest.RequireRoot(t)
-	r := newLabRun(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	if _, err := r.run(ctx, "up"); err != nil {
-		t.Fatal(err)
-	}
-	st := r.state(t)
-	usVIP := "http://" + serviceVIP(t, st, "us") + ":80/"
+	r, st, ctx := upLab(t, 8*time.Minute)
+	usVIP := serviceURL(t, st, "us")
 	all := []string{"eu/n1", "eu/n2", "us/n1", "us/n2"}
 	r.awaitGossip(ctx, t, "every member alive after lab up", all, 4, 0)
 

@@ -37,7 +37,7 @@ var (
 //	sudo go test ./lab -run '^$' -bench LabPodCrashFailover -benchtime 1x -v
 func BenchmarkLabPodCrashFailover(b *testing.B) {
 	r, ctx, st := crashBenchLab(b)
-	euVIP := "http://" + serviceVIP(b, st, "eu") + ":80/"
+	euVIP := serviceURL(b, st, "eu")
 	all := []string{"eu/echo-n1", "eu/echo-n2", "us/echo-n1", "us/echo-n2"}
 	r.awaitPods(ctx, b, "affinity none: every backend", all)
 

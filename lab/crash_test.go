@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/trellis-mesh/trellis/internal/privtest"
 )
 
 // crashGrace is how long after an unannounced crash requests may still
@@ -22,15 +20,8 @@ const crashGrace = time.Second
 // one eu pod of two (the other serves alone), then both (with affinity
 // local, us takes over); `lab pod start` brings them back.
 func TestLabPodCrash(t *testing.T) {
-	privtest.RequireRoot(t)
-	r := newLabRun(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	if _, err := r.run(ctx, "up"); err != nil {
-		t.Fatal(err)
-	}
-	st := r.state(t)
-	euVIP := "http://" + serviceVIP(t, st, "eu") + ":80/"
+	r, st, ctx := upLab(t, 5*time.Minute)
+	euVIP := serviceURL(t, st, "eu")
 	r.annotate(ctx, t, "trellis.io/affinity=local")
 	r.awaitPods(ctx, t, "affinity local: both eu pods", []string{"eu/echo-n1", "eu/echo-n2"})
 

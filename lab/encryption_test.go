@@ -185,7 +185,7 @@ func TestLabEncryption(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		euVIP := "http://" + serviceVIP(t, r.state(t), "eu") + ":80/"
+		euVIP := serviceURL(t, r.state(t), "eu")
 		r.annotate(ctx, t, "trellis.io/affinity=none")
 		loop := r.startLoop(ctx, t, "eu/client", euVIP)
 		loop.await(t, 1)

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/trellis-mesh/trellis/agent"
-	"github.com/trellis-mesh/trellis/internal/privtest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -23,15 +22,8 @@ import (
 //   - Restart: eu/n2's agent restarts under load: it leaves (Left, not
 //     Dead) and no request fails.
 func TestLabGossip(t *testing.T) {
-	privtest.RequireRoot(t)
-	r := newLabRun(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	if _, err := r.run(ctx, "up"); err != nil {
-		t.Fatal(err)
-	}
-	st := r.state(t)
-	usVIP := "http://" + serviceVIP(t, st, "us") + ":80/"
+	r, st, ctx := upLab(t, 8*time.Minute)
+	usVIP := serviceURL(t, st, "us")
 	all := []string{"eu/n1", "eu/n2", "us/n1", "us/n2"}
 	r.awaitGossip(ctx, t, "every member alive after lab up", all, 4, 0)
 

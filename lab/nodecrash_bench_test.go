@@ -45,7 +45,7 @@ const nodeCrashBatch = 20
 //	sudo go test ./lab -run '^$' -bench LabNodeCrashFailover -benchtime 1x -v
 func BenchmarkLabNodeCrashFailover(b *testing.B) {
 	r, ctx, st := crashBenchLab(b)
-	usVIP := "http://" + serviceVIP(b, st, "us") + ":80/"
+	usVIP := serviceURL(b, st, "us")
 	nodes := []string{"eu/n1", "eu/n2", "us/n1", "us/n2"}
 	pods := []string{"eu/echo-n1", "eu/echo-n2", "us/echo-n1", "us/echo-n2"}
 	r.awaitPodsFrom(ctx, b, "us/client", "affinity none: every backend", pods)

@@ -55,7 +55,7 @@ func TestLabScenarios(t *testing.T) {
 		}
 	}
 	remember()
-	euVIP := "http://" + serviceVIP(t, st, "eu") + ":80/"
+	euVIP := serviceURL(t, st, "eu")
 
 	step := func(name string, fn func(t *testing.T)) {
 		start := time.Now()
@@ -274,13 +274,29 @@ func (r *labRun) state(t testing.TB) *State {
 	return st
 }
 
-func serviceVIP(t testing.TB, st *State, cluster string) string {
+// serviceURL is the http URL of cluster's first service: its VIP, port 80.
+func serviceURL(t testing.TB, st *State, cluster string) string {
 	t.Helper()
 	c, ok := st.Topology.cluster(cluster)
 	if !ok || len(c.Services) == 0 {
 		t.Fatalf("no cluster %s with a service in the state", cluster)
 	}
-	return c.Services[0].VIP
+	return "http://" + c.Services[0].VIP + ":80/"
+}
+
+// upLab brings the default lab up for t (down at cleanup, as
+// newLabRun arranges) and returns it, its state and a context that
+// ends after timeout.
+func upLab(t *testing.T, timeout time.Duration) (*labRun, *State, context.Context) {
+	t.Helper()
+	privtest.RequireRoot(t)
+	r := newLabRun(t)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	if _, err := r.run(ctx, "up"); err != nil {
+		t.Fatal(err)
+	}
+	return r, r.state(t), ctx
 }
 
 func podIP(t testing.TB, st *State, ref string) string {

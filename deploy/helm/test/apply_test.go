@@ -28,6 +28,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/restmapper"
 
+	"github.com/trellis-mesh/trellis/internal/kubetest"
 	"github.com/trellis-mesh/trellis/internal/testutil"
 )
 
@@ -292,6 +293,25 @@ func containerArgs(t *testing.T, o *unstructured.Unstructured) []string {
 	return args
 }
 
+// runAsRendered prepares a real kube-apiserver for one component of the
+// chart rendered with vs: the namespace, the component's rendered
+// ServiceAccount and RBAC applied for real, and a static token that
+// authenticates as that ServiceAccount (sa), which it returns with the
+// server, an admin client and the rendered objects.
+func runAsRendered(t *testing.T, vs valueSet, component, sa string) (*kubetest.Server, kubernetes.Interface, []*unstructured.Unstructured, string) {
+	t.Helper()
+	saToken := randomToken(t)
+	k := startKubeAPIServer(t, map[string]string{"system:serviceaccount:" + vs.namespace + ":" + sa: saToken})
+	cs, err := kubernetes.NewForConfig(k.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	createNamespace(t, cs, vs.namespace, privileged)
+	objs := mustRender(t, vs)
+	applyRBAC(t, newApplier(t, k.Config()), objs, component, vs.namespace)
+	return k, cs, objs, saToken
+}
+
 // eventually polls cond every 250 ms until it returns nil, failing the
 // test with its last error after timeout or when p exits.
 func eventually(t *testing.T, p *testutil.Process, timeout time.Duration, what string, cond func() error) {
@@ -328,16 +348,7 @@ func eventually(t *testing.T, p *testutil.Process, timeout time.Duration, what s
 func TestRenderedAPIServerRuns(t *testing.T) {
 	trellis := repoBinary(t, "trellis", "build")
 	vs := valueSets[0]
-	saToken := randomToken(t)
-	k := startKubeAPIServer(t, map[string]string{"system:serviceaccount:" + vs.namespace + ":trellis-apiserver": saToken})
-	cs, err := kubernetes.NewForConfig(k.Config())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := newApplier(t, k.Config())
-	createNamespace(t, cs, vs.namespace, privileged)
-	objs := mustRender(t, vs)
-	applyRBAC(t, ap, objs, "apiserver", vs.namespace)
+	k, cs, objs, saToken := runAsRendered(t, vs, "apiserver", "trellis-apiserver")
 	config := rendered(t, objs, "ConfigMap", "apiserver")
 	secret := rendered(t, objs, "Secret", "apiserver")
 
@@ -460,16 +471,7 @@ func TestRenderedAPIServerRuns(t *testing.T) {
 func TestRenderedAgentRuns(t *testing.T) {
 	trellis := repoBinary(t, "trellis", "build")
 	vs := valueSets[0]
-	saToken := randomToken(t)
-	k := startKubeAPIServer(t, map[string]string{"system:serviceaccount:" + vs.namespace + ":trellis-agent": saToken})
-	cs, err := kubernetes.NewForConfig(k.Config())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := newApplier(t, k.Config())
-	createNamespace(t, cs, vs.namespace, privileged)
-	objs := mustRender(t, vs)
-	applyRBAC(t, ap, objs, "agent", vs.namespace)
+	k, cs, objs, saToken := runAsRendered(t, vs, "agent", "trellis-agent")
 
 	// What the kubelet and the scheduler would have written.
 	c := ctx(t, time.Minute)
@@ -477,7 +479,7 @@ func TestRenderedAgentRuns(t *testing.T) {
 		ObjectMeta: metav1.ObjectMeta{Name: "node-1"},
 		Spec:       corev1.NodeSpec{PodCIDR: "10.1.1.0/24", PodCIDRs: []string{"10.1.1.0/24"}},
 	}
-	node, err = cs.CoreV1().Nodes().Create(c, node, metav1.CreateOptions{})
+	node, err := cs.CoreV1().Nodes().Create(c, node, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
